@@ -1,0 +1,61 @@
+"""The `clq` torch.compile backend: `torch.compile(model, backend="clq", options={...})`.
+
+Dynamo calls `clq_backend(gm, example_inputs, options=...)` once per captured graph (again after
+a recompile). The backend validates the options, captures the graph's linear layers and returns a
+`CompiledGraph`, which runs the graph in full precision while calibrating and the rewritten,
+quantized graph afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+
+from clq_compile.passes.capture import capture
+
+from .options import Options, parse_options
+from .state import CompiledGraph, state_for_graph
+
+log = logging.getLogger("clq_compile")
+
+
+def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None):
+    """Dynamo backend entry point (registered as "clq" through the torch_dynamo_backends entry point)."""
+    opts = parse_options(options)
+    analysis = capture(gm, example_inputs)
+    if not analysis.sites:
+        warnings.warn(
+            "clq: this graph has no linear layers with parameter weights; it runs unquantized.",
+            stacklevel=2)
+        return gm.forward
+    params = [example_inputs[p.index] for p in analysis.placeholders if p.kind == "parameter"]
+    state = state_for_graph(params, opts)
+    graph = CompiledGraph(state, gm, analysis, example_inputs)
+    state.graphs.append(graph)
+    log.debug("captured graph %d of this model: %d linear layers", len(state.graphs),
+              len(analysis.sites))
+    return graph
+
+
+def compiled_options(qt: Any) -> Options:
+    """The options `qt` was compiled with, if `qt` is a module compiled with backend="clq".
+
+    Raises TypeError for anything else, saying what to pass.
+    """
+    if not isinstance(qt, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            f"expected the module returned by torch.compile(model, backend='clq', ...); got "
+            f"{type(qt).__name__}. Pass the compiled module, not the original one.")
+    wrapper = qt.dynamo_ctx.callback
+    seen = 0
+    while wrapper is not None and seen < 16:
+        if getattr(wrapper, "compiler_fn", None) is clq_backend or wrapper is clq_backend:
+            return parse_options(getattr(wrapper, "kwargs", {}).get("options"))
+        wrapper = getattr(wrapper, "_torchdynamo_orig_backend", None)
+        seen += 1
+    raise TypeError("this module was compiled with a backend other than 'clq'; compile it with "
+                    "torch.compile(model, backend='clq', options={...})")

@@ -1,0 +1,110 @@
+"""The backend's options: a frozen, validated config built from `torch.compile(..., options={...})`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from clq_compile.passes.recipes import RECIPES
+
+BITS = ("w4a4", "w4a8", "w8a8", "w16a16")
+KERNELS = ("auto", "reference", "triton")
+GROUPS = (None, 32, 64, 128)
+INDUCTOR = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to quantize and how.
+
+    bits:             "w4a4", "w4a8", "w8a8", or "w16a16" (no quantization: the graph passes through)
+    recipe:           the pass pipeline that chooses the quantization ("rtn": round to nearest, min-max)
+    weight_group:     None (one scale per output channel) or 32/64/128 input channels per scale
+    act_group:        None (one scale per token) or 32/64/128 channels per scale
+    weight_symmetric: symmetric weights (True) or asymmetric with a zero point (False)
+    skip:             fnmatch patterns of module paths kept in full precision, e.g. "*.attn2.*"
+    kernels:          "auto", "reference" (torch ops, any device) or "triton"
+    quantize_cross_kv: quantize cross-attention key/value projections (they act on text tokens)
+    inductor:         hand the rewritten graph to Inductor: "auto" (when its inputs are on CUDA),
+                      "always" or "never" (run the FX graph as is)
+    """
+
+    bits: str = "w4a4"
+    recipe: str = "rtn"
+    weight_group: int | None = None
+    act_group: int | None = None
+    weight_symmetric: bool = True
+    skip: tuple[str, ...] = ()
+    kernels: str = "auto"
+    quantize_cross_kv: bool = True
+    inductor: str = "auto"
+
+    @property
+    def w_bits(self) -> int:
+        return int(self.bits[1:].split("a")[0])
+
+    @property
+    def a_bits(self) -> int:
+        return int(self.bits.split("a")[1])
+
+    @property
+    def quantizes(self) -> bool:
+        """False for w16a16, where the graph runs unchanged."""
+        return self.w_bits < 16
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _allowed(key: str, value: Any, choices: tuple) -> None:
+    # Exact type match: 32.0 or True must not pass for a group size of 32 or 1.
+    if not any(type(value) is type(c) and value == c for c in choices):
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"options[{key!r}] must be one of {shown}; got {value!r}")
+
+
+def _boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"options[{key!r}] must be True or False; got {value!r}")
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise ValueError(
+        f"options['skip'] must be a list of fnmatch patterns of module paths "
+        f"(e.g. ['*.attn2.*']); got {value!r}")
+
+
+def parse_options(options: Mapping[str, Any] | None) -> Options:
+    """Validate `options` (the dict given to torch.compile) and build an `Options`.
+
+    Raises ValueError naming the key, the value and what is allowed for an unknown key or a bad
+    value, and TypeError when `options` is not a mapping.
+    """
+    if options is None:
+        return Options()
+    if isinstance(options, Options):
+        return options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict such as {{'bits': 'w4a4'}}; got {type(options).__name__}")
+    known = {f.name for f in fields(Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"the options are {', '.join(sorted(known))}")
+    values = dict(options)
+    _allowed("bits", values.get("bits", "w4a4"), BITS)
+    _allowed("recipe", values.get("recipe", "rtn"), tuple(RECIPES))
+    _allowed("kernels", values.get("kernels", "auto"), KERNELS)
+    _allowed("inductor", values.get("inductor", "auto"), INDUCTOR)
+    for key in ("weight_group", "act_group"):
+        _allowed(key, values.get(key), GROUPS)
+    for key in ("weight_symmetric", "quantize_cross_kv"):
+        if key in values:
+            _boolean(key, values[key])
+    if "skip" in values:
+        values["skip"] = _patterns(values["skip"])
+    return Options(**values)

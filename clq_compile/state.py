@@ -1,0 +1,215 @@
+"""State of a clq-compiled model: captured -> calibrating -> quantized.
+
+One `ModelState` exists per (user module, options). It owns the quantized layers keyed by module
+path, so every graph Dynamo captures for that module — a recompile for a new batch size or
+resolution, or the pieces around a graph break — reuses them instead of calibrating again. The
+user's module is never modified: its parameters keep their values, and the quantized tensors live
+in the rewritten graphs.
+
+Dynamo gives a backend the module's parameters, not the module, so states are found through a
+registry keyed by parameter identity: a graph finds its state through any of its parameters, and
+`calibrating(qt)` / `explain(qt)` through the compiled module's parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Iterable
+
+import torch
+from torch import fx
+from torch.utils.weak import WeakIdKeyDictionary
+
+from clq_compile.passes.capture import GraphAnalysis
+from clq_compile.passes.layer import QuantizedLinear
+from clq_compile.passes.lowering import lower
+from clq_compile.passes.observers import GraphCalibration, layer_errors
+from clq_compile.passes.policy import Decision, decide
+from clq_compile.passes.recipes import run_recipe
+
+from .options import Options
+
+log = logging.getLogger("clq_compile")
+
+CAPTURED, CALIBRATING, QUANTIZED = "captured", "calibrating", "quantized"
+
+
+class CompiledGraph:
+    """The callable the backend returns for one captured graph."""
+
+    def __init__(self, state: ModelState, gm: fx.GraphModule, analysis: GraphAnalysis,
+                 example_inputs: list):
+        self.state = state
+        self.gm = gm
+        self.analysis = analysis
+        self.decisions: dict[str, Decision] = {s.node: decide(s, state.options) for s in analysis.sites}
+        self.calibration = GraphCalibration(gm, analysis, {
+            p.index: example_inputs[p.index] for p in analysis.placeholders if p.kind != "input"})
+        self.lowered: fx.GraphModule | None = None
+        self.run = None
+        # Inductor compiles against example inputs; keep them only when it will be used.
+        self.example_inputs = example_inputs if self._wants_inductor(example_inputs) else None
+
+    def _wants_inductor(self, example_inputs: list) -> bool:
+        mode = self.state.options.inductor
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        return mode == "always" or (mode == "auto" and on_cuda)
+
+    @property
+    def quantized_sites(self) -> set[str]:
+        return {node for node, d in self.decisions.items() if d.quantize}
+
+    def weight(self, path: str) -> torch.Tensor:
+        site = next(s for s in self.analysis.sites if s.path == path)
+        return self.calibration.state[site.weight_index]
+
+    def __call__(self, *args):
+        state = self.state
+        if state.phase == CALIBRATING:
+            self.record(args)
+            return self.gm(*args)
+        if not state.options.quantizes or not self.quantized_sites:
+            return self.gm(*args)
+        if state.phase == CAPTURED:
+            state.quantize(calibrated=False)
+        if self.run is None:
+            self.lower()
+        return self.run(*args)
+
+    def record(self, args: tuple) -> None:
+        """Keep this call's non-parameter inputs for calibration (detached copies)."""
+        call = []
+        for i in self.analysis.input_indices:
+            value = args[i]
+            call.append(value.detach().clone() if isinstance(value, torch.Tensor) else value)
+        self.calibration.calls.append(call)
+
+    def lower(self) -> None:
+        """Rewrite the graph with the state's quantized layers, quantizing unseen layers data-free."""
+        state = self.state
+        missing = {self.analysis.site(n).path for n in self.quantized_sites} - set(state.layers)
+        if missing:
+            state.add_layers({p: self.weight(p) for p in missing}, None,
+                             note="data-free: not seen during calibration")
+        self.lowered = lower(self.gm, self.analysis, state.layers, self.quantized_sites,
+                             state.options.kernels)
+        if self.example_inputs is not None:
+            from torch._inductor.compile_fx import compile_fx
+
+            self.run = compile_fx(self.lowered, self.example_inputs)
+        else:
+            self.run = self.lowered
+
+
+class ModelState:
+    """Quantization state shared by every graph captured from one module with one set of options."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.phase = CAPTURED
+        self.graphs: list[CompiledGraph] = []
+        self.layers: dict[str, QuantizedLinear] = {}
+        self.errors: dict[str, float] = {}
+        self.calibrations = 0
+        self._warned_data_free = False
+
+    def begin_calibration(self) -> None:
+        self.phase = CALIBRATING
+        for g in self.graphs:
+            g.calibration.calls.clear()
+
+    def abort_calibration(self) -> None:
+        for g in self.graphs:
+            g.calibration.calls.clear()
+        self.phase = QUANTIZED if self.layers else CAPTURED
+
+    def finish_calibration(self) -> None:
+        """Run the recipe on what was recorded; the graphs run quantized from their next call."""
+        calls = sum(len(g.calibration.calls) for g in self.graphs)
+        if calls == 0:
+            self.abort_calibration()
+            raise RuntimeError(
+                "calibrating() recorded no calls: run the compiled model on calibration inputs "
+                "inside the `with clq_compile.calibrating(qt):` block. The model stays as it was.")
+        try:
+            self.quantize(calibrated=True)
+        finally:
+            for g in self.graphs:
+                g.calibration.calls.clear()
+
+    def quantize(self, calibrated: bool) -> None:
+        """Quantize every selected layer of every graph with the recipe, then lower the graphs."""
+        weights: dict[str, torch.Tensor] = {}
+        for g in self.graphs:
+            for node in g.quantized_sites:
+                path = g.analysis.site(node).path
+                weights.setdefault(path, g.weight(path))
+        calibration = [g.calibration for g in self.graphs if g.calibration.calls] if calibrated else None
+        if not calibrated and not self._warned_data_free:
+            self._warned_data_free = True
+            warnings.warn(
+                "clq: quantizing without calibration data (weights round-to-nearest, activations "
+                "dynamic). Run a few inputs inside `with clq_compile.calibrating(qt):` first for "
+                "better quality.", stacklevel=3)
+        self.layers, self.errors = {}, {}
+        self.add_layers(weights, calibration)
+        if calibration:
+            self.calibrations += 1
+            self.errors = layer_errors(calibration, self.layers, self.options.kernels)
+        self.phase = QUANTIZED
+        for g in self.graphs:
+            g.lower()
+        log.info("quantized %d layers with recipe %r%s", len(self.layers), self.options.recipe,
+                 " on calibration data" if calibrated else " data-free")
+
+    def add_layers(self, weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
+                   note: str | None = None) -> None:
+        new = run_recipe(weights, self.options, calibration)
+        if note:
+            for layer in new.values():
+                layer.notes.append(note)
+        self.layers.update(new)
+
+
+# parameter -> {options: state}
+_REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _states_of(params: Iterable[torch.Tensor], options: Options) -> list[ModelState]:
+    found: list[ModelState] = []
+    for p in params:
+        state = _REGISTRY.get(p, {}).get(options)
+        if state is not None and all(state is not s for s in found):
+            found.append(state)
+    return found
+
+
+def _register(state: ModelState, params: Iterable[torch.Tensor]) -> None:
+    for p in params:
+        _REGISTRY.setdefault(p, {})[state.options] = state
+
+
+def state_for_graph(params: list[torch.Tensor], options: Options) -> ModelState:
+    """The state a newly captured graph with these parameters belongs to (created if new)."""
+    found = _states_of(params, options)
+    state = found[0] if found else ModelState(options)
+    _register(state, params)
+    return state
+
+
+def state_for_module(module: torch.nn.Module, options: Options) -> ModelState:
+    """The one state of `module` under `options`, merging the states of separately captured graphs."""
+    params = list(module.parameters())
+    found = _states_of(params, options)
+    state = found[0] if found else ModelState(options)
+    for other in found[1:]:
+        for g in other.graphs:
+            g.state = state
+            state.graphs.append(g)
+        state.layers.update(other.layers)
+        state.errors.update(other.errors)
+        if other.phase == QUANTIZED:
+            state.phase = QUANTIZED
+    _register(state, params)
+    return state

@@ -1,0 +1,75 @@
+"""Storage format of quantized weights, as the `clq::quant_linear` op and its kernels read them.
+
+Every stored integer is signed: an asymmetric b-bit weight q in [0, 2^b - 1] with zero point z is
+stored as q - 2^(b-1) with zero point z - 2^(b-1) (the difference q - z, and so the dequantized
+value, is unchanged). The integer GEMM then always multiplies signed operands, and asymmetry costs
+only a zero-point correction through the activation's row sums.
+
+4-bit values are packed two per byte along K: byte j of a row holds element 2j in its low nibble
+and element 2j + 1 in its high nibble, both as 4-bit two's complement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantize import Quantized
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q: integer [..., K] with values in [-8, 7], K even -> uint8 [..., K // 2]."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"4-bit packing needs an even number of columns; got {q.shape[-1]}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("4-bit packing needs values in [-8, 7]")
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed: uint8 [..., K // 2] -> int8 [..., K] with values in [-8, 7]."""
+    # Shifting the nibble into the top of a signed byte and back sign-extends it.
+    low = (packed.view(torch.int8) << 4) >> 4
+    high = packed.view(torch.int8) >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A quantized weight in the op's storage format.
+
+    qweight: uint8 [N, K // 2] (4-bit) or int8 [N, K] (8-bit)
+    scale:   float32 [N, K // group]
+    zero:    int8 [N, K // group] (signed, shifted as the module docstring says) or None
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    in_features: int
+    group: int | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the integers, scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.zero) if t is not None)
+
+
+def pack_weight(w: Quantized) -> PackedWeight:
+    """Turn a quantized weight (signed or asymmetric) into the op's storage format."""
+    if w.bits not in (4, 8):
+        raise ValueError(f"only 4- and 8-bit weights can be stored; got {w.bits}")
+    q, zero = w.q, w.zero
+    if zero is not None:
+        offset = 2 ** (w.bits - 1)
+        q, zero = q - offset, (zero - offset).to(torch.int8)
+    qweight = pack_int4(q) if w.bits == 4 else q.to(torch.int8)
+    return PackedWeight(qweight, w.scale.float().contiguous(), zero, w.bits, w.q.shape[1], w.group)
+
+
+def unpack_weight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored signed integers of a weight: int8 [N, K]."""
+    return unpack_int4(qweight) if bits == 4 else qweight

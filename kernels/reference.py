@@ -1,0 +1,81 @@
+"""The torch reference of a quantized linear layer: the CPU path and the oracle for the kernels.
+
+y = Q(T(x)) · Ŵᵀ + bias, where T is the layer's online activation transform (per-channel
+multiplier, channel permutation, block rotation; each optional), Q dynamic symmetric quantization
+per token or per group, and Ŵ the stored quantized weight. The integer product is accumulated
+exactly in int32, chunk by chunk where groups need separate scales; scales and zero-point
+corrections are applied in float32 afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .packing import unpack_weight
+from .quantize import quantize_activation
+
+
+def transform_activation(x: torch.Tensor, act_mul: torch.Tensor | None = None,
+                         act_perm: torch.Tensor | None = None,
+                         act_rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [tokens, K] -> (x * act_mul)[:, act_perm] @ blockdiag(act_rotation, ...).
+
+    act_mul: [K] per-channel multiplier; act_perm: int64 [K] gather index; act_rotation: [b, b]
+    applied to each of the K // b consecutive blocks of channels (b = K is a full rotation).
+    """
+    if act_mul is not None:
+        x = x * act_mul.to(x.dtype)
+    if act_perm is not None:
+        x = x.index_select(-1, act_perm)
+    if act_rotation is not None:
+        tokens, k = x.shape
+        b = act_rotation.shape[0]
+        if k % b:
+            raise ValueError(f"rotation block {b} does not divide the input width {k}")
+        x = (x.reshape(tokens, k // b, b) @ act_rotation.to(x.dtype)).reshape(tokens, k)
+    return x
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer product a · bᵀ.  a: int8 [M, K], b: int8 [N, K] -> int32 [M, N]."""
+    if a.shape[1] < 2:
+        # torch._int_mm on CPU (torch 2.13) returns wrong sums when K == 1.
+        return (a.to(torch.int32) @ b.to(torch.int32).t())
+    return torch._int_mm(a.contiguous(), b.t().contiguous())
+
+
+def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                           w_zero: torch.Tensor | None, bias: torch.Tensor | None,
+                           act_mul: torch.Tensor | None, act_perm: torch.Tensor | None,
+                           act_rotation: torch.Tensor | None, in_features: int, w_bits: int,
+                           a_bits: int, w_group: int, a_group: int) -> torch.Tensor:
+    """x: [..., K] -> [..., N] in x's dtype.  Arguments as `clq::quant_linear` documents them."""
+    k = in_features
+    lead = x.shape[:-1]
+    xt = transform_activation(x.reshape(-1, k).float(), act_mul, act_perm, act_rotation)
+    wq = unpack_weight(qweight, w_bits)
+    n = wq.shape[0]
+    wg = w_group or k
+    if a_bits >= 16:
+        w = wq.float().reshape(n, k // wg, wg)
+        if w_zero is not None:
+            w = w - w_zero.float().unsqueeze(-1)
+        out = xt @ (w * w_scale.unsqueeze(-1)).reshape(n, k).t()
+    else:
+        xa = quantize_activation(xt, a_bits, a_group or None)
+        xq = xa.q.to(torch.int8)
+        ag = a_group or k
+        chunk = math.gcd(ag, wg)
+        out = xt.new_zeros(xq.shape[0], n)
+        for c0 in range(0, k, chunk):
+            xc = xq[:, c0:c0 + chunk]
+            acc = int_matmul(xc, wq[:, c0:c0 + chunk])
+            if w_zero is not None:
+                rowsum = xc.sum(dim=1, dtype=torch.int32)
+                acc = acc - rowsum[:, None] * w_zero[:, c0 // wg].to(torch.int32)[None, :]
+            out += acc.float() * xa.scale[:, c0 // ag, None] * w_scale[None, :, c0 // wg]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*lead, n)

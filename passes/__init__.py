@@ -1,0 +1,1 @@
+"""FX graph passes of the clq backend: one concern per module."""

@@ -1,0 +1,204 @@
+"""Capture: read a Dynamo graph once and describe what later passes work on.
+
+Precondition: `gm` is the FX graph Dynamo hands a backend, with every parameter and buffer of the
+user's module lifted to a placeholder (`node.meta["grapharg"]`), and `example_inputs` the matching
+live tensors.
+Postcondition: a `GraphAnalysis` listing the placeholders (parameter, buffer or input, with the
+module path of each parameter), every `F.linear` whose weight is a parameter (its module path,
+role and transformer block), and a networkx view of which linear feeds which. The graph itself
+is not changed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+# Roles of linear layers, named by the layers of diffusers' DiT, PixArt, SD3 and Flux models.
+TOKEN_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "cross_q", "cross_k", "cross_v",
+               "cross_out", "context_q", "context_k", "context_v", "context_out", "ff_up",
+               "ff_down", "single_mlp", "single_out", "token")
+KEPT_ROLES = ("conditioning", "adaln", "embed", "final")
+
+# First match wins; patterns are matched against the module path (e.g. "transformer_blocks.0.attn1.to_q").
+_ROLE_RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)(timestep_embedder|text_embedder|guidance_embedder|caption_projection|class_embedder"
+     r"|time_text_embed|time_proj|emb)(\.|$)", "conditioning"),
+    (r"(^|\.)(norm1|norm1_context|norm|norm_out|adaln_single)\.linear$", "adaln"),
+    (r"^(x_embedder|context_embedder|pos_embed\.proj|proj_in|patch_embed.*)$", "embed"),
+    (r"^(proj_out|proj_out_1|proj_out_2)$", "final"),
+    (r"\.attn2\.to_q$", "cross_q"),
+    (r"\.attn2\.to_k$", "cross_k"),
+    (r"\.attn2\.to_v$", "cross_v"),
+    (r"\.attn2\.to_out\.0$", "cross_out"),
+    (r"\.attn1?\.to_q$", "attn_q"),
+    (r"\.attn1?\.to_k$", "attn_k"),
+    (r"\.attn1?\.to_v$", "attn_v"),
+    (r"\.attn1?\.to_out\.0$", "attn_out"),
+    (r"\.attn\.add_q_proj$", "context_q"),
+    (r"\.attn\.add_k_proj$", "context_k"),
+    (r"\.attn\.add_v_proj$", "context_v"),
+    (r"\.attn\.to_add_out$", "context_out"),
+    (r"\.ff(_context)?\.net\.0\.proj$", "ff_up"),
+    (r"\.ff(_context)?\.net\.2$", "ff_down"),
+    (r"single_transformer_blocks\.\d+\.proj_mlp$", "single_mlp"),
+    (r"single_transformer_blocks\.\d+\.proj_out$", "single_out"),
+)
+
+_BLOCK = re.compile(r"^((?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
+_SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+_ROOT = re.compile(r"^[LG]\['[^']*'\]")
+_CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
+
+
+def source_path(source_name: str) -> str | None:
+    """Dotted module path of a lifted parameter or buffer, from its Dynamo source name.
+
+    "L['self'].__dict__['_modules']['blocks']._modules['0']._parameters['weight']" -> "blocks.0.weight".
+    The root is whichever frame local holds the module (`L['self']` for a model's forward,
+    `L['fn']` when Dynamo enters through a wrapper). Returns None for sources that are not
+    parameters or buffers of a module (the call's inputs).
+    """
+    root = _ROOT.match(source_name)
+    if root is None or not re.search(r"\b_(parameters|buffers)\b", source_name):
+        return None
+    keys = [a or b for a, b in _SOURCE_KEY.findall(source_name[root.end():])]
+    return ".".join(k for k in keys if k not in _CONTAINERS)
+
+
+def role_of(path: str, input_rank: int) -> str:
+    """The role of the linear layer at module `path` whose input has `input_rank` dimensions.
+
+    Layers no name rule knows are classified by their input: [batch, features] inputs are
+    conditioning GEMMs (M = batch size), inputs with a token dimension are token GEMMs.
+    """
+    for pattern, role in _ROLE_RULES:
+        if re.search(pattern, path):
+            return role
+    return "token" if input_rank >= 3 else "conditioning"
+
+
+@dataclass
+class Placeholder:
+    """One input of the captured graph. kind: "parameter", "buffer" or "input"."""
+
+    name: str
+    index: int
+    kind: str
+    path: str | None
+
+
+@dataclass
+class LinearSite:
+    """One `F.linear(x, weight, bias)` whose weight is a parameter of the user's module.
+
+    path: module path ("transformer_blocks.0.attn1.to_q"); weight_index / bias_index: positions
+    in the graph's inputs; block: ordinal of the transformer block in graph order (None outside
+    blocks); block_name: "transformer_blocks.0".
+    """
+
+    node: str
+    path: str
+    weight_index: int
+    bias_index: int | None
+    in_features: int
+    out_features: int
+    input_rank: int
+    role: str
+    block: int | None
+    block_name: str | None
+
+
+@dataclass
+class GraphAnalysis:
+    """What capture found in one graph; later passes read this rather than re-walking the graph."""
+
+    placeholders: list[Placeholder]
+    sites: list[LinearSite]
+    blocks: list[str]
+    dataflow: nx.DiGraph = field(repr=False)
+
+    @property
+    def input_indices(self) -> list[int]:
+        """Positions of the graph inputs that are not parameters or buffers."""
+        return [p.index for p in self.placeholders if p.kind == "input"]
+
+    def site(self, node: str) -> LinearSite:
+        return next(s for s in self.sites if s.node == node)
+
+
+def _placeholders(gm: fx.GraphModule, example_inputs: list) -> list[Placeholder]:
+    found = []
+    for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
+        path = source_path(source)
+        example = example_inputs[index] if index < len(example_inputs) else None
+        if isinstance(example, torch.nn.Parameter) and path is not None:
+            kind = "parameter"
+        elif path is not None and "_buffers" in source:
+            kind = "buffer"
+        else:
+            kind, path = "input", None
+        found.append(Placeholder(node.name, index, kind, path))
+    return found
+
+
+def _input_rank(node: fx.Node) -> int:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def _dataflow(gm: fx.GraphModule, site_nodes: dict[str, LinearSite]) -> nx.DiGraph:
+    """Edge a -> b when linear b's input depends on linear a's output through no other linear."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(site_nodes)
+    feeding: dict[fx.Node, frozenset[str]] = {}
+    for node in gm.graph.nodes:
+        producers: set[str] = set()
+        for arg in node.all_input_nodes:
+            producers |= {arg.name} if arg.name in site_nodes else feeding.get(arg, frozenset())
+        feeding[node] = frozenset(producers)
+        if node.name in site_nodes:
+            graph.add_edges_from((p, node.name) for p in feeding.get(node.args[0], frozenset()))
+    return graph
+
+
+def capture(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
+    """Describe `gm` (see the module docstring). Pure: `gm` is not modified."""
+    placeholders = _placeholders(gm, example_inputs)
+    by_name = {p.name: p for p in placeholders}
+    sites: list[LinearSite] = []
+    blocks: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        args = list(node.args) + [node.kwargs.get("bias")] * (3 - len(node.args))
+        x, weight, bias = args[:3]
+        w_ph = by_name.get(getattr(weight, "name", None))
+        if w_ph is None or w_ph.kind != "parameter":
+            continue
+        b_ph = by_name.get(getattr(bias, "name", None)) if bias is not None else None
+        if bias is not None and (b_ph is None or b_ph.kind != "parameter"):
+            continue
+        path = w_ph.path.rpartition(".")[0]
+        out_features, in_features = example_inputs[w_ph.index].shape
+        match = _BLOCK.match(path)
+        block_name = match.group(1) if match else None
+        if block_name is not None and block_name not in blocks:
+            blocks.append(block_name)
+        rank = _input_rank(x)
+        sites.append(LinearSite(
+            node=node.name, path=path, weight_index=w_ph.index,
+            bias_index=b_ph.index if b_ph is not None else None,
+            in_features=int(in_features), out_features=int(out_features), input_rank=rank,
+            role=role_of(path, rank), block=blocks.index(block_name) if block_name else None,
+            block_name=block_name))
+    dataflow = _dataflow(gm, {s.node: s for s in sites})
+    return GraphAnalysis(placeholders, sites, blocks, dataflow)

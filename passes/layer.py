@@ -1,0 +1,56 @@
+"""QuantizedLinear: what a recipe decided for one linear layer, in the form the op consumes.
+
+Recipes produce these (keyed by module path, so every recompiled graph of the same model reuses
+them); the lowering pass turns each into a `clq::quant_linear` call, and the observers call
+`forward` to measure the layer's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from clq_compile.kernels import ops  # noqa: F401  (registers torch.ops.clq.quant_linear)
+from clq_compile.kernels.packing import PackedWeight
+
+# Names of the tensors a QuantizedLinear hands to the op, in the op's argument order.
+TENSOR_ARGS = ("qweight", "w_scale", "w_zero", "act_mul", "act_perm", "act_rotation")
+
+
+@dataclass
+class QuantizedLinear:
+    """One quantized layer.
+
+    weight: the packed weight (already multiplied by the inverse of the activation transform)
+    a_bits: 4 or 8 (16: weight only); a_group: channels per activation scale, None = per token
+    act_mul [K], act_perm int64 [K], act_rotation [b, b]: the online activation transform
+    method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing
+    """
+
+    weight: PackedWeight
+    a_bits: int
+    a_group: int | None
+    act_mul: torch.Tensor | None = None
+    act_perm: torch.Tensor | None = None
+    act_rotation: torch.Tensor | None = None
+    method: str = "rtn"
+    notes: list[str] = field(default_factory=list)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The op's tensor arguments by name (see TENSOR_ARGS)."""
+        w = self.weight
+        return {"qweight": w.qweight, "w_scale": w.scale, "w_zero": w.zero, "act_mul": self.act_mul,
+                "act_perm": self.act_perm, "act_rotation": self.act_rotation}
+
+    def scalars(self, kernels: str) -> tuple:
+        """The op's trailing scalar arguments."""
+        w = self.weight
+        return (w.in_features, w.bits, self.a_bits, w.group or 0, self.a_group or 0, kernels)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kernels: str) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features], through the op."""
+        t = self.tensors()
+        return torch.ops.clq.quant_linear(
+            x, t["qweight"], t["w_scale"], t["w_zero"], bias, t["act_mul"], t["act_perm"],
+            t["act_rotation"], *self.scalars(kernels))

@@ -1,0 +1,94 @@
+"""Observers: run a captured graph on recorded calibration calls and watch its linear layers.
+
+A `GraphCalibration` pairs one captured graph with the calls recorded for it while the user ran
+`calibrating()`. `observe` replays those calls in full precision and hands every watched linear's
+input and output to a callback; the recipes build their statistics on it, and `layer_errors`
+measures each quantized layer's relative output error on exactly the data it was calibrated on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from .capture import GraphAnalysis, LinearSite
+from .layer import QuantizedLinear
+
+# callback(site, x [..., in_features], weight, bias, y [..., out_features])
+LinearCallback = Callable[[LinearSite, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
+
+
+@dataclass
+class GraphCalibration:
+    """A captured graph, the live parameters/buffers it reads, and its recorded calls.
+
+    state: {graph input position: parameter or buffer}; calls: one list per call, holding the
+    non-state inputs in the order of `analysis.input_indices`.
+    """
+
+    gm: fx.GraphModule
+    analysis: GraphAnalysis
+    state: dict[int, torch.Tensor]
+    calls: list[list] = field(default_factory=list)
+
+    def arguments(self) -> Iterator[list]:
+        """Full positional arguments of the graph, one list per recorded call."""
+        positions = self.analysis.input_indices
+        for call in self.calls:
+            args = [None] * (len(self.state) + len(positions))
+            for i, t in self.state.items():
+                args[i] = t
+            for i, value in zip(positions, call):
+                args[i] = value
+            yield args
+
+
+class _Watcher(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, sites: dict[str, LinearSite], callback: LinearCallback):
+        super().__init__(gm)
+        self.sites, self.callback = sites, callback
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        site = self.sites.get(n.name)
+        if site is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args = list(args) + [kwargs.get("bias")] * (3 - len(args))
+            self.callback(site, args[0], args[1], args[2], out)
+        return out
+
+
+def observe(calibrations: list[GraphCalibration], paths: set[str], callback: LinearCallback,
+            desc: str = "observing") -> None:
+    """Replay every recorded call in full precision, calling `callback` at each linear in `paths`."""
+    total = sum(len(c.calls) for c in calibrations)
+    with torch.no_grad(), tqdm(total=total, desc=desc, leave=False, disable=total < 2) as bar:
+        for cal in calibrations:
+            sites = {s.node: s for s in cal.analysis.sites if s.path in paths}
+            watcher = _Watcher(cal.gm, sites, callback)
+            for args in cal.arguments():
+                watcher.run(*args)
+                bar.update()
+
+
+def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, QuantizedLinear],
+                 kernels: str) -> dict[str, float]:
+    """Relative L2 error ||Y - Ŷ|| / ||Y|| of each quantized layer's own output, per module path.
+
+    Y is the full-precision layer on its full-precision input; Ŷ the quantized layer on the
+    same input, so each number isolates one layer.
+    """
+    err: dict[str, float] = {}
+    ref: dict[str, float] = {}
+
+    def measure(site, x, weight, bias, y):
+        yq = layers[site.path].forward(x, bias, kernels)
+        err[site.path] = err.get(site.path, 0.0) + float((y.float() - yq.float()).square().sum())
+        ref[site.path] = ref.get(site.path, 0.0) + float(y.float().square().sum())
+
+    observe(calibrations, set(layers), measure, desc="measuring layer errors")
+    return {p: (err[p] / ref[p]) ** 0.5 if ref[p] > 0 else 0.0 for p in err}

@@ -1,0 +1,51 @@
+"""Policy: which linear layers are quantized, and why each one is or is not.
+
+Token GEMMs (attention projections, feed-forward, single-stream block layers) are quantized.
+Conditioning GEMMs (timestep / caption embedders, adaLN modulation; M = batch size, so they cost
+little and carry the whole image's conditioning), the patch embedding and the final projection
+stay in 16 bit. Every decision carries a sentence that `explain()` shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
+
+from .capture import LinearSite
+
+if TYPE_CHECKING:
+    from clq_compile.options import Options
+
+_KEPT_BECAUSE = {
+    "conditioning": "conditioning GEMM (one row per image): kept in 16 bit",
+    "adaln": "adaLN modulation (one row per image): kept in 16 bit",
+    "embed": "patch / context embedding: kept in 16 bit",
+    "final": "final projection: kept in 16 bit",
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    quantize: bool
+    reason: str
+
+
+def decide(site: LinearSite, options: Options) -> Decision:
+    """Whether `site` is quantized under `options`, with the reason."""
+    if not options.quantizes:
+        return Decision(False, f"bits {options.bits}: no quantization")
+    for pattern in options.skip:
+        if fnmatchcase(site.path, pattern):
+            return Decision(False, f"matches skip pattern {pattern!r}")
+    if site.role in _KEPT_BECAUSE:
+        return Decision(False, _KEPT_BECAUSE[site.role])
+    if site.role in ("cross_k", "cross_v") and not options.quantize_cross_kv:
+        return Decision(False, "cross-attention key/value on text tokens: kept (quantize_cross_kv=False)")
+    k = site.in_features
+    if options.w_bits == 4 and k % 2:
+        return Decision(False, f"input width {k} is odd: 4-bit packing needs an even width")
+    for name, group in (("weight_group", options.weight_group), ("act_group", options.act_group)):
+        if group is not None and k % group:
+            return Decision(False, f"{name} {group} does not divide the input width {k}")
+    return Decision(True, "token GEMM")

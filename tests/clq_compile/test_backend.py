@@ -1,0 +1,196 @@
+"""The clq backend end to end on diffusers' DiT, PixArt, SD3 and Flux (tiny configs, CPU reference path)."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import clq_compile
+from clq_compile import tiny_models
+from clq_compile.calibration import model_state
+from tests.helpers import rel_error
+
+
+def compile_and_calibrate(family, model, bits, calls=3, **options):
+    torch._dynamo.reset()
+    qt = torch.compile(model, backend="clq", options={"bits": bits, "kernels": "reference", **options})
+    with torch.no_grad(), clq_compile.calibrating(qt):
+        for seed in range(calls):
+            qt(**tiny_models.make_inputs(family, seed=100 + seed))
+    return qt
+
+
+@pytest.fixture(scope="module", params=tiny_models.FAMILIES)
+def family_model(request):
+    return request.param, tiny_models.build(request.param)
+
+
+def run(model, family, **kw):
+    with torch.no_grad():
+        return model(**tiny_models.make_inputs(family, **kw)).sample
+
+
+def test_w16a16_is_exactly_eager(family_model):
+    family, model = family_model
+    qt = compile_and_calibrate(family, model, "w16a16")
+    assert torch.equal(run(qt, family, seed=1), run(model, family, seed=1))
+    assert "state=captured" in clq_compile.explain(qt) or "w16a16" in clq_compile.explain(qt)
+
+
+def test_quantized_errors_and_shapes(family_model):
+    family, model = family_model
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = run(model, family, seed=1)
+
+    qt8 = compile_and_calibrate(family, model, "w8a8")
+    err8 = rel_error(run(qt8, family, seed=1), ref)
+    qt4 = compile_and_calibrate(family, model, "w4a4")
+    out4 = run(qt4, family, seed=1)
+    err4 = rel_error(out4, ref)
+
+    assert err8 < 0.02
+    assert torch.isfinite(out4).all()
+    assert err4 > err8 > 0  # quantization really happens, and 4 bits cost more than 8
+
+    state = model_state(qt4)
+    assert state.calibrations == 1 and state.phase == "quantized"
+    # A new batch size, then a new resolution: Dynamo recompiles, the quantized layers are reused.
+    for kw, expected in (({"batch": 2}, 2), ({"batch": 1, "size": 12}, 1)):
+        out = run(qt4, family, seed=1, **kw)
+        assert out.shape[0] == expected and torch.isfinite(out).all()
+        eager = run(model, family, seed=1, **kw)
+        assert 0 < rel_error(out, eager) < 0.5
+    assert len(state.graphs) >= 2
+    assert state.calibrations == 1
+    assert all(g.lowered is not None for g in state.graphs)
+    # Recompiled graphs read the very same packed tensors.
+    path = next(iter(state.layers))
+    qweights = [getattr(g.lowered, f"{path.replace('.', '_')}_qweight") for g in state.graphs]
+    assert all(t is state.layers[path].weight.qweight for t in qweights)
+
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params_before[n]), f"{n} was modified"
+
+
+def test_graph_is_genuinely_quantized(family_model):
+    family, model = family_model
+    qt = compile_and_calibrate(family, model, "w4a4")
+    run(qt, family)
+    (gm, *_) = clq_compile.graphs(qt)
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.clq.quant_linear.default]
+    state = model_state(qt)
+    quantized = {p for p, layer in state.layers.items()}
+    assert len(calls) == len([s for s in state.graphs[0].analysis.sites if s.path in quantized])
+    for call in calls:
+        qweight = getattr(gm, call.args[1].target)
+        assert qweight.dtype == torch.uint8  # two int4 per byte
+        assert call.args[8] == 2 * qweight.shape[1]
+        assert call.args[9:11] == (4, 4)
+        # The node is named after the layer it replaces.
+        assert any(call.name == p.replace(".", "_") for p in quantized)
+    assert not any(n.target in (torch._C._nn.linear,) and n.name in {c.name for c in calls}
+                   for n in gm.graph.nodes)
+    assert "clq.quant_linear" in gm.print_readable(print_output=False)
+
+
+def test_explain_lists_every_layer_with_its_decision(family_model):
+    family, model = family_model
+    qt = compile_and_calibrate(family, model, "w4a4")
+    text = clq_compile.explain(qt)
+    state = model_state(qt)
+    for site in state.graphs[0].analysis.sites:
+        assert site.path in text
+    lines = {line.split()[0]: line for line in text.splitlines()[3:]}
+    for path, error in state.errors.items():
+        assert "quantized" in lines[path] and f"{error:.4f}" in lines[path]
+        assert 0 < error < 1
+    assert any("kept: conditioning GEMM" in line for line in lines.values())
+
+
+def test_data_free_quantization_warns_once():
+    torch._dynamo.reset()
+    model = tiny_models.build("dit")
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4"})
+    with pytest.warns(UserWarning, match="without calibration data") as record:
+        out = run(qt, "dit")
+        run(qt, "dit", batch=2)
+    assert sum("without calibration" in str(w.message) for w in record) == 1
+    assert torch.isfinite(out).all()
+    assert model_state(qt).calibrations == 0
+    assert 0 < rel_error(out, run(model, "dit")) < 0.5
+
+
+def test_skip_patterns_keep_layers():
+    model = tiny_models.build("pixart")
+    qt = compile_and_calibrate("pixart", model, "w8a8", skip=["*.attn2.*"], quantize_cross_kv=False)
+    state = model_state(qt)
+    assert not any(".attn2." in p for p in state.layers)
+    assert "matches skip pattern '*.attn2.*'" in clq_compile.explain(qt)
+
+
+def test_grouped_asymmetric_weights_run():
+    model = tiny_models.build("sd3")
+    qt = compile_and_calibrate("sd3", model, "w4a8", weight_group=32, act_group=32, weight_symmetric=False)
+    err = rel_error(run(qt, "sd3", seed=1), run(model, "sd3", seed=1))
+    layer = next(iter(model_state(qt).layers.values()))
+    assert layer.weight.zero is not None and layer.weight.group == 32 and layer.a_group == 32
+    assert 0 < err < 0.1
+
+
+def test_calibrating_without_calls_raises_and_keeps_full_precision():
+    torch._dynamo.reset()
+    model = tiny_models.build("dit")
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4"})
+    with pytest.raises(RuntimeError, match="recorded no calls"):
+        with clq_compile.calibrating(qt):
+            pass
+    assert model_state(qt).phase == "captured"
+    with clq_compile.calibrating(qt):
+        run(qt, "dit")
+    assert model_state(qt).calibrations == 1
+
+
+def test_calibrating_needs_a_clq_compiled_module():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="torch.compile"):
+        with clq_compile.calibrating(model):
+            pass
+    other = torch.compile(model, backend="eager")
+    with pytest.raises(TypeError, match="other than 'clq'"):
+        clq_compile.explain(other)
+
+
+def test_model_without_linear_layers_warns_and_runs():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4"})
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="no linear layers"):
+        out = qt(x)
+    assert torch.equal(out, model(x))
+
+
+def test_backend_resolves_through_the_entry_point_without_importing_the_package():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(16, 16))\n"
+        "qt = torch.compile(m, backend='clq', options={'bits': 'w8a8'})\n"
+        "x = torch.randn(1, 8, 16)\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "out = qt(x)\n"
+        "assert 'clq_compile' in sys.modules\n"
+        "assert not torch.equal(out, m(x))\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_no_warning_after_calibration():
+    model = tiny_models.build("dit")
+    qt = compile_and_calibrate("dit", model, "w4a4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        run(qt, "dit")

@@ -11,6 +11,9 @@ BITS = ("w4a4", "w4a8", "w8a8", "w16a16")
 KERNELS = ("auto", "reference", "triton")
 GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")
+HADAMARD_BLOCKS = (32, 64, 128, 256)
+CBC_REFERENCES = ("fp-layer", "fp-model")
+CLPS_WINDOWS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class Options:
     quantize_cross_kv: quantize cross-attention key/value projections (they act on text tokens)
     inductor:         hand the rewritten graph to Inductor: "auto" (when its inputs are on CUDA),
                       "always" or "never" (run the FX graph as is)
+    hadamard_block:   OBS block size b of the block-diagonal Hadamard (32/64/128/256)
+    cbc_reference:    CLPS reference outputs: "fp-layer" (full-precision layers on the inputs the
+                      quantized prefix produces) or "fp-model" (the full-precision model's activations)
+    clps_window:      how many blocks after a layer's own CLPS looks for its target (0, 1, 2)
+    clps_grid:        clipping ratios CLPS tries (1.0, no clipping, is always included)
+    search_calls:     how many recorded calls the searches evaluate candidates on
+    gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
     """
 
     bits: str = "w4a4"
@@ -38,6 +48,12 @@ class Options:
     kernels: str = "auto"
     quantize_cross_kv: bool = True
     inductor: str = "auto"
+    hadamard_block: int = 128
+    cbc_reference: str = "fp-layer"
+    clps_window: int = 1
+    clps_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+    search_calls: int = 4
+    gptq_act_order: bool = False
 
     @property
     def w_bits(self) -> int:
@@ -78,6 +94,13 @@ def _patterns(value: Any) -> tuple[str, ...]:
         f"(e.g. ['*.attn2.*']); got {value!r}")
 
 
+def _ratios(value: Any) -> tuple[float, ...]:
+    if (isinstance(value, (list, tuple)) and value
+            and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in value)):
+        return tuple(float(r) for r in value)
+    raise ValueError(f"options['clps_grid'] must be a non-empty list of clipping ratios in (0, 1]; got {value!r}")
+
+
 def parse_options(options: Mapping[str, Any] | None) -> Options:
     """Validate `options` (the dict given to torch.compile) and build an `Options`.
 
@@ -102,7 +125,15 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     _allowed("inductor", values.get("inductor", "auto"), INDUCTOR)
     for key in ("weight_group", "act_group"):
         _allowed(key, values.get(key), GROUPS)
-    for key in ("weight_symmetric", "quantize_cross_kv"):
+    _allowed("hadamard_block", values.get("hadamard_block", 128), HADAMARD_BLOCKS)
+    _allowed("cbc_reference", values.get("cbc_reference", "fp-layer"), CBC_REFERENCES)
+    _allowed("clps_window", values.get("clps_window", 1), CLPS_WINDOWS)
+    if "clps_grid" in values:
+        values["clps_grid"] = _ratios(values["clps_grid"])
+    calls = values.get("search_calls", 4)
+    if type(calls) is not int or calls < 1:
+        raise ValueError(f"options['search_calls'] must be a positive integer; got {calls!r}")
+    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order"):
         if key in values:
             _boolean(key, values[key])
     if "skip" in values:

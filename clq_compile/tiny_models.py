@@ -16,9 +16,14 @@ from torch import nn
 FAMILIES = ("dit", "pixart", "sd3", "flux")
 
 
-def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A tiny transformer of `family` (one of FAMILIES) with weights drawn from `seed`, in eval mode."""
-    builders: dict[str, Callable[[], nn.Module]] = {
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, heads: int = 2,
+          head_dim: int = 16) -> nn.Module:
+    """A tiny transformer of `family` (one of FAMILIES) with weights drawn from `seed`, in eval mode.
+
+    Width = heads x head_dim (32 by default); wider models show what block rotations and
+    channel swapping do, which a single 32-wide Hadamard block cannot.
+    """
+    builders: dict[str, Callable[[int, int], nn.Module]] = {
         "dit": _dit,
         "pixart": _pixart,
         "sd3": _sd3,
@@ -27,46 +32,47 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.
     if family not in builders:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
-    return builders[family]().to(dtype).eval()
+    return builders[family](heads, head_dim).to(dtype).eval()
 
 
-def _dit() -> nn.Module:
+def _dit(heads: int, head_dim: int) -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
         num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
     )
 
 
-def _pixart() -> nn.Module:
+def _pixart(heads: int, head_dim: int) -> nn.Module:
     from diffusers import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=2,
-        caption_channels=24, in_channels=4, cross_attention_dim=32, out_channels=8,
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, caption_channels=24, in_channels=4,
+        cross_attention_dim=heads * head_dim, out_channels=8,
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     )
 
 
-def _sd3() -> nn.Module:
+def _sd3(heads: int, head_dim: int) -> nn.Module:
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=24,
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, caption_projection_dim=heads * head_dim, joint_attention_dim=24,
         pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
     )
 
 
-def _flux() -> nn.Module:
+def _flux(heads: int, head_dim: int) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
-        axes_dims_rope=[4, 4, 8],
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=24, pooled_projection_dim=16,
+        axes_dims_rope=[head_dim // 4, head_dim // 4, head_dim // 2],
     )
 
 

@@ -204,16 +204,19 @@ def largest_valid_block(width: int, preferred: int) -> int:
 
 
 def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """QuaRot's randomized Hadamard matrix Q = (H / sqrt(n)) · D: [n, n], orthogonal.
+    """QuaRot's randomized Hadamard matrix Q = D · (H / sqrt(n)): [n, n], orthogonal.
 
-    D is diagonal with ±1 signs drawn from a torch.Generator seeded with `seed`, multiplied on the right:
-    column j of the normalized Hadamard matrix is multiplied by the j-th sign. The same seed always gives
-    the same matrix.
+    D is diagonal with ±1 signs drawn from a torch.Generator seeded with `seed`, multiplied on the left:
+    row i of the normalized Hadamard matrix is multiplied by the i-th sign. Activations are rotated as
+    x · Q, so the signs flip input channels *before* the Hadamard mixes them; on the right they would
+    only flip output signs and leave the rotated magnitudes exactly those of the plain Hadamard, which
+    can align with structured activations (sinusoidal position embeddings do). The same seed always
+    gives the same matrix.
     """
     h = normalized_hadamard(n, torch.float64)
     generator = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64) * 2 - 1
-    return (h * signs).to(dtype)
+    return (signs[:, None] * h).to(dtype)
 
 
 def fast_block_hadamard_transform(x: Tensor, block: int) -> Tensor:

@@ -51,7 +51,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"single_transformer_blocks\.\d+\.proj_out$", "single_out"),
 )
 
-_BLOCK = re.compile(r"^((?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
+BLOCK_PATTERN = re.compile(r"^((?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
 _SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 _ROOT = re.compile(r"^[LG]\['[^']*'\]")
 _CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
@@ -189,7 +189,7 @@ def capture(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
             continue
         path = w_ph.path.rpartition(".")[0]
         out_features, in_features = example_inputs[w_ph.index].shape
-        match = _BLOCK.match(path)
+        match = BLOCK_PATTERN.match(path)
         block_name = match.group(1) if match else None
         if block_name is not None and block_name not in blocks:
             blocks.append(block_name)

@@ -95,14 +95,15 @@ def test_block_hadamard_rejects_a_block_without_hadamard_matrix():
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.sampled_from([1, 2, 12, 20, 64, 96, 128]), seed=st.integers(0, 2**31 - 1))
-def test_random_hadamard_is_normalized_hadamard_times_right_sign_diagonal(n, seed):
+def test_random_hadamard_is_left_sign_diagonal_times_normalized_hadamard(n, seed):
     q = random_hadamard(n, seed, torch.float64)
     assert_orthogonal(q)
     assert torch.equal(random_hadamard(n, seed, torch.float64), q)
-    # Column j is ±(column j of H / sqrt(n)): the sign diagonal multiplies on the right.
-    signs = q[0] / normalized_hadamard(n, torch.float64)[0]
+    # Row i is ±(row i of H / sqrt(n)): the sign diagonal multiplies on the left, so x · Q
+    # flips input channels before mixing them.
+    signs = q[:, 0] / normalized_hadamard(n, torch.float64)[:, 0]
     assert torch.all(signs.abs() == 1)
-    torch.testing.assert_close(q, normalized_hadamard(n, torch.float64) * signs, rtol=0, atol=0)
+    torch.testing.assert_close(q, signs[:, None] * normalized_hadamard(n, torch.float64), rtol=0, atol=0)
     assert random_hadamard(n, seed).dtype == torch.float32
 
 

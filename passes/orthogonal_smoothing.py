@@ -1,0 +1,86 @@
+"""Orthogonal-based smoothing (OBS) of CLQ: channel swapping S plus a block Hadamard H, G = S·H.
+
+For a linear layer y = x·Wᵀ with input x: [tokens, K], CLQ quantizes X̂ = Q(x·G) and
+Ŵ = Q(Wᵀ-side Gᵀ·W), i.e. the stored weight rows are transformed exactly like the activation rows
+(W' = W·G), which leaves the full-precision product unchanged because G is orthogonal.
+
+- Outlier score of input channel c:  score_c = max_t |x_tc| / mean_c' max_t |x_tc'|
+  (1 is a typical channel; massive-activation channels score in the tens).
+- Channel swapping: the permutation S deals channels, in order of decreasing score, to the K/b
+  Hadamard blocks in a snake order (0, 1, ..., B-1, B-1, ..., 0, 0, 1, ...), so every block gets
+  its share of outliers and the per-block score sums differ by at most the largest single score.
+- H: block-diagonal normalized Hadamard with block b (default 128); a block that does not divide
+  K falls back to the largest valid one, and the fallback is reported.
+
+The activation side x·G is applied online by `clq::quant_linear` (a gather and a b x b matmul
+per block); the weight side is folded offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from clq_compile.kernels.hadamard import largest_valid_block, normalized_hadamard
+
+
+def outlier_scores(act_absmax: torch.Tensor) -> torch.Tensor:
+    """act_absmax: [K] per-channel max |x| -> float32 [K] scores (see the module docstring)."""
+    absmax = act_absmax.float()
+    mean = absmax.mean()
+    return absmax / mean if mean > 0 else torch.ones_like(absmax)
+
+
+def balanced_permutation(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """int64 [K]: position j of the transformed input reads original channel perm[j].
+
+    Channels are dealt to the K // block blocks in snake order of decreasing score; within a
+    block they keep the order in which they were dealt.
+    """
+    k = scores.numel()
+    if k % block:
+        raise ValueError(f"block {block} does not divide the width {k}")
+    blocks = k // block
+    order = torch.argsort(scores, descending=True, stable=True)
+    rank = torch.arange(k)
+    round_, offset = rank // blocks, rank % blocks
+    target = torch.where(round_ % 2 == 0, offset, blocks - 1 - offset)
+    slots = target * block + round_
+    perm = torch.empty(k, dtype=torch.long)
+    perm[slots] = order
+    return perm
+
+
+def block_loads(scores: torch.Tensor, perm: torch.Tensor, block: int) -> torch.Tensor:
+    """Sum of scores in each Hadamard block after the permutation: [K // block]."""
+    return scores[perm].reshape(-1, block).sum(dim=1)
+
+
+@lru_cache(maxsize=None)
+def shared_hadamard(block: int) -> torch.Tensor:
+    """One normalized Hadamard block per size, shared by every layer that uses it."""
+    return normalized_hadamard(block, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """The transform G = S·H of one layer: act_perm (None = identity) and the b x b block."""
+
+    act_perm: torch.Tensor | None
+    act_rotation: torch.Tensor
+    block: int
+    note: str
+
+
+def orthogonal_smoothing(in_features: int, act_absmax: torch.Tensor | None, block: int = 128,
+                         swap_channels: bool = True) -> Smoothing:
+    """G for a layer of width `in_features`; without statistics (data-free) S is the identity."""
+    used = largest_valid_block(in_features, block)
+    note = f"H{used}" if used == block else f"H{used} (block {block} does not divide {in_features})"
+    perm = None
+    if swap_channels and act_absmax is not None and in_features // used > 1:
+        perm = balanced_permutation(outlier_scores(act_absmax), used)
+        note = f"S + {note}"
+    return Smoothing(perm, shared_hadamard(used), used, note)

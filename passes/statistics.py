@@ -1,0 +1,58 @@
+"""Per-layer input statistics gathered from calibration: channel ranges, Hessian, token samples.
+
+Every recipe that looks at data reads one `LayerStats` per linear layer: the per-channel
+maximum magnitude of its input (SmoothQuant's and OBS's outlier measure), optionally the GPTQ
+Hessian 2/T·XᵀX, and a bounded, evenly spread sample of input rows for the searches that
+evaluate candidate quantizations on real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerStats:
+    """Accumulates statistics of one layer's input x: [..., K] over calibration calls.
+
+    absmax: float32 [K]; hessian: float64 [K, K] (when asked for); samples: float32 [<= max_rows, K].
+    """
+
+    def __init__(self, in_features: int, hessian: bool = False, max_rows: int = 2048, seed: int = 0):
+        self.absmax = torch.zeros(in_features)
+        self.rows = 0
+        self._hessian = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
+        self._samples: list[torch.Tensor] = []
+        self.max_rows = max_rows
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        if not torch.isfinite(x2).all():
+            raise ValueError("calibration produced a non-finite (NaN or Inf) layer input")
+        self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
+        if self._hessian is not None:
+            self._hessian += x2.double().t() @ x2.double()
+        self.rows += x2.shape[0]
+        # Keep a fixed share of every call so the sample spans all calls (timesteps, prompts).
+        take = min(x2.shape[0], max(1, self.max_rows // 8))
+        index = torch.randperm(x2.shape[0], generator=self._generator)[:take]
+        self._samples.append(x2[index])
+        total = sum(s.shape[0] for s in self._samples)
+        if total > 2 * self.max_rows:
+            self._samples = [self.samples]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """2/T · XᵀX over every row seen (float64 [K, K])."""
+        if self._hessian is None:
+            raise ValueError("this LayerStats was created without a Hessian")
+        return self._hessian * (2.0 / max(self.rows, 1))
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """Up to max_rows input rows drawn across all calls (float32 [rows, K])."""
+        rows = torch.cat(self._samples)
+        if rows.shape[0] <= self.max_rows:
+            return rows
+        keep = torch.linspace(0, rows.shape[0] - 1, self.max_rows).round().long()
+        return rows[keep]

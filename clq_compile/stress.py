@@ -40,37 +40,50 @@ def trained_like_weights(model: nn.Module, seed: int = 0, df: int = 6) -> nn.Mod
     return model
 
 
-def _value_output_pairs(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
-    """(value projection, output projection) pairs whose channels correspond one to one."""
-    pairs = []
+def _attention_value_paths(model: nn.Module) -> list[tuple[list[nn.Linear], list[nn.Linear]]]:
+    """([value projections], [output projections]) of every attention whose output projection exists.
+
+    Joint attention (SD3, Flux) concatenates image and context values along the tokens, so an
+    image-token output mixes both streams: its value channels must be scaled in both streams and
+    divided out of both output projections for the function to stay the same.
+    """
+    found = []
     for module in model.modules():
         to_v, to_out = getattr(module, "to_v", None), getattr(module, "to_out", None)
-        if isinstance(to_v, nn.Linear) and to_out is not None:
-            out = to_out[0] if isinstance(to_out, nn.ModuleList) else to_out
-            if isinstance(out, nn.Linear) and out.in_features == to_v.out_features:
-                pairs.append((to_v, out))
+        if not isinstance(to_v, nn.Linear) or to_out is None:
+            continue
+        out = to_out[0] if isinstance(to_out, nn.ModuleList) else to_out
+        if not isinstance(out, nn.Linear) or out.in_features != to_v.out_features:
+            continue
+        values, outputs = [to_v], [out]
         add_v, add_out = getattr(module, "add_v_proj", None), getattr(module, "to_add_out", None)
-        if isinstance(add_v, nn.Linear) and isinstance(add_out, nn.Linear):
-            pairs.append((add_v, add_out))
-    return pairs
+        if isinstance(add_v, nn.Linear):
+            if not isinstance(add_out, nn.Linear):
+                continue  # the context stream's output is not a separate projection: skip
+            values.append(add_v)
+            outputs.append(add_out)
+        found.append((values, outputs))
+    return found
 
 
 def inject_outliers(model: nn.Module, scale: float = 50.0, channels: int = 2, seed: int = 0) -> int:
-    """Scale `channels` random value-projection output channels of every attention by `scale`.
+    """Scale `channels` random value channels of every attention by `scale`, divide them out after.
 
     Returns the number of attention modules changed. The full-precision output is unchanged
     up to float rounding.
     """
     g = torch.Generator().manual_seed(seed)
-    pairs = _value_output_pairs(model)
+    found = _attention_value_paths(model)
     with torch.no_grad():
-        for to_v, to_out in pairs:
-            idx = torch.randperm(to_v.out_features, generator=g)[:channels]
-            to_v.weight[idx] *= scale
-            if to_v.bias is not None:
-                to_v.bias[idx] *= scale
-            to_out.weight[:, idx] /= scale
-    return len(pairs)
+        for values, outputs in found:
+            idx = torch.randperm(values[0].out_features, generator=g)[:channels]
+            for v in values:
+                v.weight[idx] *= scale
+                if v.bias is not None:
+                    v.bias[idx] *= scale
+            for out in outputs:
+                out.weight[:, idx] /= scale
+    return len(found)
 
 
 def sample(model, inputs: dict, steps: int = 10) -> torch.Tensor:
@@ -92,3 +105,51 @@ def sample(model, inputs: dict, steps: int = 10) -> torch.Tensor:
         eps = out[:, :channels] if x.dim() == 4 else out[..., :channels]
         x = x - eps / steps
     return x
+
+
+def stress_model(family: str, seed: int, outlier_scale: float = 50.0, heads: int = 8,
+                 head_dim: int = 32) -> nn.Module:
+    """A tiny `family` model with trained-like weights and injected outliers (see above)."""
+    from . import tiny_models
+
+    model = tiny_models.build(family, seed=seed, heads=heads, head_dim=head_dim)
+    trained_like_weights(model, seed=seed)
+    if outlier_scale:
+        inject_outliers(model, scale=outlier_scale, seed=seed)
+    return model
+
+
+def compare_recipes(family: str, recipes: list[str], bits: str = "w4a4", seeds: tuple[int, ...] = (0, 1, 2),
+                    steps: int = 10, calibration_calls: int = 4, outlier_scale: float = 50.0,
+                    options: dict | None = None) -> dict[str, dict[str, list[float]]]:
+    """Relative error of each recipe's final sample against full precision, per seed.
+
+    For every seed: a stress model, calibration on `calibration_calls` random inputs, then the
+    short sampling loop `sample` from the same noise as the full-precision model.
+    Returns {recipe: {"error": [per seed], "quantize_seconds": [per seed]}}.
+    """
+    import time
+
+    import clq_compile
+
+    from . import tiny_models
+
+    results = {r: {"error": [], "quantize_seconds": []} for r in recipes}
+    for seed in seeds:
+        model = stress_model(family, seed, outlier_scale)
+        noise = tiny_models.make_inputs(family, seed=1000 + seed)
+        with torch.no_grad():
+            reference = sample(model, noise, steps)
+            for recipe in recipes:
+                torch._dynamo.reset()
+                qt = torch.compile(model, backend="clq",
+                                   options={"bits": bits, "recipe": recipe, **(options or {})})
+                start = time.perf_counter()
+                with clq_compile.calibrating(qt):
+                    for call in range(calibration_calls):
+                        qt(**tiny_models.make_inputs(family, seed=100 * seed + call))
+                results[recipe]["quantize_seconds"].append(time.perf_counter() - start)
+                out = sample(qt, noise, steps)
+                error = float((out - reference).norm() / reference.norm())
+                results[recipe]["error"].append(error)
+    return results

@@ -114,7 +114,7 @@ def _describe(parts: Components, smoothing: Smoothing | None, clip, target) -> t
         notes.append("rotation: weight side folded offline, activation side online")
     if parts.clps:
         method += f" clip {clip[0]:.2f}/{clip[1]:.2f}"
-        notes.append(f"CLPS target: {target}" if target else "CLPS: no downstream layer in the window")
+        notes.append(f"CLPS target {target}" if target else "CLPS: no downstream layer in the window")
     if parts.gptq:
         method += " +gptq"
     return method, notes
@@ -177,7 +177,7 @@ class _GraphQuantizer:
         smoothing = (orthogonal_smoothing(site.in_features, stats.absmax, options.hadamard_block)
                      if parts.obs else None)
         make = _LayerQuantizer(weight, stats, options, parts, smoothing)
-        clip, target = (1.0, 1.0), None
+        clip, target, objective_values = (1.0, 1.0), None, {}
         later = [x.node for x in window_sites if seg.index[seg.node(x.node)] > seg.index[seg.node(site.node)]]
         if parts.clps and later:
             def rerun(nodes, layer):
@@ -196,9 +196,12 @@ class _GraphQuantizer:
                 def objective(c):
                     return _relative_errors(rerun(cone, make(c)), references, [target_node])[target_node]
 
-                clip, _ = search_clip(objective, clip_candidates(options.clps_grid, options.weight_symmetric))
+                clip, objective_values = search_clip(
+                    objective, clip_candidates(options.clps_grid, options.weight_symmetric))
         layer = make(clip, final=True)
         layer.method, layer.notes = _describe(parts, smoothing, clip, target)
+        layer.details = {"clip": clip, "target": target, "objective": objective_values,
+                         "smoothing": None if smoothing is None else smoothing.note}
         return layer
 
 

@@ -25,7 +25,8 @@ class QuantizedLinear:
     weight: the packed weight (already multiplied by the inverse of the activation transform)
     a_bits: 4 or 8 (16: weight only); a_group: channels per activation scale, None = per token
     act_mul [K], act_perm int64 [K], act_rotation [b, b]: the online activation transform
-    method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing
+    method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
+    details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
     """
 
     weight: PackedWeight
@@ -36,6 +37,7 @@ class QuantizedLinear:
     act_rotation: torch.Tensor | None = None
     method: str = "rtn"
     notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """The op's tensor arguments by name (see TENSOR_ARGS)."""

@@ -1,0 +1,70 @@
+"""The comparison CLQ is built for: W4A4 on stress models, averaged over seeds.
+
+Stress models (clq_compile/stress.py): tiny DiT / PixArt / SD3 / Flux of width 256 with
+trained-like (Student-t) weights and x50 outlier channels injected function-preservingly. The
+final latents of a 10-step sampling loop are compared with full precision from the same noise.
+
+Orderings that did not hold when measured are marked xfail with what was found, so they are
+neither hidden nor tuned away. The marks are not strict: on models this small the rankings of
+close recipes flip with the calibration data (DESIGN.md section 5), and pytest's summary lists
+every xfail and xpass so the state stays visible.
+"""
+
+from functools import lru_cache
+
+import pytest
+
+from clq_compile.stress import compare_recipes
+from clq_compile.tiny_models import FAMILIES
+
+RECIPES = ("rtn", "quarot", "smoothquant", "clq", "clq-no-cbc", "clq-no-obs", "clq-no-clps")
+
+SMOOTHQUANT_INVERTS_THE_INJECTION = (
+    "the injected outliers are an exact per-channel rescale (value rows x s, output columns / s), "
+    "which SmoothQuant's per-channel smoothing undoes almost exactly; rotations only spread it")
+JOINT_ATTENTION = ("on the joint-attention models (SD3, Flux) CLQ does not beat QuaRot and calibrating "
+                   "on the quantized prefix does not help; see the README's recipe table")
+KNOWN_FAILURES = {
+    **{(f, "clq < smoothquant"): SMOOTHQUANT_INVERTS_THE_INJECTION for f in FAMILIES},
+    **{(f, ordering): JOINT_ATTENTION for f in ("sd3", "flux") for ordering in ("clq < quarot", "clq < clq-no-cbc")},
+}
+
+
+@lru_cache(maxsize=None)
+def mean_errors(family: str, bits: str = "w4a4", recipes: tuple[str, ...] = RECIPES,
+                seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, float]:
+    results = compare_recipes(family, list(recipes), bits, seeds=seeds)
+    return {r: sum(v["error"]) / len(v["error"]) for r, v in results.items()}
+
+
+ORDERINGS = [("clq", "quarot"), ("quarot", "rtn"), ("clq", "smoothquant"), ("clq", "clq-no-cbc"),
+             ("clq", "clq-no-obs"), ("clq", "clq-no-clps")]
+
+
+def _cases():
+    for family in FAMILIES:
+        for better, worse in ORDERINGS:
+            name = f"{better} < {worse}"
+            reason = KNOWN_FAILURES.get((family, name))
+            marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+            yield pytest.param(family, better, worse, id=f"{family}: {name}", marks=marks)
+
+
+@pytest.mark.parametrize("family, better, worse", list(_cases()))
+def test_w4a4_ordering(family, better, worse):
+    errors = mean_errors(family)
+    assert errors[better] < errors[worse], errors
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured 1.2-1.6% (half of RTN's 2.5-5.1%) after 10 sampling steps: the x50 outlier channels "
+    "still cost at 8-bit per-token activations"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w8a8_clq_within_one_percent(family):
+    assert mean_errors(family, "w8a8", ("clq", "rtn"), (0,))["clq"] < 0.01
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w8a8_clq_beats_rtn(family):
+    errors = mean_errors(family, "w8a8", ("clq", "rtn"), (0,))
+    assert errors["clq"] < errors["rtn"]

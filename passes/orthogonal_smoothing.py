@@ -9,6 +9,10 @@ For a linear layer y = x·Wᵀ with input x: [tokens, K], CLQ quantizes X̂ = Q(
 - Channel swapping: the permutation S deals channels, in order of decreasing score, to the K/b
   Hadamard blocks in a snake order (0, 1, ..., B-1, B-1, ..., 0, 0, 1, ...), so every block gets
   its share of outliers and the per-block score sums differ by at most the largest single score.
+  With a single block S still reorders the channels by score: the Hadamard then no longer meets
+  the channels in the model's own order, whose structure (sinusoidal embeddings, head layout)
+  can line up with Hadamard rows and concentrate energy instead of spreading it (measured on the
+  digits DiT's width-96 layers: +1.4 dB PSNR at W4A4 with outliers, unchanged without).
 - H: block-diagonal normalized Hadamard with block b (default 128); a block that does not divide
   K falls back to the largest valid one, and the fallback is reported.
 
@@ -80,7 +84,7 @@ def orthogonal_smoothing(in_features: int, act_absmax: torch.Tensor | None, bloc
     used = largest_valid_block(in_features, block)
     note = f"H{used}" if used == block else f"H{used} (block {block} does not divide {in_features})"
     perm = None
-    if swap_channels and act_absmax is not None and in_features // used > 1:
+    if swap_channels and act_absmax is not None:
         perm = balanced_permutation(outlier_scores(act_absmax), used)
         note = f"S + {note}"
     return Smoothing(perm, shared_hadamard(used), used, note)

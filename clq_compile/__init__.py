@@ -10,8 +10,8 @@
 
 from .backend import clq_backend
 from .calibration import calibrating
-from .explain import explain, graphs
+from .explain import explain, graphs, memory_report
 from .options import Options, parse_options
 
-__all__ = ["clq_backend", "calibrating", "explain", "graphs", "Options", "parse_options"]
+__all__ = ["clq_backend", "calibrating", "explain", "graphs", "memory_report", "Options", "parse_options"]
 __version__ = "0.1.0"

@@ -50,7 +50,43 @@ def explain(qt) -> str:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
     if state.phase != QUANTIZED and options.quantizes:
         lines.append("(not quantized yet: call the model, or calibrate it with clq_compile.calibrating(qt))")
+    else:
+        report = memory_report(qt)
+        lines.append(f"weights of quantized layers: {report['fp_bytes'] / 2**20:.2f} MiB as stored by the model "
+                     f"-> {report['quantized_bytes'] / 2**20:.2f} MiB packed "
+                     f"({report['quantized_bytes'] / max(report['fp_bytes'], 1):.3f}x); "
+                     f"as bf16: {report['bf16_bytes'] / 2**20:.2f} MiB")
     return "\n".join(lines)
+
+
+def memory_report(qt) -> dict:
+    """Weight bytes of the quantized layers before and after quantization.
+
+    fp_bytes: the user's parameters as stored (their dtype); bf16_bytes: the same weights in
+    bf16; quantized_bytes: packed integers, scales and zero points, plus every online transform
+    tensor (permutations, rotation blocks) counted once however many layers share it.
+    per_layer: {path: (fp_bytes, packed bytes)}.
+    """
+    state = model_state(qt)
+    fp = bf16 = packed = 0
+    per_layer = {}
+    shared: dict[int, int] = {}
+    for graph in state.graphs:
+        for site in graph.analysis.sites:
+            layer = state.layers.get(site.path)
+            if layer is None or site.path in per_layer or not graph.decisions[site.node].quantize:
+                continue
+            weight = graph.weight(site.path)
+            fp_bytes = weight.numel() * weight.element_size()
+            per_layer[site.path] = (fp_bytes, layer.weight.nbytes)
+            fp += fp_bytes
+            bf16 += weight.numel() * 2
+            packed += layer.weight.nbytes
+            for t in (layer.act_mul, layer.act_perm, layer.act_rotation):
+                if t is not None:
+                    shared[id(t)] = t.numel() * t.element_size()
+    return {"fp_bytes": fp, "bf16_bytes": bf16, "quantized_bytes": packed + sum(shared.values()),
+            "per_layer": per_layer}
 
 
 def graphs(qt) -> list[fx.GraphModule]:

@@ -21,7 +21,7 @@ class Options:
     """What to quantize and how.
 
     bits:             "w4a4", "w4a8", "w8a8", or "w16a16" (no quantization: the graph passes through)
-    recipe:           the pass pipeline that chooses the quantization ("rtn": round to nearest, min-max)
+    recipe:           the pass pipeline that chooses the quantization (passes/recipes.py; "clq" by default)
     weight_group:     None (one scale per output channel) or 32/64/128 input channels per scale
     act_group:        None (one scale per token) or 32/64/128 channels per scale
     weight_symmetric: symmetric weights (True) or asymmetric with a zero point (False)
@@ -40,7 +40,7 @@ class Options:
     """
 
     bits: str = "w4a4"
-    recipe: str = "rtn"
+    recipe: str = "clq"
     weight_group: int | None = None
     act_group: int | None = None
     weight_symmetric: bool = True
@@ -120,7 +120,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
                          f"the options are {', '.join(sorted(known))}")
     values = dict(options)
     _allowed("bits", values.get("bits", "w4a4"), BITS)
-    _allowed("recipe", values.get("recipe", "rtn"), tuple(RECIPES))
+    _allowed("recipe", values.get("recipe", "clq"), tuple(RECIPES))
     _allowed("kernels", values.get("kernels", "auto"), KERNELS)
     _allowed("inductor", values.get("inductor", "auto"), INDUCTOR)
     for key in ("weight_group", "act_group"):

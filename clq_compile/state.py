@@ -97,7 +97,9 @@ class CompiledGraph:
         if self.example_inputs is not None:
             from torch._inductor.compile_fx import compile_fx
 
-            self.run = compile_fx(self.lowered, self.example_inputs)
+            # Quantized graphs are inference-only: compile the forward alone, without a backward.
+            with torch.no_grad():
+                self.run = compile_fx(self.lowered, self.example_inputs)
         else:
             self.run = self.lowered
 

@@ -55,3 +55,11 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
 def _(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation, in_features, w_bits,
       a_bits, w_group, a_group, kernels):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError("clq::quant_linear has no gradient: quantized graphs are for inference. "
+                       "Run them under torch.no_grad() or torch.inference_mode().")
+
+
+quant_linear.register_autograd(_no_backward)

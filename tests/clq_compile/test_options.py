@@ -59,3 +59,11 @@ def test_bad_options_fail_at_the_first_call():
         qt(torch.randn(1, 4, 8))
     # Dynamo wraps backend errors; the ValueError is kept inside.
     assert isinstance(getattr(info.value, "inner_exception", info.value), ValueError)
+
+
+def test_default_recipe_is_clq_and_every_recipe_is_accepted():
+    from clq_compile.passes.recipes import RECIPES
+
+    assert parse_options({}).recipe == "clq"
+    for name in RECIPES:
+        assert parse_options({"recipe": name}).recipe == name

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -23,6 +21,7 @@ import torch
 
 import clq_compile
 from clq_compile.stress import inject_outliers, trained_like_weights
+from machine import machine_info
 
 
 def pixart_block_model() -> torch.nn.Module:
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                          "record_seconds": recorded - start, "quantize_seconds": done - recorded,
                          "relative_error": error})
             print(json.dumps(rows[-1]), flush=True)
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+    machine = {**machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "big_block.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
 

@@ -63,8 +63,6 @@ import datetime
 import json
 import logging
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -91,6 +89,7 @@ from clq_compile.stress import sample as short_sampling_loop
 # sys.path; importers put it there themselves, and only while importing.
 import digits
 import metrics
+from machine import machine_info
 
 log = logging.getLogger("clq_compile.bench.quality")
 
@@ -599,19 +598,6 @@ def obs_activation_figure(model: nn.Module, calls: list[dict[str, Any]], block: 
 
 # ---------------------------------------------------------------------------------------------
 # Reports
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "clq_compile": clq_compile.__version__,
-    }
 
 
 def _cell(row: dict[str, Any] | None) -> str:

@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-
 from clq_compile.passes.recipes import RECIPES
+from machine import machine_info
 from clq_compile.stress import compare_recipes
 from clq_compile.tiny_models import FAMILIES
-
-
-def _machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join(sys.argv)}
 
 
 def _markdown(rows: list[dict], machine: dict) -> str:
@@ -79,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                              "error": statistics.mean(r["error"]), "errors": r["error"],
                              "quantize_seconds": statistics.mean(r["quantize_seconds"])})
                 print(f"  {recipe:14s} {rows[-1]['error']:.4f}", flush=True)
-    machine = _machine()
+    machine = {**machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipes.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     text = _markdown(rows, machine)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -27,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,6 +36,7 @@ from tqdm import tqdm
 # bench/ is a folder of scripts, not a package: run as a script, Python puts this folder on
 # sys.path; importers put it there themselves.
 import digits
+from machine import machine_info
 
 
 def digits_dit_config(
@@ -214,18 +212,6 @@ def sample_and_classify(
     return images, requested, predicted
 
 
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-    }
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             round((predicted[requested == c] == c).float().mean().item(), 3)
             for c in range(digits.NUM_CLASSES)
         ],
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     (args.out / "training_run.json").write_text(json.dumps(report, indent=2) + "\n")
     print(

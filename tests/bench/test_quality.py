@@ -1,9 +1,7 @@
 """Tests for bench/metrics.py and bench/quality.py (the quality benchmark)."""
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +10,15 @@ from diffusers import DiTTransformer2DModel
 
 from clq_compile import tiny_models
 
+from tests.bench.bench_scripts import import_bench
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 ROW_KEYS = {"model", "recipe", "bits", "psnr", "ssim", "accuracy", "quantize_seconds"}
 
 
 @pytest.fixture(scope="module")
 def bench_modules():
-    # Only while importing: left on sys.path, bench/kernels.py would shadow any top-level `kernels`.
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("metrics"), importlib.import_module("quality")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("metrics", "quality")
 
 
 @pytest.fixture(scope="module")

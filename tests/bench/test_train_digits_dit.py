@@ -1,7 +1,5 @@
 """Tests for bench/train_digits_dit.py, the digits helpers it uses, and the model it shipped."""
 
-import importlib
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,19 +7,15 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
+from tests.bench.bench_scripts import import_bench
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 MODEL = BENCH / "assets" / "digits-dit"
 
 
 @pytest.fixture(scope="module")
 def bench_modules():
-    # bench/ holds scripts, not an installed package, so it is reached through sys.path, and
-    # only while importing: left there, bench/kernels.py would shadow any top-level `kernels`.
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("digits"), importlib.import_module("train_digits_dit")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("digits", "train_digits_dit")
 
 
 @pytest.fixture(scope="module")

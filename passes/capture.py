@@ -52,24 +52,32 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
 )
 
 BLOCK_PATTERN = re.compile(r"^((?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
-_SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+_SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.(\w+)")
 _ROOT = re.compile(r"^[LG]\['[^']*'\]")
 _CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
 
 
-def source_path(source_name: str) -> str | None:
-    """Dotted module path of a lifted parameter or buffer, from its Dynamo source name.
+def dotted_path(source_name: str) -> str:
+    """The module path a Dynamo source or module-stack entry names, without its root local.
 
-    "L['self'].__dict__['_modules']['blocks']._modules['0']._parameters['weight']" -> "blocks.0.weight".
-    The root is whichever frame local holds the module (`L['self']` for a model's forward,
-    `L['fn']` when Dynamo enters through a wrapper). Returns None for sources that are not
-    parameters or buffers of a module (the call's inputs).
+    "L['self'].__dict__['_modules']['blocks'].0.attn" -> "blocks.0.attn". The root is whichever
+    frame local holds the module (`L['self']` for a model's forward, `L['fn']` when Dynamo
+    enters through a wrapper).
     """
     root = _ROOT.match(source_name)
-    if root is None or not re.search(r"\b_(parameters|buffers)\b", source_name):
+    rest = source_name[root.end():] if root else source_name
+    return ".".join(k for k in (a or b for a, b in _SOURCE_KEY.findall(rest)) if k not in _CONTAINERS)
+
+
+def source_path(source_name: str) -> str | None:
+    """Dotted path of a lifted parameter or buffer, from its Dynamo source name.
+
+    "L['self'].__dict__['_modules']['blocks']._modules['0']._parameters['weight']" -> "blocks.0.weight".
+    Returns None for sources that are not parameters or buffers of a module (the call's inputs).
+    """
+    if _ROOT.match(source_name) is None or not re.search(r"\b_(parameters|buffers)\b", source_name):
         return None
-    keys = [a or b for a, b in _SOURCE_KEY.findall(source_name[root.end():])]
-    return ".".join(k for k in keys if k not in _CONTAINERS)
+    return dotted_path(source_name)
 
 
 def role_of(path: str, input_rank: int) -> str:

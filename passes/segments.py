@@ -13,26 +13,15 @@ A node belongs to a block when the block's module is on its `nn_module_stack`.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx
 
-from .capture import BLOCK_PATTERN, GraphAnalysis, LinearSite
+from .capture import BLOCK_PATTERN, GraphAnalysis, LinearSite, dotted_path
 
 # linear(site, x, weight, bias) -> output; decides per layer whether it runs quantized.
 LinearFn = Callable[[LinearSite, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-_KEY = re.compile(r"\['([^']*)'\]|\.(\w+)")
-_CONTAINERS = {"__dict__", "_modules"}
-
-
-def module_path(stack_entry: str) -> str:
-    """"L['self'].__dict__['_modules']['blocks'].0.attn" -> "blocks.0.attn"."""
-    rest = re.sub(r"^[LG]\['[^']*'\]", "", stack_entry)
-    return ".".join(a or b for a, b in _KEY.findall(rest) if (a or b) not in _CONTAINERS)
-
 
 def fp_linear(site: LinearSite, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
@@ -53,7 +42,7 @@ class SegmentedGraph:
             if node.op == "placeholder":
                 continue
             for entry, _ in (node.meta.get("nn_module_stack") or {}).values():
-                match = BLOCK_PATTERN.match(module_path(entry))
+                match = BLOCK_PATTERN.match(dotted_path(entry))
                 if match:
                     first.setdefault(match.group(1), i)
         # Cut right before each block starts: a block's module may be called again later

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clq_compile import tiny_models
-from clq_compile.passes.capture import role_of, source_path
+from clq_compile.passes.capture import dotted_path, role_of, source_path
 from tests.helpers import dynamo_graph
 
 
@@ -18,6 +18,9 @@ def test_source_path_reads_dynamo_sources():
     assert source_path("L['fn']._modules['0']._parameters['bias']") == "0.bias"
     assert source_path("L['hidden_states']") is None
     assert source_path("L['args'][0]") is None
+    # Module-stack entries mix bracket keys and attribute access, digits included.
+    assert dotted_path("L['self'].__dict__['_modules']['transformer_blocks'].0.attn1.to_q") == \
+        "transformer_blocks.0.attn1.to_q"
 
 
 @given(st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True), min_size=1, max_size=5))

@@ -33,7 +33,7 @@ from clq_compile.kernels.reference import transform_activation
 
 from .cross_layer_search import clip_candidates, pick_target, search_clip
 from .layer import QuantizedLinear
-from .observers import GraphCalibration
+from .observers import GraphCalibration, RelativeError
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_weight
 from .segments import SegmentedGraph, fp_linear
@@ -96,14 +96,12 @@ class _LayerQuantizer:
 
 
 def _relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:
-    err = {n: 0.0 for n in nodes}
-    ref = {n: 0.0 for n in nodes}
+    """||Y - Ŷ|| / ||Y|| at each node over all search calls."""
+    meter = RelativeError()
     for out, reference in zip(outputs, references):
         for n in nodes:
-            y = reference[n].float()
-            err[n] += float((out[n].float() - y).square().sum())
-            ref[n] += float(y.square().sum())
-    return {n: (err[n] / ref[n]) ** 0.5 if ref[n] > 0 else 0.0 for n in nodes}
+            meter.add(n, reference[n], out[n])
+    return meter.result()
 
 
 def _describe(parts: Components, smoothing: Smoothing | None, clip, target) -> tuple[str, list[str]]:

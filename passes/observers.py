@@ -75,6 +75,22 @@ def observe(calibrations: list[GraphCalibration], paths: set[str], callback: Lin
                 bar.update()
 
 
+class RelativeError:
+    """Accumulates ||Y - Ŷ||² and ||Y||² per key over many tensors; `result()` gives ||Y - Ŷ|| / ||Y||."""
+
+    def __init__(self):
+        self.err: dict = {}
+        self.ref: dict = {}
+
+    def add(self, key, reference: torch.Tensor, estimate: torch.Tensor) -> None:
+        y = reference.float()
+        self.err[key] = self.err.get(key, 0.0) + float((estimate.float() - y).square().sum())
+        self.ref[key] = self.ref.get(key, 0.0) + float(y.square().sum())
+
+    def result(self) -> dict:
+        return {k: (self.err[k] / r) ** 0.5 if r > 0 else 0.0 for k, r in self.ref.items()}
+
+
 def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, QuantizedLinear],
                  kernels: str) -> dict[str, float]:
     """Relative L2 error ||Y - Ŷ|| / ||Y|| of each quantized layer's own output, per module path.
@@ -82,13 +98,10 @@ def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, Quantiz
     Y is the full-precision layer on its full-precision input; Ŷ the quantized layer on the
     same input, so each number isolates one layer.
     """
-    err: dict[str, float] = {}
-    ref: dict[str, float] = {}
+    meter = RelativeError()
 
     def measure(site, x, weight, bias, y):
-        yq = layers[site.path].forward(x, bias, kernels)
-        err[site.path] = err.get(site.path, 0.0) + float((y.float() - yq.float()).square().sum())
-        ref[site.path] = ref.get(site.path, 0.0) + float(y.float().square().sum())
+        meter.add(site.path, y, layers[site.path].forward(x, bias, kernels))
 
     observe(calibrations, set(layers), measure, desc="measuring layer errors")
-    return {p: (err[p] / ref[p]) ** 0.5 if ref[p] > 0 else 0.0 for p in err}
+    return meter.result()

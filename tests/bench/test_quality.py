@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from clq_compile import tiny_models
 
 from tests.bench.bench_scripts import import_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 ROW_KEYS = {"model", "recipe", "bits", "psnr", "ssim", "accuracy", "quantize_seconds"}
 
 

@@ -1,15 +1,13 @@
 """Tests for bench/train_digits_dit.py, the digits helpers it uses, and the model it shipped."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from tests.bench.bench_scripts import import_bench
+from tests.bench.bench_scripts import BENCH, import_bench
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 MODEL = BENCH / "assets" / "digits-dit"
 
 

@@ -23,13 +23,21 @@ def calibrating(qt: torch.nn.Module) -> Iterator[None]:
 
     Inside the block every call runs in full precision and its inputs are recorded. Leaving the
     block runs the recipe on the recordings and quantizes; from then on calls run quantized. If
-    the block raises, nothing is quantized and the recordings are dropped.
+    the block raises, or quantizing on the recordings fails (a NaN or Inf input, say), the
+    recordings are dropped and the model is left as it was before the block.
     """
     state = model_state(qt)
+    before = (state.layers, state.errors, state.calibrations)
     state.begin_calibration()
     try:
         yield
+        state.finish_calibration()
     except BaseException:
+        if state.layers is not before[0]:
+            # The recipe got as far as replacing the layers: restore the previous ones, and let
+            # every graph lower again from them when it is next called.
+            state.layers, state.errors, state.calibrations = before
+            for graph in state.graphs:
+                graph.lowered = graph.run = None
         state.abort_calibration()
         raise
-    state.finish_calibration()

@@ -28,6 +28,7 @@ from clq_compile.passes.observers import GraphCalibration, layer_errors
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
 
+from .checks import check_recorded_call, check_weights, warn_graph_breaks
 from .options import Options
 
 log = logging.getLogger("clq_compile")
@@ -79,6 +80,7 @@ class CompiledGraph:
 
     def record(self, args: tuple) -> None:
         """Keep this call's non-parameter inputs for calibration (detached copies)."""
+        check_recorded_call(self, args)
         call = []
         for i in self.analysis.input_indices:
             value = args[i]
@@ -147,6 +149,7 @@ class ModelState:
             for node in g.quantized_sites:
                 path = g.analysis.site(node).path
                 weights.setdefault(path, g.weight(path))
+        check_weights(weights)
         calibration = [g.calibration for g in self.graphs if g.calibration.calls] if calibrated else None
         if not calibrated and not self._warned_data_free:
             self._warned_data_free = True
@@ -164,6 +167,7 @@ class ModelState:
             g.lower()
         log.info("quantized %d layers with recipe %r%s", len(self.layers), self.options.recipe,
                  " on calibration data" if calibrated else " data-free")
+        warn_graph_breaks(self)
 
     def add_layers(self, weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
                    note: str | None = None) -> None:

@@ -54,6 +54,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
 BLOCK_PATTERN = re.compile(r"^((?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
 _SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.(\w+)")
 _ROOT = re.compile(r"^[LG]\['[^']*'\]")
+_INPUT_KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
 _CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers"}
 
 
@@ -80,6 +81,19 @@ def source_path(source_name: str) -> str | None:
     return dotted_path(source_name)
 
 
+def input_name(source_name: str) -> str:
+    """The argument a graph input was read from, from its Dynamo source name.
+
+    "L['hidden_states']" -> "hidden_states"; "L['kwargs']['hidden_states']" -> "hidden_states"
+    (a wrapper's **kwargs); "L['args'][0]" -> "args.0".
+    """
+    rest = source_name[1:] if _ROOT.match(source_name) else source_name
+    keys = ["".join(k) for k in _INPUT_KEY.findall(rest)]
+    if len(keys) > 1 and keys[0] == "kwargs":
+        keys = keys[1:]
+    return ".".join(keys)
+
+
 def role_of(path: str, input_rank: int) -> str:
     """The role of the linear layer at module `path` whose input has `input_rank` dimensions.
 
@@ -94,12 +108,17 @@ def role_of(path: str, input_rank: int) -> str:
 
 @dataclass
 class Placeholder:
-    """One input of the captured graph. kind: "parameter", "buffer" or "input"."""
+    """One input of the captured graph. kind: "parameter", "buffer" or "input".
+
+    source: what the user knows it by: the argument name for the call's inputs ("hidden_states"),
+    the module path for parameters and buffers.
+    """
 
     name: str
     index: int
     kind: str
     path: str | None
+    source: str = ""
 
 
 @dataclass
@@ -154,7 +173,7 @@ def _placeholders(gm: fx.GraphModule, example_inputs: list) -> list[Placeholder]
             kind = "buffer"
         else:
             kind, path = "input", None
-        found.append(Placeholder(node.name, index, kind, path))
+        found.append(Placeholder(node.name, index, kind, path, path or input_name(source) or node.name))
     return found
 
 

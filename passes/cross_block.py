@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import ChainMap
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,13 +30,12 @@ from tqdm.auto import tqdm
 
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
-from clq_compile.kernels.reference import transform_activation
 
 from .cross_layer_search import clip_candidates, pick_target, search_clip
 from .layer import QuantizedLinear
-from .observers import GraphCalibration, RelativeError
+from .observers import GraphCalibration, RelativeError, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
-from .rotation import rotate_weight
+from .rotation import rotate_hessian, rotate_weight
 from .segments import SegmentedGraph, fp_linear
 from .statistics import LayerStats
 
@@ -65,10 +65,7 @@ def _smoothed_hessian(hessian: torch.Tensor, smoothing: Smoothing | None) -> tor
     """Gᵀ·H·G: the Hessian of the transformed input x·G."""
     if smoothing is None:
         return hessian
-    k = hessian.shape[0]
-    g = transform_activation(torch.eye(k, dtype=torch.float64), None, smoothing.act_perm,
-                             smoothing.act_rotation.double())
-    return g.t() @ hessian @ g
+    return rotate_hessian(hessian, smoothing.act_perm, smoothing.act_rotation)
 
 
 class _LayerQuantizer:
@@ -152,14 +149,15 @@ class _GraphQuantizer:
         window = seg.nodes[lo:hi]
         stats = {x.node: LayerStats(x.in_features, hessian=parts.gptq) for x in todo}
 
-        def observe(site, x, w, b):
+        def observe(site, x, w, b, call):
             if site.node in stats:
+                check_finite_input(site, x, call)
                 stats[site.node].add(x)
             return fp_linear(site, x, w, b)
 
         runs, references = [], []
         for c, env in enumerate(self.envs):
-            local = seg.run(window, env, observe)
+            local = seg.run(window, env, partial(observe, call=c))
             if c < self.search_calls:
                 runs.append(ChainMap(local, env))
                 references.append(local if self.fp_envs is None
@@ -218,7 +216,7 @@ def clq_quantize(weights: dict[str, torch.Tensor], options: Options,
             smoothing = (orthogonal_smoothing(weights[path].shape[1], None, options.hadamard_block)
                          if parts.obs else None)
             layer = _LayerQuantizer(weights[path], None, options, Components(gptq=False), smoothing)((1.0, 1.0))
-            layer.method = "data-free: " + ("block Hadamard + rtn" if smoothing else "rtn")
+            layer.method = "data-free: " + (f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn")
             layers[path] = layer
             bar.update()
     return layers

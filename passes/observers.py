@@ -47,10 +47,31 @@ class GraphCalibration:
             yield args
 
 
+class NonFiniteActivation(FloatingPointError):
+    """A linear layer's input holds NaN or Inf on a recorded call. path: the layer; call: from 0."""
+
+    def __init__(self, path: str, call: int, nan: int, inf: int, total: int):
+        self.path, self.call = path, call
+        super().__init__(
+            f"the input of layer {path} is not finite on recorded calibration call {call} (counting "
+            f"from 0): {nan} NaN and {inf} Inf of {total} values, and no quantization scale can be "
+            f"computed from them. The model produces them before this layer (in float16, values "
+            f"above 65504 overflow to Inf): run it in bfloat16 or float32, or calibrate on inputs "
+            f"it handles.")
+
+
+def check_finite_input(site: LinearSite, x: torch.Tensor, call: int) -> None:
+    """Raise NonFiniteActivation when x, the input of `site` on recorded call `call`, holds NaN or Inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteActivation(site.path, call, int(torch.isnan(x).sum()), int(torch.isinf(x).sum()),
+                                  x.numel())
+
+
 class _Watcher(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, sites: dict[str, LinearSite], callback: LinearCallback):
         super().__init__(gm)
         self.sites, self.callback = sites, callback
+        self.call = 0
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
@@ -58,19 +79,25 @@ class _Watcher(fx.Interpreter):
         if site is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args = list(args) + [kwargs.get("bias")] * (3 - len(args))
+            check_finite_input(site, args[0], self.call)
             self.callback(site, args[0], args[1], args[2], out)
         return out
 
 
 def observe(calibrations: list[GraphCalibration], paths: set[str], callback: LinearCallback,
             desc: str = "observing") -> None:
-    """Replay every recorded call in full precision, calling `callback` at each linear in `paths`."""
+    """Replay every recorded call in full precision, calling `callback` at each linear in `paths`.
+
+    Raises NonFiniteActivation, naming the layer and the call, at the first watched layer whose
+    input holds NaN or Inf.
+    """
     total = sum(len(c.calls) for c in calibrations)
     with torch.no_grad(), tqdm(total=total, desc=desc, leave=False, disable=total < 2) as bar:
         for cal in calibrations:
             sites = {s.node: s for s in cal.analysis.sites if s.path in paths}
             watcher = _Watcher(cal.gm, sites, callback)
-            for args in cal.arguments():
+            for call, args in enumerate(cal.arguments()):
+                watcher.call = call
                 watcher.run(*args)
                 bar.update()
 

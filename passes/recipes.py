@@ -80,7 +80,7 @@ def _smoothquant_recipe(weights, options, calibration):
 
 
 def _quarot_recipe(weights, options, calibration, gptq: bool = False):
-    from .rotation import quarot_layer
+    from .rotation import quarot_layer, rotate_hessian, rotate_weight
 
     if not gptq:
         return _per_layer(weights, "quarot", lambda p, w: quarot_layer(w, options))
@@ -92,10 +92,11 @@ def _quarot_recipe(weights, options, calibration, gptq: bool = False):
         layer = quarot_layer(w, options)
         if stats is None:
             return layer
-        r = layer.act_rotation.double()
-        rotated = gptq_layer((w.double() @ r).float(), r.t() @ stats[path].hessian @ r, options,
+        r = layer.act_rotation
+        rotated = gptq_layer(rotate_weight(w, act_rotation=r).float(),
+                             rotate_hessian(stats[path].hessian, act_rotation=r), options,
                              act_order=options.gptq_act_order)
-        rotated.act_rotation, rotated.method = layer.act_rotation, "quarot+gptq"
+        rotated.act_rotation, rotated.method, rotated.notes = r, "quarot+gptq", layer.notes
         return rotated
 
     return _per_layer(weights, "quarot+gptq", one)

@@ -14,7 +14,9 @@ QuaRot (Ashkboos et al., 2024) rotates the input of each linear by one full-widt
 Hadamard matrix Q = H · D / sqrt(K): outlier channels are spread over all channels, so per-token
 activation scales and per-channel weight scales both see a flatter, more Gaussian distribution.
 Here Q is applied online (one block of size K); QuaRot's fusion of Q into the producing layer is a
-graph transformation left to the passes that can prove it legal.
+graph transformation left to the passes that can prove it legal. A width K with no Hadamard matrix
+of order K (44 = 4·11, 100 = 4·25) is rotated block-diagonally by the largest order that divides
+it instead, and the layer's notes say so.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clq_compile.kernels.hadamard import random_hadamard
+from clq_compile.kernels.hadamard import largest_valid_block, random_hadamard
 from clq_compile.kernels.reference import transform_activation
 
 from .layer import QuantizedLinear
@@ -82,37 +84,52 @@ def rotate_weight(weight: torch.Tensor, act_mul: torch.Tensor | None = None,
     return transform_activation(weight.detach().double(), inverse_mul, act_perm, rotation)
 
 
+def rotate_hessian(hessian: torch.Tensor, act_perm: torch.Tensor | None = None,
+                   act_rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """Gᵀ · H · G: the GPTQ Hessian of the transformed input x · G, where x · G is the op's
+    online transform (gather by act_perm, then act_rotation on every block).
+
+    hessian: [K, K] of the untransformed input; act_perm: int64 [K] or None; act_rotation: [b, b]
+    with b dividing K, or None. Returns float64 [K, K], consistent with `rotate_weight`.
+    """
+    k = hessian.shape[0]
+    g = transform_activation(torch.eye(k, dtype=torch.float64), None, act_perm,
+                             None if act_rotation is None else act_rotation.double())
+    return g.t() @ hessian.double() @ g
+
+
 @functools.lru_cache(maxsize=64)
 def shared_random_hadamard(k: int, seed: int) -> torch.Tensor:
     """float32 [k, k]: random_hadamard(k, seed), one tensor object per (k, seed).
 
-    Every layer of width k holds this same object, so a saved model stores one matrix per width.
-    Callers must not modify it in place.
+    Every layer rotated by blocks of k holds this same object, so a saved model stores one matrix
+    per block size. Callers must not modify it in place.
     """
     return random_hadamard(k, seed, torch.float32)
 
 
 def quarot_layer(weight: torch.Tensor, options: Options, seed: int = 0) -> QuantizedLinear:
-    """QuaRot: rotate the input by a full-width randomized Hadamard matrix, quantize the weight RTN.
+    """QuaRot: rotate the input by a randomized Hadamard matrix, quantize the weight RTN.
 
     Args:
         weight: [N, K].
         options: w_bits, weight_symmetric, weight_group (weight side); a_bits, act_group (activations).
-        seed: seed of the random signs; layers of one width and seed share one rotation tensor.
+        seed: seed of the random signs; layers of one rotation size and seed share one tensor.
 
     Returns:
-        A QuantizedLinear with act_rotation = Q [K, K] (applied online as one block) and the
-        weight W · Q quantized to nearest.
-
-    Raises:
-        ValueError: no Hadamard matrix of order K is available.
+        A QuantizedLinear with act_rotation = Q [b, b] (applied online to each of the K // b
+        channel blocks) and the weight W · blockdiag(Q) quantized to nearest. b = K (QuaRot's
+        full-width rotation) when a Hadamard matrix of order K exists; otherwise b is the largest
+        available order dividing K, and the layer's notes say so. When no block above 1 divides K
+        (odd K) the layer is not rotated, and the notes say that too.
     """
     k = weight.shape[-1]
-    try:
-        rotation = shared_random_hadamard(k, seed)
-    except ValueError as error:
-        raise ValueError(
-            f"QuaRot needs a full-width Hadamard matrix for in_features={k} and none is available "
-            f"({error}); quantize this layer with a block rotation (recipe 'clq') or skip it") from None
+    block = largest_valid_block(k, k)
+    rotation = shared_random_hadamard(block, seed) if block > 1 else None
     layer = rtn(rotate_weight(weight, act_rotation=rotation), options)
-    return dataclasses.replace(layer, act_rotation=rotation, method="quarot")
+    notes = []
+    if block == 1:
+        notes.append(f"QuaRot: no Hadamard block divides the width {k}; not rotated")
+    elif block < k:
+        notes.append(f"QuaRot: no Hadamard matrix of order {k}; rotated by {k // block} blocks of H{block}")
+    return dataclasses.replace(layer, act_rotation=rotation, method="quarot", notes=notes)

@@ -69,9 +69,21 @@ def test_quarot_layer_computes_the_layer_at_eight_bits(k):
     assert rel_error(layer.forward(x, None, "reference"), x @ w.t()) < 0.02
 
 
-def test_quarot_rejects_widths_without_a_hadamard_matrix():
-    with pytest.raises(ValueError, match="in_features=14"):
-        quarot_layer(torch.randn(4, 14), parse_options({"bits": "w4a4"}))
+@pytest.mark.parametrize("k, block", [(14, 2), (44, 4), (100, 20), (352, 32), (11, 1)])
+def test_quarot_falls_back_to_the_largest_hadamard_block_that_divides_the_width(k, block):
+    """No Hadamard matrix of order k: blocks of the largest order that divides k, said in the notes."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(16, k, generator=g) / k**0.5
+    x = torch.randn(32, k, generator=g)
+    layer = quarot_layer(w, parse_options({"bits": "w8a8"}))
+    assert rel_error(layer.forward(x, None, "reference"), x @ w.t()) < 0.02
+    if block == 1:
+        assert layer.act_rotation is None
+        assert layer.notes == [f"QuaRot: no Hadamard block divides the width {k}; not rotated"]
+    else:
+        assert layer.act_rotation is shared_random_hadamard(block, 0)
+        assert layer.notes == [
+            f"QuaRot: no Hadamard matrix of order {k}; rotated by {k // block} blocks of H{block}"]
 
 
 def _output_error(layer, w, x) -> float:

@@ -1,0 +1,103 @@
+"""Checks on what the user hands the compiler, with errors and warnings that say what to do.
+
+- A calibration call whose inputs hold NaN or Inf is refused when it is recorded, naming the
+  call, the input and the first linear layer the bad values reach.
+- A layer selected for quantization whose weight holds NaN or Inf is refused before any recipe
+  runs, naming the layer and how many values are bad.
+- A model Dynamo captured as several graphs (graph breaks) is quantized graph by graph; one
+  warning lists the graphs and the layers each holds.
+
+The other half of the non-finite checks, layer inputs that become NaN or Inf inside the
+full-precision model (float16 overflow), is in passes/observers.py, where the statistics are read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from clq_compile.passes.observers import GraphCalibration, NonFiniteActivation, observe
+
+if TYPE_CHECKING:
+    from .state import CompiledGraph, ModelState
+
+
+def _counts(t: torch.Tensor) -> str:
+    return f"{int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} Inf of {t.numel()} values"
+
+
+def _non_finite(value) -> bool:
+    return (isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+            and not bool(torch.isfinite(value).all()))
+
+
+def _first_non_finite_layer(graph: CompiledGraph, args: tuple) -> str | None:
+    """Module path of the first linear layer, in graph order, whose input holds NaN or Inf."""
+    call = [args[i] for i in graph.analysis.input_indices]
+    one_call = GraphCalibration(graph.gm, graph.analysis, graph.calibration.state, [call])
+    try:
+        observe([one_call], {s.path for s in graph.analysis.sites}, lambda *_: None)
+    except NonFiniteActivation as found:
+        return found.path
+    return None
+
+
+def check_recorded_call(graph: CompiledGraph, args: tuple) -> None:
+    """Raise ValueError when a call about to be recorded for calibration has a NaN or Inf input.
+
+    The message names the call (counting from 0, among the calls recorded for this graph in the
+    current `calibrating()` block), each bad input by its argument name with its counts, and the
+    first linear layer whose input is not finite.
+    """
+    bad = [p for p in graph.analysis.placeholders if p.kind == "input" and _non_finite(args[p.index])]
+    if not bad:
+        return
+    inputs = "; ".join(f"{p.source!r} ({_counts(args[p.index])})" for p in bad)
+    layer = _first_non_finite_layer(graph, args)
+    reaches = (f"; the first linear layer whose input is not finite is {layer}" if layer
+               else "; no linear layer's input is affected")
+    graphs = graph.state.graphs
+    which = f" of graph {graphs.index(graph) + 1} of {len(graphs)}" if len(graphs) > 1 else ""
+    raise ValueError(
+        f"calibration call {len(graph.calibration.calls)} (counting from 0){which} has non-finite "
+        f"input {inputs}{reaches}. Calibrate on finite inputs; calibration is aborted and the model "
+        f"stays in full precision.")
+
+
+def check_weights(weights: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming every layer in `weights` ({module path: weight}) with NaN or Inf."""
+    bad = {path: w for path, w in weights.items() if not bool(torch.isfinite(w).all())}
+    if not bad:
+        return
+    listed = "; ".join(f"{path}: {_counts(w)}" for path, w in bad.items())
+    raise ValueError(
+        f"non-finite weights in {len(bad)} layer(s) selected for quantization ({listed}). Fix the "
+        f"checkpoint, or keep these layers in full precision with options={{'skip': {sorted(bad)!r}}}.")
+
+
+# States whose graph breaks were already reported.
+_WARNED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def warn_graph_breaks(state: ModelState) -> None:
+    """Warn once per state when its layers come from several graphs (Dynamo graph breaks).
+
+    Graphs holding the same layers (recompiles for a new batch size or resolution) count once.
+    """
+    pieces: list[list[str]] = []
+    for graph in state.graphs:
+        paths = [s.path for s in graph.analysis.sites]
+        if paths not in pieces:
+            pieces.append(paths)
+    if len(pieces) < 2 or state in _WARNED:
+        return
+    _WARNED[state] = True
+    listed = "; ".join(f"graph {i + 1}: {len(p)} linear layers, {p[0]} .. {p[-1]}"
+                       for i, p in enumerate(pieces))
+    warnings.warn(
+        f"clq: the model was captured as {len(pieces)} graphs (Dynamo graph breaks) and each is "
+        f"quantized on its own ({listed}). Layers in different graphs are calibrated separately; "
+        f"torch._dynamo.explain(model)(*inputs) shows where the graph breaks.", stacklevel=3)

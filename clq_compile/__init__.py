@@ -6,12 +6,15 @@
             qt(**inputs)
     out = qt(**inputs)                 # quantized from here on
     print(clq_compile.explain(qt))
+    clq_compile.save(qt, "model-w4a4.safetensors")      # later: qt = clq_compile.load(model, path)
 """
 
 from .backend import clq_backend
 from .calibration import calibrating
-from .explain import explain, graphs, memory_report
+from .deploy import load, release_weights, save
+from .explain import explain, explain_artifact, graphs, memory_report
 from .options import Options, parse_options
 
-__all__ = ["clq_backend", "calibrating", "explain", "graphs", "memory_report", "Options", "parse_options"]
+__all__ = ["clq_backend", "calibrating", "explain", "explain_artifact", "graphs", "load", "memory_report",
+           "Options", "parse_options", "release_weights", "save"]
 __version__ = "0.1.0"

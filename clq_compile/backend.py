@@ -32,8 +32,9 @@ def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any
             "clq: this graph has no linear layers with parameter weights; it runs unquantized.",
             stacklevel=2)
         return gm.forward
-    params = [example_inputs[p.index] for p in analysis.placeholders if p.kind == "parameter"]
-    state = state_for_graph(params, opts)
+    params = {p.path: example_inputs[p.index] for p in analysis.placeholders if p.kind == "parameter"}
+    state = state_for_graph(list(params.values()), opts)
+    state.check_parameters(params, opts.load)
     graph = CompiledGraph(state, gm, analysis, example_inputs)
     state.graphs.append(graph)
     log.debug("captured graph %d of this model: %d linear layers", len(state.graphs),

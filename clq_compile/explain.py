@@ -1,15 +1,64 @@
-"""What the compiler did: a per-layer table and the rewritten graphs."""
+"""What the compiler did: a per-layer table, the rewritten graphs, and the weights' memory."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 from torch import fx
 
+from .artifact import read_manifest
 from .calibration import model_state
 from .state import QUANTIZED
+
+HEADER = ("layer", "role", "out x in", "bits", "granularity", "method", "decision", "rel. error")
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """What the table shows of one linear layer. layer: None when it is kept in 16 bit."""
+
+    path: str
+    role: str
+    out_features: int
+    in_features: int
+    quantize: bool
+    reason: str
+    layer: dict | None
+    error: float | None
 
 
 def _granularity(group: int | None, unit: str) -> str:
     return f"g{group}" if group else unit
+
+
+def _cells(row: LayerRow) -> tuple[str, ...]:
+    if row.layer is not None:
+        info = row.layer
+        bits = f"w{info['w_bits']}a{info['a_bits']}"
+        gran = f"w:{_granularity(info['w_group'], 'channel')} a:{_granularity(info['a_group'], 'token')}"
+        method, status = info["method"], "; ".join(["quantized", *info["notes"]])
+    else:
+        bits, gran, method = "16", "-", "-"
+        status = "quantized at first call" if row.quantize else f"kept: {row.reason}"
+    error = "" if row.error is None else f"{row.error:.4f}"
+    return (row.path, row.role, f"{row.out_features} x {row.in_features}", bits, gran, method, status, error)
+
+
+def table(title: str, rows: list[LayerRow]) -> str:
+    """The title line, then one aligned line per layer."""
+    cells = [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in [HEADER, *cells]) for i in range(len(HEADER))]
+    lines = [title]
+    for c in [HEADER, tuple("-" * w for w in widths), *cells]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _layer_info(layer) -> dict:
+    w = layer.weight
+    return {"w_bits": w.bits, "a_bits": layer.a_bits, "w_group": w.group, "a_group": layer.a_group,
+            "method": layer.method, "notes": layer.notes}
 
 
 def explain(qt) -> str:
@@ -20,73 +69,87 @@ def explain(qt) -> str:
     """
     state = model_state(qt)
     options = state.options
-    header = ("layer", "role", "out x in", "bits", "granularity", "method", "decision", "rel. error")
-    rows = []
-    seen = set()
+    rows: dict[str, LayerRow] = {}
     for graph in state.graphs:
         for site in graph.analysis.sites:
-            if site.path in seen:
-                continue
-            seen.add(site.path)
             decision = graph.decisions[site.node]
             layer = state.layers.get(site.path) if decision.quantize else None
-            if layer is not None:
-                bits = f"w{layer.weight.bits}a{layer.a_bits}"
-                gran = (f"w:{_granularity(layer.weight.group, 'channel')} "
-                        f"a:{_granularity(layer.a_group, 'token')}")
-                method = layer.method
-                status = "; ".join(["quantized", *layer.notes])
-            else:
-                bits, gran, method = "16", "-", "-"
-                status = ("quantized at first call" if decision.quantize else f"kept: {decision.reason}")
-            error = state.errors.get(site.path)
-            rows.append((site.path, site.role, f"{site.out_features} x {site.in_features}", bits,
-                         gran, method, status, "" if error is None else f"{error:.4f}"))
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"clq: bits={options.bits} recipe={options.recipe} state={state.phase} "
-             f"graphs={len(state.graphs)} layers={len(rows)} "
-             f"quantized={sum(1 for r in rows if r[6].startswith('quantized'))}"]
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        lines.append("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+            rows.setdefault(site.path, LayerRow(
+                site.path, site.role, site.out_features, site.in_features, decision.quantize, decision.reason,
+                _layer_info(layer) if layer is not None else None, state.errors.get(site.path)))
+    if state.artifact is not None:
+        # Layers of the artifact no graph has reached yet.
+        saved = _artifact_rows(state.artifact.manifest)
+        rows.update({r.path: r for r in saved if r.path not in rows})
+    quantized = sum(1 for r in rows.values() if r.layer is not None)
+    source = f" loaded from {options.load}" if options.load else ""
+    title = (f"clq: bits={options.bits} recipe={options.recipe} state={state.phase}{source} "
+             f"graphs={len(state.graphs)} layers={len(rows)} quantized={quantized}")
+    lines = [table(title, list(rows.values()))]
     if state.phase != QUANTIZED and options.quantizes:
         lines.append("(not quantized yet: call the model, or calibrate it with clq_compile.calibrating(qt))")
-    else:
+    elif options.quantizes:
         report = memory_report(qt)
         lines.append(f"weights of quantized layers: {report['fp_bytes'] / 2**20:.2f} MiB as stored by the model "
                      f"-> {report['quantized_bytes'] / 2**20:.2f} MiB packed "
                      f"({report['quantized_bytes'] / max(report['fp_bytes'], 1):.3f}x); "
-                     f"as bf16: {report['bf16_bytes'] / 2**20:.2f} MiB")
+                     f"as bf16: {report['bf16_bytes'] / 2**20:.2f} MiB; full-precision copies "
+                     f"{'released' if report['released'] else 'kept'} "
+                     f"({report['resident_fp_bytes'] / 2**20:.2f} MiB resident)")
     return "\n".join(lines)
+
+
+def _artifact_rows(manifest: dict) -> list[LayerRow]:
+    layers, errors = manifest["layers"], manifest["errors"]
+    return [LayerRow(path, d["role"], d["out_features"], d["in_features"], d["quantize"], d["reason"],
+                     layers.get(path), errors.get(path))
+            for path, d in manifest["decisions"].items()]
+
+
+def explain_artifact(path: str | os.PathLike) -> str:
+    """The per-layer table of a saved artifact, from its manifest alone (no model needed)."""
+    manifest = read_manifest(path)
+    options = manifest["options"]
+    rows = _artifact_rows(manifest)
+    title = (f"clq artifact {os.fspath(path)}: format {manifest['format_version']}, clq-compile "
+             f"{manifest['package_version']}, bits={options['bits']} recipe={manifest['recipe']} "
+             f"{'calibrated' if manifest['calibrated'] else 'data-free'}, layers={len(rows)} "
+             f"quantized={len(manifest['layers'])}, model parameters={len(manifest['fingerprint'])}")
+    return table(title, rows)
 
 
 def memory_report(qt) -> dict:
     """Weight bytes of the quantized layers before and after quantization.
 
-    fp_bytes: the user's parameters as stored (their dtype); bf16_bytes: the same weights in
+    fp_bytes: the user's weights of those layers at their dtype; bf16_bytes: the same weights in
     bf16; quantized_bytes: packed integers, scales and zero points, plus every online transform
-    tensor (permutations, rotation blocks) counted once however many layers share it.
+    tensor (permutations, rotation blocks) counted once however many layers share it;
+    resident_fp_bytes: the bytes the user's weights of those layers still hold in memory (fp_bytes
+    until `release_weights`, next to nothing after); released: whether they were released.
     per_layer: {path: (fp_bytes, packed bytes)}.
     """
     state = model_state(qt)
+    module = qt._orig_mod
     fp = bf16 = packed = 0
     per_layer = {}
     shared: dict[int, int] = {}
-    for graph in state.graphs:
-        for site in graph.analysis.sites:
-            layer = state.layers.get(site.path)
-            if layer is None or site.path in per_layer or not graph.decisions[site.node].quantize:
-                continue
-            weight = graph.weight(site.path)
-            fp_bytes = weight.numel() * weight.element_size()
-            per_layer[site.path] = (fp_bytes, layer.weight.nbytes)
-            fp += fp_bytes
-            bf16 += weight.numel() * 2
-            packed += layer.weight.nbytes
-            for t in (layer.act_mul, layer.act_perm, layer.act_rotation):
-                if t is not None:
-                    shared[id(t)] = t.numel() * t.element_size()
+    storages: dict[int, int] = {}
+    for path in sorted(state.layers):
+        layer = state.layers[path]
+        weight = module.get_submodule(path).weight
+        fp_bytes = weight.numel() * weight.element_size()
+        per_layer[path] = (fp_bytes, layer.weight.nbytes)
+        fp += fp_bytes
+        bf16 += weight.numel() * 2
+        packed += layer.weight.nbytes
+        storage = weight.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        for t in (layer.act_mul, layer.act_perm, layer.act_rotation):
+            if t is not None:
+                shared[id(t)] = t.numel() * t.element_size()
+    resident = sum(storages.values())
     return {"fp_bytes": fp, "bf16_bytes": bf16, "quantized_bytes": packed + sum(shared.values()),
-            "per_layer": per_layer}
+            "resident_fp_bytes": resident, "released": bool(state.released), "per_layer": per_layer}
 
 
 def graphs(qt) -> list[fx.GraphModule]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from clq_compile.artifact import read_manifest
 from clq_compile.passes.recipes import RECIPES
 
 BITS = ("w4a4", "w4a8", "w8a8", "w16a16")
@@ -14,6 +16,8 @@ INDUCTOR = ("auto", "always", "never")
 HADAMARD_BLOCKS = (32, 64, 128, 256)
 CBC_REFERENCES = ("fp-layer", "fp-model")
 CLPS_WINDOWS = (0, 1, 2)
+# Options that change how a quantized model runs, not what it holds: free to differ from an artifact's.
+RUNTIME_KEYS = ("kernels", "inductor", "load")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class Options:
     clps_grid:        clipping ratios CLPS tries (1.0, no clipping, is always included)
     search_calls:     how many recorded calls the searches evaluate candidates on
     gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
+    load:             path of an artifact written by clq_compile.save: its layers are used as they
+                      are (no calibration); the other options default to the artifact's, and any
+                      given must agree with them, except the run-time ones (RUNTIME_KEYS)
     """
 
     bits: str = "w4a4"
@@ -54,6 +61,7 @@ class Options:
     clps_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
     search_calls: int = 4
     gptq_act_order: bool = False
+    load: str | None = None
 
     @property
     def w_bits(self) -> int:
@@ -70,6 +78,10 @@ class Options:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def quantization_dict(self) -> dict[str, Any]:
+        """The options that decide the quantized layers (what an artifact records)."""
+        return {k: v for k, v in self.as_dict().items() if k not in RUNTIME_KEYS}
 
 
 def _allowed(key: str, value: Any, choices: tuple) -> None:
@@ -138,4 +150,24 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
             _boolean(key, values[key])
     if "skip" in values:
         values["skip"] = _patterns(values["skip"])
+    if "load" in values:
+        return _with_artifact(values)
     return Options(**values)
+
+
+def _with_artifact(values: dict[str, Any]) -> Options:
+    """Options for loading an artifact: its own options, checked against the ones given."""
+    path = values["load"]
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"options['load'] must be the path of a saved artifact; got {path!r}")
+    path = values["load"] = os.fspath(path)
+    saved = Options(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in read_manifest(path)["options"].items()})
+    given = Options(**values)
+    conflicts = [f"{key}: {getattr(given, key)!r} given, {getattr(saved, key)!r} in the artifact"
+                 for key in values if key not in RUNTIME_KEYS and getattr(given, key) != getattr(saved, key)]
+    if conflicts:
+        raise ValueError(
+            f"options conflict with the artifact {path} ({'; '.join(conflicts)}). Drop those options "
+            f"to use the artifact as saved, or quantize again with the new ones (without 'load').")
+    return replace(saved, **{k: getattr(given, k) for k in RUNTIME_KEYS})

@@ -21,7 +21,9 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clq_compile.passes.capture import GraphAnalysis
+from clq_compile.artifact import (Artifact, fingerprint_differences, parameter_entry, read_artifact,
+                                  refuse_other_model)
+from clq_compile.passes.capture import GraphAnalysis, LinearSite
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
 from clq_compile.passes.observers import GraphCalibration, layer_errors
@@ -44,7 +46,7 @@ class CompiledGraph:
         self.state = state
         self.gm = gm
         self.analysis = analysis
-        self.decisions: dict[str, Decision] = {s.node: decide(s, state.options) for s in analysis.sites}
+        self.decisions: dict[str, Decision] = {s.node: state.decide(s) for s in analysis.sites}
         self.calibration = GraphCalibration(gm, analysis, {
             p.index: example_inputs[p.index] for p in analysis.placeholders if p.kind != "input"})
         self.lowered: fx.GraphModule | None = None
@@ -107,9 +109,17 @@ class CompiledGraph:
 
 
 class ModelState:
-    """Quantization state shared by every graph captured from one module with one set of options."""
+    """Quantization state shared by every graph captured from one module with one set of options.
 
-    def __init__(self, options: Options):
+    artifact: the saved artifact the layers came from (options.load), else None
+    fingerprint: {parameter path: shape, dtype, hash} of the model the layers were made from,
+        once known (taken before weights are released, read from an artifact when loaded)
+    verified: parameter paths already checked against the artifact's fingerprint
+    released: parameter paths whose full-precision values were dropped (release_weights)
+    """
+
+    def __init__(self, options: Options, artifact: Artifact | None = None,
+                 device: torch.device | None = None):
         self.options = options
         self.phase = CAPTURED
         self.graphs: list[CompiledGraph] = []
@@ -117,8 +127,44 @@ class ModelState:
         self.errors: dict[str, float] = {}
         self.calibrations = 0
         self._warned_data_free = False
+        self.artifact = artifact
+        self.fingerprint: dict[str, dict] | None = None
+        self.verified: set[str] = set()
+        self.released: set[str] = set()
+        if options.load is not None:
+            self.artifact = artifact or read_artifact(options.load)
+            self.layers = self.artifact.layers(device)
+            self.errors = dict(self.artifact.manifest["errors"])
+            self.fingerprint = self.artifact.manifest["fingerprint"]
+            self.phase = QUANTIZED
+
+    def decide(self, site: LinearSite) -> Decision:
+        """Whether `site` is quantized: the policy's decision, or the artifact's when loaded."""
+        if self.artifact is None:
+            return decide(site, self.options)
+        if site.path in self.layers:
+            return Decision(True, "loaded from the artifact")
+        saved = self.artifact.manifest["decisions"].get(site.path)
+        return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
+
+    def check_parameters(self, params: dict[str, torch.Tensor], path: str) -> None:
+        """Refuse parameters that differ from the artifact's model (loaded states only)."""
+        if self.artifact is None:
+            return
+        found = {name: parameter_entry(p, with_hash=name not in self.released)
+                 for name, p in params.items() if name not in self.verified}
+        refuse_other_model(path, fingerprint_differences(self.fingerprint, found, complete=False))
+        self.verified.update(found)
 
     def begin_calibration(self) -> None:
+        if self.artifact is not None:
+            raise RuntimeError(
+                f"this model was loaded from {self.options.load} and is already quantized: there is "
+                f"nothing to calibrate. To quantize again, compile it without options['load'].")
+        if self.released:
+            raise RuntimeError(
+                "release_weights() dropped this model's full-precision weights, so it cannot be "
+                "calibrated again; calibrate a freshly loaded copy of the model instead.")
         self.phase = CALIBRATING
         for g in self.graphs:
             g.calibration.calls.clear()
@@ -196,19 +242,26 @@ def _register(state: ModelState, params: Iterable[torch.Tensor]) -> None:
         _REGISTRY.setdefault(p, {})[state.options] = state
 
 
+def _device(params: list[torch.Tensor]) -> torch.device | None:
+    return params[0].device if params else None
+
+
 def state_for_graph(params: list[torch.Tensor], options: Options) -> ModelState:
     """The state a newly captured graph with these parameters belongs to (created if new)."""
     found = _states_of(params, options)
-    state = found[0] if found else ModelState(options)
+    state = found[0] if found else ModelState(options, device=_device(params))
     _register(state, params)
     return state
 
 
-def state_for_module(module: torch.nn.Module, options: Options) -> ModelState:
-    """The one state of `module` under `options`, merging the states of separately captured graphs."""
+def state_for_module(module: torch.nn.Module, options: Options, artifact: Artifact | None = None) -> ModelState:
+    """The one state of `module` under `options`, merging the states of separately captured graphs.
+
+    artifact: the already read artifact of options.load, if the caller has it (saves a read).
+    """
     params = list(module.parameters())
     found = _states_of(params, options)
-    state = found[0] if found else ModelState(options)
+    state = found[0] if found else ModelState(options, artifact, _device(params))
     for other in found[1:]:
         for g in other.graphs:
             g.state = state

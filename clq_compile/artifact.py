@@ -1,0 +1,345 @@
+"""The artifact format: quantized layers in safetensors, everything else in a JSON manifest.
+
+A saved model is either one file (a path ending in ``.safetensors``: the manifest sits in the
+safetensors header's metadata under ``clq_manifest``) or a directory holding ``manifest.json`` and
+``tensors.safetensors``. Nothing is pickled: tensors are raw safetensors, the rest is JSON.
+
+The manifest holds the format version, the package version, the options, every linear layer's
+decision (quantized or kept, and why), each quantized layer's scalars (bits, groups, method,
+notes) with the names of its tensors, the measured per-layer errors, a SHA-256 of every stored
+tensor, and a fingerprint of the model the artifact was made from: the path, shape, dtype and
+SHA-256 of every parameter. Layers that share a tensor (an OBS rotation block) share one entry.
+
+Writes go to a temporary sibling and are renamed into place, so an interrupted save leaves either
+the previous artifact or none, never a partial one; reads check the header, the sizes and every
+tensor's hash, so a truncated or corrupted file is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import safetensors.torch
+import torch
+
+from clq_compile.kernels.packing import PackedWeight
+from clq_compile.passes.layer import QuantizedLinear
+
+FORMAT = "clq-compile artifact"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "clq_manifest"
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "tensors.safetensors"
+# Tensors of one layer, by the name the manifest gives them (the op's argument names).
+LAYER_TENSORS = ("qweight", "w_scale", "w_zero", "act_mul", "act_perm", "act_rotation")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be read or does not fit: the message says which and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes and the model fingerprint
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's values as stored (dtype bytes in row-major order)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_entry(p: torch.Tensor, with_hash: bool = True) -> dict[str, Any]:
+    entry: dict[str, Any] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype)}
+    if with_hash:
+        entry["sha256"] = tensor_sha256(p)
+    return entry
+
+
+def fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
+    """{parameter path: {"shape", "dtype", "sha256"}} of a model's parameters."""
+    return {name: parameter_entry(p) for name, p in named_parameters}
+
+
+def fingerprint_differences(expected: Mapping[str, Mapping[str, Any]],
+                            found: Mapping[str, Mapping[str, Any]], complete: bool = True) -> list[str]:
+    """One line per parameter that differs between the artifact's model and this one.
+
+    `found` entries may lack "sha256" (weights already released): their values are not compared.
+    complete=False compares only the parameters in `found` (one captured graph sees a part of
+    the model), so parameters missing from it are not reported.
+    """
+    lines = []
+    if complete:
+        lines += [f"missing: {name} (in the artifact's model, not in this one)"
+                  for name in sorted(set(expected) - set(found))]
+    lines += [f"extra: {name} (in this model, not in the artifact's)" for name in sorted(set(found) - set(expected))]
+    for name in sorted(set(expected) & set(found)):
+        e, f = expected[name], found[name]
+        if e["shape"] != f["shape"] or e["dtype"] != f["dtype"]:
+            lines.append(f"shape/dtype: {name} is {f['dtype']}{f['shape']} here, "
+                         f"{e['dtype']}{e['shape']} in the artifact")
+        elif "sha256" in f and f["sha256"] != e["sha256"]:
+            lines.append(f"values: {name} differs from the artifact's model")
+    return lines
+
+
+def refuse_other_model(path: str | os.PathLike, differences: list[str], shown: int = 20) -> None:
+    """Raise ArtifactError listing the parameters that differ, if any do."""
+    if not differences:
+        return
+    more = f"\n  ... and {len(differences) - shown} more" if len(differences) > shown else ""
+    raise ArtifactError(
+        f"the artifact {os.fspath(path)} was made from a different model ({len(differences)} "
+        f"parameter(s) differ):\n  " + "\n  ".join(differences[:shown]) + more +
+        "\nLoad it into the model it was quantized from (same weights), or quantize this model again.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def to_json(value: Any) -> Any:
+    """Search records (dicts keyed by tuples, tensors, tuples) as plain JSON values."""
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: to_json(v) for k, v in value.items()}
+        return [[*to_json(k if isinstance(k, tuple) else (k,)), to_json(v)] for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def layer_tensors(layers: Mapping[str, QuantizedLinear]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, str]]]:
+    """Every layer's tensors under a stored name, and per layer {argument: stored name}.
+
+    A tensor object shared by several layers is stored once, under the name of the first layer
+    (in path order) that uses it.
+    """
+    stored: dict[str, torch.Tensor] = {}
+    by_identity: dict[int, str] = {}
+    names: dict[str, dict[str, str]] = {}
+    for path in sorted(layers):
+        names[path] = {}
+        for arg, t in layers[path].tensors().items():
+            if t is None:
+                continue
+            key = by_identity.get(id(t))
+            if key is None:
+                key = by_identity[id(t)] = f"{path}.{arg}"
+                stored[key] = t.detach().to("cpu").contiguous()
+            names[path][arg] = key
+    return stored, names
+
+
+def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str]) -> dict[str, Any]:
+    w = layer.weight
+    return {"w_bits": w.bits, "in_features": w.in_features, "w_group": w.group, "a_bits": layer.a_bits,
+            "a_group": layer.a_group, "method": layer.method, "notes": list(layer.notes),
+            "details": to_json(layer.details), "tensors": tensor_names}
+
+
+def _atomic_write(path: Path, write: callable) -> None:
+    """Write through `write(tmp_path)` into a temporary sibling of `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_bytes(data: bytes) -> callable:
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+    return write
+
+
+def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` and `manifest` (to which the tensors' hashes are added) to `path`.
+
+    A path ending in ".safetensors" becomes one file; any other path a directory with
+    manifest.json and tensors.safetensors. The result is byte-identical for identical inputs.
+    """
+    path = Path(path)
+    manifest = {**manifest, "tensor_sha256": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}}
+    text = json.dumps(manifest, sort_keys=True, indent=1)
+    if path.suffix == ".safetensors":
+        if path.is_dir():
+            raise ArtifactError(f"{path} is a directory; pass a file path ending in .safetensors or a "
+                                f"directory path without that suffix")
+        _atomic_write(path, _write_bytes(safetensors.torch.save(tensors, metadata={MANIFEST_KEY: text})))
+        return path
+    if path.exists() and not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
+        raise ArtifactError(f"{path} exists and is not a clq-compile artifact directory; choose another "
+                            f"path (or end it in .safetensors to write a single file)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _atomic_write(staging / TENSORS_FILE, _write_bytes(safetensors.torch.save(tensors)))
+        _atomic_write(staging / MANIFEST_FILE, _write_bytes(text.encode()))
+        # Directories cannot be replaced atomically: move the old one aside first, so that at
+        # every moment `path` is either the complete old artifact, absent, or the complete new one.
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Artifact:
+    """A read artifact: its manifest and (when asked for) its tensors, hashes checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options it was made with; JSON lists back to the tuples Options holds."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["options"].items()}
+
+    def layers(self, device: torch.device | str | None = None) -> dict[str, QuantizedLinear]:
+        """The quantized layers, on `device`; tensors stored once stay shared after loading."""
+        if self.tensors is None:
+            raise RuntimeError("read the artifact with tensors=True to build its layers")
+        moved = {k: t.to(device) if device is not None else t for k, t in self.tensors.items()}
+        layers = {}
+        for path, entry in self.manifest["layers"].items():
+            t = {arg: moved[name] for arg, name in entry["tensors"].items()}
+            weight = PackedWeight(t["qweight"], t["w_scale"], t.get("w_zero"), entry["w_bits"],
+                                  entry["in_features"], entry["w_group"])
+            layers[path] = QuantizedLinear(weight, entry["a_bits"], entry["a_group"], t.get("act_mul"),
+                                           t.get("act_perm"), t.get("act_rotation"), entry["method"],
+                                           list(entry["notes"]), {})
+        return layers
+
+
+def _corrupt(path: Path, what: str) -> ArtifactError:
+    return ArtifactError(f"{path} is not a readable clq-compile artifact: {what}. It may be truncated or "
+                         f"corrupted (an interrupted copy?); save it again from the quantized model.")
+
+
+def _safetensors_header(path: Path, data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking that its sizes add up."""
+    if len(data) < 8:
+        raise _corrupt(path, f"{len(data)} bytes, shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", data[:8])
+    if 8 + length > len(data):
+        raise _corrupt(path, f"the header says {length} bytes of JSON but the file has {len(data) - 8}")
+    try:
+        header = json.loads(data[8:8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != len(data):
+        raise _corrupt(path, f"the tensors need {8 + length + end} bytes, the file has {len(data)}")
+    return header
+
+
+def _read_manifest_text(path: Path) -> tuple[str, Path]:
+    """The manifest's JSON text and the file holding the tensors."""
+    if not path.exists():
+        raise FileNotFoundError(f"no artifact at {path}; save one with clq_compile.save(qt, path)")
+    if path.is_dir():
+        manifest_file, tensors_file = path / MANIFEST_FILE, path / TENSORS_FILE
+        if not manifest_file.is_file():
+            raise _corrupt(path, f"the directory has no {MANIFEST_FILE}")
+        return manifest_file.read_text(), tensors_file
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            raise _corrupt(path, "the safetensors header is cut off")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
+    text = (header.get("__metadata__") or {}).get(MANIFEST_KEY) if isinstance(header, dict) else None
+    if text is None:
+        raise ArtifactError(f"{path} is a safetensors file without a clq-compile manifest: not an "
+                            f"artifact saved by clq_compile.save")
+    return text, path
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the artifact at `path` (format and version checked; tensors not read)."""
+    path = Path(path)
+    text, _ = _read_manifest_text(path)
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _corrupt(path, f"its manifest is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} does not hold a clq-compile manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {version!r}; this clq-compile "
+            f"reads version {FORMAT_VERSION}. Quantize the model again with this version, or install "
+            f"the clq-compile version {manifest.get('package_version')!r} that wrote it.")
+    return manifest
+
+
+def read_artifact(path: str | os.PathLike) -> Artifact:
+    """The manifest and the tensors of the artifact at `path`, every tensor's hash checked."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    _, tensors_file = _read_manifest_text(path)
+    if not tensors_file.is_file():
+        raise _corrupt(path, f"{tensors_file.name} is missing")
+    data = tensors_file.read_bytes()
+    _safetensors_header(tensors_file, data)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as error:  # safetensors raises its own error type for malformed files
+        raise _corrupt(path, f"safetensors could not read it ({error})") from None
+    expected = manifest.get("tensor_sha256", {})
+    if set(expected) != set(tensors):
+        raise _corrupt(path, "the stored tensors do not match the manifest's list")
+    bad = sorted(k for k, t in tensors.items() if tensor_sha256(t) != expected[k])
+    if bad:
+        raise _corrupt(path, f"{len(bad)} tensor(s) do not match their recorded hash, e.g. {bad[0]}")
+    return Artifact(path, manifest, tensors)
+
+
+def explain_artifact(path: str | os.PathLike) -> str:
+    """The per-layer table of the artifact at `path` (see clq_compile.explain_artifact)."""
+    from .explain import explain_artifact as table_of
+
+    return table_of(path)

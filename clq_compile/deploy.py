@@ -1,0 +1,127 @@
+"""Quantize once, load anywhere: `save`, `load` and `release_weights`.
+
+    clq_compile.save(qt, "pixart-w4a4.safetensors")          # after calibrating(qt)
+    qt = clq_compile.load(transformer, "pixart-w4a4.safetensors")   # no calibration; runs quantized
+
+The artifact's format is described in artifact.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .artifact import (FORMAT, FORMAT_VERSION, to_json, fingerprint, fingerprint_differences, layer_manifest,
+                       layer_tensors, read_artifact, refuse_other_model, write_artifact)
+from .calibration import model_state
+from .options import parse_options
+from .state import QUANTIZED, ModelState, state_for_module
+
+
+def _model_fingerprint(qt: torch.nn.Module, state: ModelState) -> dict[str, dict]:
+    """The fingerprint of the model `state` was quantized from (kept once taken)."""
+    if state.fingerprint is None:
+        state.fingerprint = fingerprint(qt._orig_mod.named_parameters())
+    return state.fingerprint
+
+
+def _decisions(state: ModelState) -> dict[str, dict[str, Any]]:
+    """{layer path: role, shape and decision} of every linear layer the state has seen."""
+    seen = dict(state.artifact.manifest["decisions"]) if state.artifact is not None else {}
+    for graph in state.graphs:
+        for site in graph.analysis.sites:
+            decision = graph.decisions[site.node]
+            seen.setdefault(site.path, {"role": site.role, "out_features": site.out_features,
+                                        "in_features": site.in_features, "quantize": decision.quantize,
+                                        "reason": decision.reason})
+    return seen
+
+
+def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write the quantized layers of `qt` (compiled with backend="clq", quantized) to `path`.
+
+    A path ending in ".safetensors" becomes one file; any other path a directory (manifest.json
+    and tensors.safetensors). The write is atomic: an existing artifact at `path` is replaced only
+    once the new one is complete. The same model, calibration inputs and options give a
+    byte-identical artifact. Returns the path written.
+    """
+    from clq_compile import __version__
+
+    state = model_state(qt)
+    if not state.options.quantizes:
+        raise ValueError(f"bits={state.options.bits} quantizes nothing, so there is nothing to save")
+    if state.phase != QUANTIZED or not state.layers:
+        raise RuntimeError("nothing to save yet: calibrate the model first (with clq_compile.calibrating(qt)) "
+                           "or call it once to quantize data-free")
+    tensors, names = layer_tensors(state.layers)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "options": to_json(state.options.quantization_dict()),
+        "recipe": state.options.recipe,
+        "calibrated": state.calibrations > 0 or bool(state.artifact and state.artifact.manifest["calibrated"]),
+        "fingerprint": _model_fingerprint(qt, state),
+        "decisions": _decisions(state),
+        "layers": {p: layer_manifest(state.layers[p], names[p]) for p in sorted(state.layers)},
+        "errors": {p: float(e) for p, e in sorted(state.errors.items())},
+    }
+    return write_artifact(path, manifest, tensors)
+
+
+def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[str, Any] | None = None,
+         release_weights: bool = True) -> torch.nn.Module:
+    """`model` compiled with backend="clq" and the quantized layers saved at `path`; no calibration.
+
+    The model must be the one the artifact was made from: parameters that differ (missing, extra,
+    other shape or values) are listed in the ArtifactError. options: run-time options such as
+    {"kernels": "triton"}; any other option must agree with the artifact's. release_weights:
+    drop the model's full-precision weights of quantized layers (see `release_weights`), so that
+    memory holds the packed weights only; pass False to keep `model` usable as the reference.
+    """
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(f"load() takes the original, uncompiled model (the one that was quantized); got "
+                        f"{type(model).__name__}")
+    opts = parse_options({**(options or {}), "load": path})
+    artifact = read_artifact(path)
+    refuse_other_model(path, fingerprint_differences(artifact.manifest["fingerprint"],
+                                                     fingerprint(model.named_parameters())))
+    state = state_for_module(model, opts, artifact)
+    state.verified.update(name for name, _ in model.named_parameters())
+    qt = torch.compile(model, backend="clq", options={**(options or {}), "load": opts.load})
+    if release_weights:
+        _release(model, state)
+    return qt
+
+
+def _release(module: torch.nn.Module, state: ModelState) -> int:
+    released = 0
+    for layer_path in sorted(state.layers):
+        name = f"{layer_path}.weight"
+        if name in state.released:
+            continue
+        weight = module.get_submodule(layer_path).weight
+        # Same Parameter object (graphs and the state find it by identity), same shape, dtype and
+        # device; its values are one NaN, so running the original module shows it at once.
+        weight.data = torch.full((1,), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+        state.released.add(name)
+        released += 1
+    return released
+
+
+def release_weights(qt: torch.nn.Module) -> int:
+    """Drop the full-precision weights of `qt`'s quantized layers; returns how many were dropped.
+
+    Afterwards resident weight memory is the packed size (see memory_report's resident bytes).
+    The user's module keeps its parameters' shapes, but their values are gone (NaN): it no longer
+    serves as a full-precision reference, and the model cannot be calibrated again. `save(qt)`
+    still works: the model's fingerprint is taken before the weights are dropped.
+    """
+    state = model_state(qt)
+    if state.phase != QUANTIZED or not state.layers:
+        raise RuntimeError("release_weights() needs a quantized model: calibrate it first, or call it once")
+    _model_fingerprint(qt, state)
+    return _release(qt._orig_mod, state)

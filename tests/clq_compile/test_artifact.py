@@ -1,0 +1,153 @@
+"""The artifact format alone: round trips, shared tensors, refusals of damaged files, atomic writes."""
+
+import json
+import os
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clq_compile import artifact
+from clq_compile.artifact import ArtifactError, read_artifact, read_manifest, write_artifact
+from clq_compile.kernels.packing import pack_weight
+from clq_compile.kernels.quantize import quantize
+from clq_compile.passes.layer import QuantizedLinear
+
+
+def random_layer(g: torch.Generator, n: int, k: int, bits: int, group, symmetric: bool, rotation=None):
+    w = torch.randn(n, k, generator=g, dtype=torch.float64).float()
+    packed = pack_weight(quantize(w, bits, symmetric=symmetric, group=group))
+    perm = torch.randperm(k, generator=g)
+    return QuantizedLinear(packed, 4, None, act_mul=torch.rand(k, generator=g) + 0.5, act_perm=perm,
+                           act_rotation=rotation, method="test", notes=["a note"], details={"clip": (0.9, 1.0)})
+
+
+def manifest(layers):
+    return {"format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION, "package_version": "test",
+            "options": {"bits": "w4a4"}, "recipe": "rtn", "calibrated": True, "fingerprint": {},
+            "decisions": {}, "errors": {}, "layers": layers}
+
+
+def save_layers(path, layers):
+    tensors, names = artifact.layer_tensors(layers)
+    entries = {p: artifact.layer_manifest(layers[p], names[p]) for p in layers}
+    return write_artifact(path, manifest(entries), tensors)
+
+
+def assert_same_layers(a: dict, b: dict):
+    assert set(a) == set(b)
+    for path in a:
+        for name, t in a[path].tensors().items():
+            u = b[path].tensors()[name]
+            assert (t is None) == (u is None), (path, name)
+            if t is not None:
+                assert t.dtype == u.dtype and torch.equal(t, u), (path, name)
+        for attr in ("bits", "in_features", "group"):
+            assert getattr(a[path].weight, attr) == getattr(b[path].weight, attr)
+        assert (a[path].a_bits, a[path].a_group, a[path].method, a[path].notes) == \
+            (b[path].a_bits, b[path].a_group, b[path].method, b[path].notes)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), k=st.sampled_from([2, 6, 32, 64]),
+       bits=st.sampled_from([4, 8]), grouped=st.booleans(), symmetric=st.booleans(),
+       single_file=st.booleans())
+def test_layers_round_trip_exactly(tmp_path_factory, seed, n, k, bits, grouped, symmetric, single_file):
+    g = torch.Generator().manual_seed(seed)
+    group = 32 if grouped and k % 32 == 0 else None
+    rotation = torch.randn(2, 2, generator=g)
+    layers = {f"blocks.{i}.proj": random_layer(g, n, k, bits, group, symmetric, rotation) for i in range(2)}
+    path = tmp_path_factory.mktemp("a") / ("x.safetensors" if single_file else "x")
+    save_layers(path, layers)
+    loaded = read_artifact(path).layers()
+    assert_same_layers(layers, loaded)
+    # One stored copy of the shared rotation, and still one object after loading.
+    assert loaded["blocks.0.proj"].act_rotation is loaded["blocks.1.proj"].act_rotation
+    assert sum(name.endswith("act_rotation") for name in read_manifest(path)["tensor_sha256"]) == 1
+
+
+@pytest.fixture
+def saved(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    layers = {"blocks.0.proj": random_layer(g, 4, 32, 4, None, True)}
+    return save_layers(tmp_path / "a.safetensors", layers), layers
+
+
+def test_truncated_file_is_refused(saved):
+    path, _ = saved
+    data = path.read_bytes()
+    for cut in (4, 40, len(data) - 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ArtifactError, match="truncated or corrupted"):
+            read_artifact(path)
+
+
+def test_flipped_byte_in_a_tensor_is_refused(saved):
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="recorded hash"):
+        read_artifact(path)
+
+
+def test_unknown_format_version_is_refused(tmp_path, saved):
+    path, _ = saved
+    tensors = safetensors.torch.load_file(path)
+    meta = json.loads(read_manifest_text(path))
+    meta["format_version"] = 99
+    other = tmp_path / "v99.safetensors"
+    safetensors.torch.save_file(tensors, other, metadata={artifact.MANIFEST_KEY: json.dumps(meta)})
+    with pytest.raises(ArtifactError, match="format version 99.*reads version 1"):
+        read_manifest(other)
+
+
+def read_manifest_text(path):
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length])["__metadata__"][artifact.MANIFEST_KEY]
+
+
+def test_plain_safetensors_file_is_not_an_artifact(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2)}, path)
+    with pytest.raises(ArtifactError, match="without a clq-compile manifest"):
+        read_manifest(path)
+    with pytest.raises(FileNotFoundError, match="no artifact"):
+        read_manifest(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("name", ["a.safetensors", "adir"])
+def test_interrupted_write_keeps_the_previous_artifact(tmp_path, monkeypatch, name):
+    g = torch.Generator().manual_seed(1)
+    first = {"blocks.0.proj": random_layer(g, 4, 32, 4, None, True)}
+    second = {"blocks.0.proj": random_layer(g, 4, 32, 8, None, False)}
+    path = save_layers(tmp_path / name, first)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_layers(path, second)
+    monkeypatch.undo()
+    assert_same_layers(first, read_artifact(path).layers())
+    assert sorted(os.listdir(tmp_path)) == [name], "temporary files left behind"
+    save_layers(path, second)
+    assert_same_layers(second, read_artifact(path).layers())
+
+
+def test_fingerprint_differences_name_each_kind():
+    a = artifact.fingerprint([("x", torch.zeros(2)), ("y", torch.zeros(3)), ("z", torch.zeros(1))])
+    b = artifact.fingerprint([("x", torch.ones(2)), ("y", torch.zeros(4)), ("w", torch.zeros(1))])
+    lines = artifact.fingerprint_differences(a, b)
+    assert "missing: z (in the artifact's model, not in this one)" in lines
+    assert "extra: w (in this model, not in the artifact's)" in lines
+    assert any(line.startswith("values: x") for line in lines)
+    assert any(line.startswith("shape/dtype: y") for line in lines)
+    assert len(lines) == 4
+    # A graph's view of the model: parameters it does not hold are not "missing".
+    assert artifact.fingerprint_differences(a, {"x": a["x"]}, complete=False) == []

@@ -1,0 +1,196 @@
+"""save / load / release_weights end to end on tiny diffusers models."""
+
+import pickle
+
+import pytest
+import torch
+from torch._dynamo.exc import BackendCompilerFailed
+
+import clq_compile
+from clq_compile import tiny_models
+from clq_compile.artifact import ArtifactError, read_manifest
+from clq_compile.calibration import model_state
+
+
+def calibrated(family, model, calls=3, **options):
+    torch._dynamo.reset()
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4", "kernels": "reference", **options})
+    with torch.no_grad(), clq_compile.calibrating(qt):
+        for seed in range(calls):
+            qt(**tiny_models.make_inputs(family, seed=100 + seed))
+    return qt
+
+
+def run(model, family, seed=0, **kw):
+    with torch.no_grad():
+        return model(**tiny_models.make_inputs(family, seed=seed, **kw)).sample
+
+
+@pytest.mark.parametrize("family,options,name", [
+    ("pixart", {"recipe": "clq"}, "pixart.safetensors"),
+    ("sd3", {"recipe": "rtn", "weight_symmetric": False, "weight_group": 32}, "sd3"),
+    ("flux", {"recipe": "quarot", "bits": "w4a8"}, "flux.safetensors"),
+])
+def test_loaded_model_gives_identical_outputs_without_calibrating(tmp_path, family, options, name):
+    qt = calibrated(family, tiny_models.build(family, seed=3), **options)
+    expected = run(qt, family)
+    path = clq_compile.save(qt, tmp_path / name)
+
+    torch._dynamo.reset()
+    fresh = tiny_models.build(family, seed=3)
+    loaded = clq_compile.load(fresh, path)
+    state = model_state(loaded)
+    assert state.phase == "quantized" and state.calibrations == 0
+    assert torch.equal(run(loaded, family), expected)
+    assert "loaded from" in clq_compile.explain(loaded)
+
+
+def test_same_inputs_give_a_byte_identical_artifact(tmp_path):
+    blobs = []
+    for i in range(2):
+        qt = calibrated("dit", tiny_models.build("dit", seed=5))
+        blobs.append(clq_compile.save(qt, tmp_path / f"{i}.safetensors").read_bytes())
+    assert blobs[0] == blobs[1]
+
+
+@pytest.fixture(scope="module")
+def dit_artifact(tmp_path_factory):
+    qt = calibrated("dit", tiny_models.build("dit", seed=7), recipe="rtn")
+    path = clq_compile.save(qt, tmp_path_factory.mktemp("art") / "dit.safetensors")
+    return path, run(qt, "dit")
+
+
+def test_loading_into_another_model_lists_what_differs(dit_artifact):
+    path, _ = dit_artifact
+    other = tiny_models.build("dit", seed=7)
+    with torch.no_grad():
+        other.transformer_blocks[1].attn1.to_k.weight[0, 0] += 1.0
+    with pytest.raises(ArtifactError, match=r"values: transformer_blocks\.1\.attn1\.to_k\.weight"):
+        clq_compile.load(other, path)
+    wider = tiny_models.build("dit", seed=7, heads=3)
+    with pytest.raises(ArtifactError, match=r"shape/dtype: .*to_q\.weight is float32\[48, 48\] here"):
+        clq_compile.load(wider, path)
+    with pytest.raises(ArtifactError, match="was made from a different model"):
+        clq_compile.load(tiny_models.build("pixart", seed=7), path)
+
+
+def test_compile_option_load_checks_the_captured_parameters(dit_artifact):
+    path, expected = dit_artifact
+    torch._dynamo.reset()
+    model = tiny_models.build("dit", seed=7)
+    qt = torch.compile(model, backend="clq", options={"load": str(path), "kernels": "reference"})
+    assert torch.equal(run(qt, "dit"), expected)
+    assert model_state(qt).calibrations == 0
+
+    torch._dynamo.reset()
+    other = tiny_models.build("dit", seed=8)
+    qt = torch.compile(other, backend="clq", options={"load": str(path)})
+    with pytest.raises(BackendCompilerFailed, match="values: "):
+        run(qt, "dit")
+
+
+def test_conflicting_options_are_refused_and_runtime_ones_accepted(dit_artifact):
+    path, expected = dit_artifact
+    with pytest.raises(ValueError, match=r"bits: 'w8a8' given, 'w4a4' in the artifact"):
+        clq_compile.load(tiny_models.build("dit", seed=7), path, options={"bits": "w8a8"})
+    with pytest.raises(ValueError, match="recipe"):
+        clq_compile.load(tiny_models.build("dit", seed=7), path, options={"recipe": "clq"})
+    torch._dynamo.reset()
+    qt = clq_compile.load(tiny_models.build("dit", seed=7), path, options={"kernels": "reference", "bits": "w4a4"})
+    assert torch.equal(run(qt, "dit"), expected)
+
+
+def test_loading_never_unpickles(dit_artifact, monkeypatch):
+    path, expected = dit_artifact
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling during load")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    torch._dynamo.reset()
+    qt = clq_compile.load(tiny_models.build("dit", seed=7), path)
+    assert torch.equal(run(qt, "dit"), expected)
+
+
+def weight_storage_bytes(model):
+    return sum(p.untyped_storage().nbytes() for name, p in model.named_parameters() if name.endswith("weight"))
+
+
+def test_release_weights_frees_the_full_precision_copies(tmp_path):
+    model = tiny_models.build("pixart", seed=2, heads=4, head_dim=32)
+    qt = calibrated("pixart", model, recipe="rtn")
+    expected = run(qt, "pixart")
+    saved_before = clq_compile.save(qt, tmp_path / "before.safetensors").read_bytes()
+    before = clq_compile.memory_report(qt)
+    storage_before = weight_storage_bytes(model)
+    assert before["resident_fp_bytes"] == before["fp_bytes"] and not before["released"]
+
+    released = clq_compile.release_weights(qt)
+    after = clq_compile.memory_report(qt)
+    assert released == len(model_state(qt).layers) > 0
+    assert after["released"] and after["resident_fp_bytes"] == released * 4
+    # What the process holds: the quantized layers' float32 weights are gone.
+    assert storage_before - weight_storage_bytes(model) == before["fp_bytes"] - released * 4
+    assert torch.equal(run(qt, "pixart"), expected)
+    assert torch.isnan(run(model, "pixart")).any(), "the original module must not silently compute"
+    assert clq_compile.save(qt, tmp_path / "after.safetensors").read_bytes() == saved_before
+    assert "released" in clq_compile.explain(qt)
+    with pytest.raises(RuntimeError, match="cannot be calibrated again"):
+        with clq_compile.calibrating(qt):
+            pass
+
+
+def test_load_releases_by_default_and_keeps_weights_when_asked(dit_artifact):
+    path, expected = dit_artifact
+    torch._dynamo.reset()
+    kept = tiny_models.build("dit", seed=7)
+    reference = run(kept, "dit")
+    qt = clq_compile.load(kept, path, release_weights=False)
+    assert torch.equal(run(kept, "dit"), reference)
+    assert not clq_compile.memory_report(qt)["released"]
+
+    torch._dynamo.reset()
+    model = tiny_models.build("dit", seed=7)
+    qt = clq_compile.load(model, path)
+    report = clq_compile.memory_report(qt)
+    assert report["released"] and report["resident_fp_bytes"] < report["quantized_bytes"] / 10
+    assert torch.equal(run(qt, "dit"), expected)
+
+
+def test_loaded_model_refuses_calibration_and_explains_before_its_first_call(dit_artifact):
+    path, _ = dit_artifact
+    torch._dynamo.reset()
+    qt = clq_compile.load(tiny_models.build("dit", seed=7), path)
+    table = clq_compile.explain(qt)
+    manifest = read_manifest(path)
+    assert all(layer in table for layer in manifest["layers"])
+    with pytest.raises(RuntimeError, match="already quantized"):
+        with clq_compile.calibrating(qt):
+            pass
+
+
+def test_explain_artifact_shows_every_layer_and_decision(dit_artifact):
+    path, _ = dit_artifact
+    table = clq_compile.explain_artifact(path)
+    manifest = read_manifest(path)
+    assert "bits=w4a4 recipe=rtn calibrated" in table
+    for layer, decision in manifest["decisions"].items():
+        line = next(l for l in table.splitlines() if l.startswith(layer + " "))
+        assert ("quantized" in line) == decision["quantize"]
+        if not decision["quantize"]:
+            assert decision["reason"] in line
+
+
+def test_nothing_to_save_before_quantization(tmp_path):
+    torch._dynamo.reset()
+    model = tiny_models.build("dit")
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4"})
+    with pytest.raises(RuntimeError, match="nothing to save yet"):
+        clq_compile.save(qt, tmp_path / "x.safetensors")
+    plain = torch.compile(model, backend="clq", options={"bits": "w16a16"})
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        clq_compile.save(plain, tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="uncompiled model"):
+        clq_compile.load(qt, tmp_path / "x.safetensors")

@@ -7,7 +7,7 @@ For every model variant and every recipe x bits cell the transformer is compiled
 ``torch.compile(transformer, backend="clq", options={"bits": ..., "recipe": ...})``, calibrated,
 quantized, and sampled from the same starting noise and conditioning as the full-precision model.
 Each cell reports PSNR and SSIM of its samples against the full-precision samples
-(``bench/metrics.py``), the class accuracy of its samples, and ``quantize_seconds``: the time
+(``clq_compile/metrics.py``), the class accuracy of its samples, and ``quantize_seconds``: the time
 spent leaving the ``calibrating`` block, where the recipe runs and the graphs are rewritten.
 
 Model variants: the model as loaded, and (unless ``--outlier-scale 0``) a deep copy with
@@ -17,20 +17,21 @@ massive-activation channels of large DiTs without changing the full-precision fu
 copy's full-precision samples are checked against the original's (max |difference| per pixel
 at most ``OUTLIER_TOLERANCE``); a larger difference is logged and written to the report.
 
-What is sampled:
+What is sampled (``clq_compile/workloads.py``, shared with ``clq eval``):
 
 - The digits DiT (``bench/assets/digits-dit``, or any DiTTransformer2DModel with one input
-  channel, 16 x 16 samples and 10 classes): class-conditional DDIM with ``bench/digits.py``'s
-  sampler, ``--samples-per-class`` images of every digit, noise drawn from ``--seed``. PSNR and
-  SSIM are taken on the images in [-1, 1]; the digit classifier of ``bench/digits.py``
-  (logistic regression on the real digits) judges whether each sample shows its digit.
+  channel, 16 x 16 samples and 10 classes): class-conditional DDIM with the sampler of
+  ``clq_compile/digits.py``, ``--samples-per-class`` images of every digit, noise drawn from
+  ``--seed``. PSNR and SSIM are taken on the images in [-1, 1]; the digit classifier of
+  ``clq_compile/digits.py`` (logistic regression on the real digits) judges whether each sample
+  shows its digit.
 - Any other transformer (DiT, PixArt, SD3, Flux; there is no classifier or sampler of ours for
   them): ``--samples-per-class`` random inputs built from the model's config (Gaussian latents
-  of ``--latent-size``, random class labels or random caption embeddings of ``TEXT_TOKENS``
-  tokens) go through ``clq_compile.stress.sample``, a short deterministic loop
-  x <- x - model(x, t) / steps over ``--steps`` decreasing timesteps. What is compared is the
-  final latents (Flux's packed tokens unpacked to [C, H, W]); PSNR and SSIM use the
-  full-precision latents' peak-to-peak range as data range, and accuracy is null. The final
+  of ``--latent-size``, random class labels or random caption embeddings of
+  ``workloads.TEXT_TOKENS`` tokens) go through ``clq_compile.stress.sample``, a short
+  deterministic loop x <- x - model(x, t) / steps over ``--steps`` decreasing timesteps. What
+  is compared is the final latents (Flux's packed tokens unpacked to [C, H, W]); PSNR and SSIM
+  use the full-precision latents' peak-to-peak range as data range, and accuracy is null. The final
   latents still carry most of the shared starting noise, so these PSNRs run high (tiny random
   models: 50-65 dB at w4a4): compare recipes with each other, not with the digits numbers.
 
@@ -62,15 +63,13 @@ import copy
 import datetime
 import json
 import logging
-import math
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import diffusers
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
@@ -78,17 +77,18 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import clq_compile
+from clq_compile import digits, metrics
+from clq_compile.cli import positive_int
 from clq_compile.kernels.reference import transform_activation
 from clq_compile.options import BITS, Options
 from clq_compile.passes.orthogonal_smoothing import orthogonal_smoothing
 from clq_compile.passes.recipes import RECIPES
 from clq_compile.stress import inject_outliers
-from clq_compile.stress import sample as short_sampling_loop
+from clq_compile.workloads import (FLUX_LATENT_SIZE, Task, calibration_calls, load_pipeline_transformer,
+                                   load_transformer, score, task_for)
 
 # bench/ is a folder of scripts, not a package: run as a script, Python puts this folder on
 # sys.path; importers put it there themselves, and only while importing.
-import digits
-import metrics
 from machine import machine_info
 
 log = logging.getLogger("clq_compile.bench.quality")
@@ -102,270 +102,10 @@ GRID_BITS = "w4a4"
 # 1.3e-4 after 3, where the first steps divide by sqrt(alpha_bar) near 0 and amplify it. A copy
 # whose function really changed differs by a sizeable part of the [-1, 1] range.
 OUTLIER_TOLERANCE = 1e-3
-TEXT_TOKENS = 16
-# Flux has no sample_size in its config; 32 latent pixels (256 packed tokens) keeps a CPU run short.
-FLUX_LATENT_SIZE = 32
-# Per-token index tensors of Flux: they describe positions, not batch rows.
-POSITION_INPUTS = ("img_ids", "txt_ids")
-GENERIC_GRID_COLUMNS = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# What is sampled
-
-
-class Recorder:
-    """Calls `model` and keeps the keyword inputs of every call: one sampling run's trajectory."""
-
-    def __init__(self, model: Callable[..., Any]):
-        self.model = model
-        self.calls: list[dict[str, Any]] = []
-
-    def __call__(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
-        self.calls.append({"hidden_states": hidden_states, **kwargs})
-        return self.model(hidden_states, **kwargs)
-
-
-@dataclass
-class Task:
-    """How one model is sampled and judged.
-
-    evaluation / calibration: keyword inputs of one batched call; ``hidden_states`` is the
-        starting noise, the rest the conditioning.
-    draw(model, inputs, steps) -> images [n, C, H, W]: the sampler.
-    data_range(reference) -> the range PSNR and SSIM use, from the full-precision images.
-    judge(images) -> class accuracy, or None when there is no classifier.
-    grid_index: which evaluation samples the sample grid shows.
-    display_scale(reference) -> what the grid divides samples by to bring them into [-1, 1].
-    """
-
-    description: str
-    evaluation: dict[str, Any]
-    calibration: dict[str, Any]
-    draw: Callable[[Callable[..., Any], dict[str, Any], int], torch.Tensor]
-    data_range: Callable[[torch.Tensor], float]
-    judge: Callable[[torch.Tensor], float | None]
-    grid_index: torch.Tensor
-    display_scale: Callable[[torch.Tensor], float] = lambda reference: 1.0
-    ssim_window: int = metrics.SSIM_WINDOW
-
-
-def is_digits_model(model: nn.Module) -> bool:
-    """True for a DiT shaped like the bundled one: 1 channel, 16 x 16, 10 classes."""
-    config = model.config
-    return (type(model).__name__ == "DiTTransformer2DModel" and config.in_channels == 1
-            and config.sample_size == digits.IMAGE_SIZE
-            and config.num_embeds_ada_norm == digits.NUM_CLASSES)
-
-
-def digits_task(samples_per_class: int, calib_samples: int, seed: int) -> Task:
-    """Class-conditional DDIM over the 10 digits, judged by the digit classifier."""
-    side = digits.IMAGE_SIZE
-
-    def noise(n: int, noise_seed: int) -> torch.Tensor:
-        return torch.randn((n, 1, side, side), generator=torch.Generator().manual_seed(noise_seed))
-
-    labels = torch.arange(digits.NUM_CLASSES).repeat_interleave(samples_per_class)
-    calib_labels = torch.arange(calib_samples) % digits.NUM_CLASSES
-    classifier = digits.fit_digit_classifier(seed)
-
-    def draw(model, inputs, steps):
-        return digits.sample(model, inputs["class_labels"], inputs["hidden_states"], num_inference_steps=steps)
-
-    def judge(images):
-        return float((digits.classify(classifier, images) == labels).float().mean())
-
-    return Task(
-        description=(f"class-conditional DDIM, {samples_per_class} samples per digit from noise seed "
-                     f"{seed}; PSNR/SSIM on images in [-1, 1]; accuracy by the digit classifier"),
-        evaluation={"hidden_states": noise(len(labels), seed), "class_labels": labels},
-        calibration={"hidden_states": noise(calib_samples, seed + 1), "class_labels": calib_labels},
-        draw=draw,
-        data_range=lambda reference: 2.0,
-        judge=judge,
-        grid_index=torch.arange(digits.NUM_CLASSES) * samples_per_class,
-    )
-
-
-def default_latent_size(model: nn.Module) -> int:
-    """The latent side the random inputs use when --latent-size is not given."""
-    if type(model).__name__ == "FluxTransformer2DModel":
-        return FLUX_LATENT_SIZE
-    size = getattr(model.config, "sample_size", None)
-    if not isinstance(size, int):
-        raise ValueError(f"{type(model).__name__}'s config has no integer sample_size; pass --latent-size")
-    return size
-
-
-def random_inputs(model: nn.Module, batch: int, latent_size: int, seed: int) -> dict[str, Any]:
-    """Keyword inputs for one call of `model` on random latents and conditioning, from its config.
-
-    latents: [batch, in_channels, latent_size, latent_size] (Flux: packed 2 x 2, so
-    [batch, (latent_size / 2)², in_channels]); captions: TEXT_TOKENS Gaussian embeddings of the
-    model's caption width; DiT class labels uniform over its classes. The timestep is a
-    placeholder: the sampling loop overwrites it at every step.
-    """
-    name, config = type(model).__name__, model.config
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g)
-
-    timestep = torch.full((batch,), 999, dtype=torch.long)
-    latents = (batch, config.in_channels, latent_size, latent_size)
-    if name == "DiTTransformer2DModel":
-        return {"hidden_states": randn(*latents), "timestep": timestep,
-                "class_labels": torch.randint(0, config.num_embeds_ada_norm, (batch,), generator=g)}
-    if name == "PixArtTransformer2DModel":
-        # PixArt at 1024 px embeds the image's resolution and aspect ratio as extra conditions.
-        extra = ({"resolution": torch.full((batch, 2), 8.0 * latent_size), "aspect_ratio": torch.ones(batch, 1)}
-                 if getattr(model, "use_additional_conditions", False)
-                 else {"resolution": None, "aspect_ratio": None})
-        return {"hidden_states": randn(*latents), "timestep": timestep,
-                "encoder_hidden_states": randn(batch, TEXT_TOKENS, config.caption_channels),
-                "added_cond_kwargs": extra}
-    if name == "SD3Transformer2DModel":
-        return {"hidden_states": randn(*latents), "timestep": timestep,
-                "encoder_hidden_states": randn(batch, TEXT_TOKENS, config.joint_attention_dim),
-                "pooled_projections": randn(batch, config.pooled_projection_dim)}
-    if name == "FluxTransformer2DModel":
-        if latent_size % 2:
-            raise ValueError(f"Flux packs 2 x 2 latent pixels per token: --latent-size must be even; got {latent_size}")
-        side = latent_size // 2
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
-        return {"hidden_states": randn(batch, side * side, config.in_channels),
-                "timestep": torch.ones(batch),
-                "encoder_hidden_states": randn(batch, TEXT_TOKENS, config.joint_attention_dim),
-                "pooled_projections": randn(batch, config.pooled_projection_dim),
-                "img_ids": img_ids, "txt_ids": torch.zeros(TEXT_TOKENS, 3),
-                "guidance": torch.full((batch,), 3.5) if config.guidance_embeds else None}
-    raise ValueError(f"no random inputs for {name}: the benchmark knows DiTTransformer2DModel, "
-                     f"PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel")
-
-
-def as_images(latents: torch.Tensor) -> torch.Tensor:
-    """[n, C, H, W] latents as they are; Flux's packed [n, tokens, C] unpacked to [n, C, side, side]."""
-    if latents.ndim == 4:
-        return latents
-    n, tokens, channels = latents.shape
-    side = math.isqrt(tokens)
-    return latents.reshape(n, side, side, channels).permute(0, 3, 1, 2)
-
-
-def random_inputs_task(model: nn.Module, samples: int, calib_samples: int, seed: int,
-                       latent_size: int | None) -> Task:
-    """The short sampling loop on random inputs, compared on the final latents; no accuracy."""
-    size = default_latent_size(model) if latent_size is None else latent_size
-    evaluation = random_inputs(model, samples, size, seed)
-    window = min(metrics.SSIM_WINDOW, *as_images(evaluation["hidden_states"]).shape[-2:])
-    window -= 1 - window % 2
-
-    def draw(model, inputs, steps):
-        return as_images(short_sampling_loop(model, inputs, steps=steps)).float()
-
-    def data_range(reference):
-        spread = float(reference.max() - reference.min())
-        return spread if spread > 0 else 1.0
-
-    return Task(
-        description=(f"{samples} random inputs (latent size {size}, seed {seed}) through the short "
-                     f"sampling loop x <- x - model(x, t) / steps; PSNR/SSIM on the final latents with "
-                     f"the full-precision latents' peak-to-peak range as data range; no accuracy"),
-        evaluation=evaluation,
-        calibration=random_inputs(model, calib_samples, size, seed + 1),
-        draw=draw,
-        data_range=data_range,
-        judge=lambda images: None,
-        grid_index=torch.arange(min(samples, GENERIC_GRID_COLUMNS)),
-        display_scale=lambda reference: float(reference[:, :1].abs().max()) or 1.0,
-        ssim_window=window,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration
-
-
-def _is_row_input(key: str, value: Any, batch: int) -> bool:
-    return (isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch
-            and key not in POSITION_INPUTS)
-
-
-def _gather_rows(calls: list[dict[str, Any]], sources: list[int], batch: int) -> dict[str, Any]:
-    """Row i of the result comes from calls[sources[i]]; inputs shared by all rows are kept."""
-    first = calls[0]
-    out: dict[str, Any] = {}
-    for key, value in first.items():
-        if isinstance(value, dict):
-            out[key] = _gather_rows([c[key] for c in calls], sources, batch)
-        elif _is_row_input(key, value, batch):
-            out[key] = torch.stack([calls[s][key][i] for i, s in enumerate(sources)])
-        else:
-            out[key] = value
-    return out
-
-
-def interleave_timesteps(calls: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
-    """Regroup K recorded calls (one timestep each, `batch` rows) into K calls spanning all steps.
-
-    Call j takes sample i from step (j + i·K // batch) mod K: every (sample, step) pair appears
-    exactly once, and within a call the samples sit at steps spread evenly over the trajectory.
-    """
-    k = len(calls)
-    return [_gather_rows(calls, [(j + i * k // batch) % k for i in range(batch)], batch) for j in range(k)]
-
-
-def evenly_spaced(count: int, total: int) -> list[int]:
-    """`count` indices spread over range(total), first and last included (all of them if count >= total)."""
-    if count >= total:
-        return list(range(total))
-    if count == 1:
-        return [0]
-    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
-
-
-def calibration_calls(task: Task, model: nn.Module, steps: int, calib_steps: int) -> list[dict[str, Any]]:
-    """The inputs the calibrating block replays: the full-precision trajectory, regrouped."""
-    recorder = Recorder(model)
-    with torch.no_grad():
-        task.draw(recorder, task.calibration, steps)
-    kept = [recorder.calls[i] for i in evenly_spaced(calib_steps or len(recorder.calls), len(recorder.calls))]
-    batch = len(task.calibration["hidden_states"])
-    return interleave_timesteps(kept, batch)
 
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-def load_transformer(path: Path) -> nn.Module:
-    """A diffusers transformer folder, loaded with the class its config.json names, in eval mode."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {path}: no such folder; pass a diffusers transformer folder "
-                                f"(one with config.json and the weights), e.g. {DEFAULT_MODEL}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--model {path}: no config.json in it; for a whole pipeline folder "
-                                f"(with model_index.json) use --pipeline instead")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise ValueError(f"--model {path}: config.json names {class_name!r}, which is not a diffusers "
-                         f"model class of diffusers {diffusers.__version__}")
-    return cls.from_pretrained(path, torch_dtype=torch.float32).eval()
-
-
-def load_pipeline_transformer(path: Path) -> nn.Module:
-    """The `transformer` of a diffusers pipeline folder, in float32 and eval mode."""
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"--pipeline {path}: no model_index.json there; pass a folder saved "
-                                f"with DiffusionPipeline.save_pretrained (or --model for a transformer folder)")
-    pipeline = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
-    transformer = getattr(pipeline, "transformer", None)
-    if not isinstance(transformer, nn.Module):
-        raise ValueError(f"--pipeline {path}: {type(pipeline).__name__} has no transformer to quantize")
-    return transformer.eval()
 
 
 def outlier_variant(model: nn.Module, scale: float) -> nn.Module:
@@ -402,20 +142,6 @@ class VariantResult:
     reference: torch.Tensor
     calls: list[dict[str, Any]]
     grid: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-
-
-def _rounded(value: float | None, places: int) -> float | None:
-    return None if value is None else round(value, places)
-
-
-def score(task: Task, images: torch.Tensor, reference: torch.Tensor) -> dict[str, float | None]:
-    """PSNR, SSIM and accuracy of `images` against the full-precision `reference`."""
-    if not torch.isfinite(images).all():
-        raise FloatingPointError("the quantized model produced non-finite samples (NaN or Inf)")
-    data_range = task.data_range(reference)
-    return {"psnr": _rounded(metrics.psnr(images, reference, data_range), 3),
-            "ssim": _rounded(metrics.ssim(images, reference, data_range, window=task.ssim_window), 5),
-            "accuracy": _rounded(task.judge(images), 4)}
 
 
 def quantize_and_sample(model: nn.Module, task: Task, calls: list[dict[str, Any]], recipe: str,
@@ -665,13 +391,6 @@ def _names(text: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
-
-
 def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -706,12 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated recipes (default: all, {','.join(recipes)})")
     parser.add_argument("--bits", type=lambda t: _names(t, BITS), default=list(DEFAULT_BITS),
                         help=f"comma-separated bit widths (default {','.join(DEFAULT_BITS)})")
-    parser.add_argument("--samples-per-class", type=_positive, default=10,
+    parser.add_argument("--samples-per-class", type=positive_int, default=10,
                         help="digits: samples of each of the 10 digits; other models: number of random "
                              "inputs (default 10)")
-    parser.add_argument("--steps", type=_positive, default=digits.DEFAULT_SAMPLING_STEPS,
+    parser.add_argument("--steps", type=positive_int, default=digits.DEFAULT_SAMPLING_STEPS,
                         help=f"sampling steps (DDIM for the digits; default {digits.DEFAULT_SAMPLING_STEPS})")
-    parser.add_argument("--calib-samples", type=_positive, default=10,
+    parser.add_argument("--calib-samples", type=positive_int, default=10,
                         help="calibration samples, with their own noise (seed + 1) and labels cycling "
                              "0..9 (default 10)")
     parser.add_argument("--calib-steps", type=int, default=10,
@@ -719,12 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 10)")
     parser.add_argument("--outlier-scale", type=_non_negative, default=50.0,
                         help="also benchmark a copy with outlier channels scaled by this (default 50; 0: off)")
-    parser.add_argument("--latent-size", type=_positive, default=None,
+    parser.add_argument("--latent-size", type=positive_int, default=None,
                         help="other models: latent side of the random inputs (default: the config's sample_size, "
                              f"Flux {FLUX_LATENT_SIZE})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the evaluation noise and the classifier; calibration uses seed + 1 (default 0)")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output folder (default {DEFAULT_OUT.relative_to(BENCH.parent)})")
     return parser
@@ -747,11 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = DEFAULT_MODEL if args.model is None else args.model
             model, name = load_transformer(path), path.resolve().name
-        if is_digits_model(model):
-            task = digits_task(args.samples_per_class, args.calib_samples, args.seed)
-        else:
-            task = random_inputs_task(model, args.samples_per_class, args.calib_samples, args.seed,
-                                      args.latent_size)
+        task = task_for(model, args.samples_per_class, args.calib_samples, args.seed, args.latent_size)
         variants = [(name, model)]
         if args.outlier_scale > 0:
             variants.append((f"{name}+outliers", outlier_variant(model, args.outlier_scale)))

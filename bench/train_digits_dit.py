@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 # bench/ is a folder of scripts, not a package: run as a script, Python puts this folder on
 # sys.path; importers put it there themselves.
-import digits
+from clq_compile import digits
 from machine import machine_info
 
 

@@ -1,10 +1,10 @@
-"""Tests for bench/train_digits_dit.py, the digits helpers it uses, and the model it shipped."""
-
-from types import SimpleNamespace
+"""Tests for bench/train_digits_dit.py and the model it shipped."""
 
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+
+from clq_compile import digits
 
 from tests.bench.bench_scripts import BENCH, import_bench
 
@@ -12,18 +12,12 @@ MODEL = BENCH / "assets" / "digits-dit"
 
 
 @pytest.fixture(scope="module")
-def bench_modules():
-    return import_bench("digits", "train_digits_dit")
+def trainer():
+    (module,) = import_bench("train_digits_dit")
+    return module
 
 
-@pytest.fixture(scope="module")
-def classifier(bench_modules):
-    digits, _ = bench_modules
-    return digits.fit_digit_classifier(seed=0)
-
-
-def test_training_loss_decreases_on_a_tiny_model(bench_modules):
-    _, trainer = bench_modules
+def test_training_loss_decreases_on_a_tiny_model(trainer):
     config = trainer.digits_dit_config(num_attention_heads=2, attention_head_dim=8, num_layers=1)
     run = trainer.train(config, steps=60, batch_size=32, seed=0, progress=False)
     assert len(run.losses) == 60
@@ -32,8 +26,7 @@ def test_training_loss_decreases_on_a_tiny_model(bench_modules):
     assert not run.model.training
 
 
-def test_training_is_deterministic_given_the_seed(bench_modules):
-    _, trainer = bench_modules
+def test_training_is_deterministic_given_the_seed(trainer):
     config = trainer.digits_dit_config(num_attention_heads=2, attention_head_dim=8, num_layers=1)
     runs = [trainer.train(config, steps=3, batch_size=8, seed=5, progress=False) for _ in range(2)]
     assert runs[0].losses == runs[1].losses
@@ -41,8 +34,7 @@ def test_training_is_deterministic_given_the_seed(bench_modules):
     assert other.losses != runs[0].losses
 
 
-def test_init_draws_token_weights_bell_shaped_and_zeroes_adaln_zero(bench_modules):
-    _, trainer = bench_modules
+def test_init_draws_token_weights_bell_shaped_and_zeroes_adaln_zero(trainer):
     model = DiTTransformer2DModel(**trainer.digits_dit_config())
     trainer.init_weights(model)
     for zeroed in [model.transformer_blocks[2].norm1.linear, model.proj_out_1, model.proj_out_2]:
@@ -57,39 +49,7 @@ def test_init_draws_token_weights_bell_shaped_and_zeroes_adaln_zero(bench_module
     assert (weight.abs() > 2 * std).float().mean().item() > 0.03
 
 
-def test_classifier_labels_the_real_digits(bench_modules, classifier):
-    digits, _ = bench_modules
-    images, labels = digits.load_digit_images()
-    assert images.shape == (1797, 1, 16, 16)
-    assert images.min().item() == -1.0 and images.max().item() == 1.0
-    accuracy = (digits.classify(classifier, images) == labels).float().mean().item()
-    assert accuracy > 0.9
-
-
-def test_classify_rejects_wrong_shapes(bench_modules, classifier):
-    digits, _ = bench_modules
-    with pytest.raises(ValueError, match="shape"):
-        digits.classify(classifier, torch.zeros(2, 8, 8))
-
-
-def test_sampler_recovers_the_image_an_oracle_denoises_towards(bench_modules):
-    digits, _ = bench_modules
-    images, labels = digits.load_digit_images()
-    target, labels = images[:6], labels[:6]
-    alphas_cumprod = digits.training_scheduler().alphas_cumprod
-
-    def oracle(x, timestep, class_labels):
-        # The exact noise that separates x from the target at this step of the training schedule.
-        a = alphas_cumprod[timestep].view(-1, 1, 1, 1)
-        return SimpleNamespace(sample=(x - a.sqrt() * target) / (1 - a).sqrt())
-
-    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
-    out = digits.sample(oracle, labels, noise, num_inference_steps=10)
-    torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
-
-
-def test_shipped_model_draws_the_requested_digits(bench_modules, classifier):
-    digits, trainer = bench_modules
+def test_shipped_model_draws_the_requested_digits():
     if not (MODEL / "diffusion_pytorch_model.safetensors").exists():
         raise FileNotFoundError(f"the trained digits model is missing from {MODEL}")
     model = DiTTransformer2DModel.from_pretrained(MODEL).eval()
@@ -98,5 +58,5 @@ def test_shipped_model_draws_the_requested_digits(bench_modules, classifier):
     images = digits.sample(model, requested, noise)
     assert images.shape == (50, 1, 16, 16)
     assert images.min().item() >= -1.0 and images.max().item() <= 1.0
-    accuracy = (digits.classify(classifier, images) == requested).float().mean().item()
+    accuracy = (digits.classify(digits.fit_digit_classifier(seed=0), images) == requested).float().mean().item()
     assert accuracy >= 0.8

@@ -1,8 +1,9 @@
-"""Image similarity for the quality benchmark: PSNR and SSIM of quantized against full-precision samples.
+"""Image similarity: PSNR and SSIM of quantized against full-precision samples.
 
-Both take batches ``[n, C, H, W]`` and compare image i of ``a`` with image i of ``b``; the
-default ``data_range`` of 2 is the width of the [-1, 1] pixel range the digits sampler returns.
-All arithmetic is in float64, so the numbers do not depend on the dtype of the inputs.
+Used by ``clq eval`` and ``bench/quality.py``. Both take batches ``[n, C, H, W]`` and compare
+image i of ``a`` with image i of ``b``; the default ``data_range`` of 2 is the width of the
+[-1, 1] pixel range the digits sampler (``clq_compile.digits``) returns. All arithmetic is in
+float64, so the numbers do not depend on the dtype of the inputs.
 
 - PSNR is computed over the whole set: one mean squared error over every pixel of every image,
   PSNR = 10 · log10(data_range² / MSE). This is the PSNR of the mean MSE, not the mean of

@@ -5,26 +5,43 @@ are scaled from their 0..16 ink levels to [-1, 1] and bilinearly upsampled to 16
 patch-2 diffusion transformer sees 64 tokens. A class-conditional ``DiTTransformer2DModel``
 trained on them (``bench/train_digits_dit.py``) is sampled here with DDIM; a logistic
 regression fit on the same real digits judges whether each sample shows the digit it was asked
-for. The quality benchmark reuses ``sample`` with a quantized transformer in place of the
-full-precision one, so everything that defines the sampling process lives in this file.
+for. ``clq eval`` and the quality benchmark (``bench/quality.py``) reuse ``sample`` with a
+quantized transformer in place of the full-precision one, so everything that defines the
+sampling process lives in this file.
+
+The data and the judge need scikit-learn, which is not a core dependency (``pip install
+"clq-compile[bench]"``); sampling does not.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
-from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
 TRAIN_TIMESTEPS = 1000
 DEFAULT_SAMPLING_STEPS = 25
+
+
+def _sklearn() -> Any:
+    """scikit-learn, or an ImportError that says how to install it."""
+    try:
+        import sklearn.datasets
+        import sklearn.linear_model
+    except ImportError as error:
+        raise ImportError(
+            "the digits data and the digit classifier need scikit-learn: pip install "
+            "\"clq-compile[bench]\" (or pip install scikit-learn)") from error
+    return sklearn
 
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +54,7 @@ def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
             blocky, which is closer to what a diffusion model on natural images meets.
         labels: int64 [1797], the digit 0..9 each image shows.
     """
-    digits = load_digits()
+    digits = _sklearn().datasets.load_digits()
     small = torch.from_numpy(digits.images.astype(np.float32)) / 8.0 - 1.0
     images = F.interpolate(
         small[:, None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
@@ -64,7 +81,7 @@ def fit_digit_classifier(seed: int = 0) -> LogisticRegression:
         A fitted classifier over 256 pixel features in [-1, 1]; use it through ``classify``.
     """
     images, labels = load_digit_images()
-    classifier = LogisticRegression(max_iter=2000, random_state=seed)
+    classifier = _sklearn().linear_model.LogisticRegression(max_iter=2000, random_state=seed)
     classifier.fit(images.reshape(len(images), -1).numpy(), labels.numpy())
     return classifier
 
@@ -165,6 +182,8 @@ def image_grid(images: torch.Tensor, columns: int, zoom: int = 4) -> Image.Image
     Returns:
         A mode "L" image of size (columns * (W + 1) * zoom, rows * (H + 1) * zoom).
     """
+    from PIL import Image
+
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"images must have shape [n, 1, H, W]; got {tuple(images.shape)}")
     if columns < 1 or zoom < 1:

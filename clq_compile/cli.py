@@ -1,0 +1,322 @@
+"""The command line: quantize a diffusers transformer to a file, explain that file, measure its quality.
+
+    clq quantize --model bench/assets/digits-dit --out digits-w4a4.safetensors
+    clq explain digits-w4a4.safetensors
+    clq eval --model bench/assets/digits-dit --artifact digits-w4a4.safetensors
+
+(``python -m clq_compile`` is the same program.) What a model is calibrated and sampled on is
+``clq_compile.workloads``, shared with the quality benchmark: DDIM over the ten digits for a
+digits-shaped DiT, the short sampling loop on random inputs from the model's config for any
+other DiT / PixArt / SD3 / Flux transformer. Calibration samples are drawn from ``--seed + 1``
+and evaluation samples from ``--seed``, so ``quantize`` and ``eval`` with the same seed never
+share a starting noise.
+
+Exit status: 0 done, 1 the run failed (e.g. non-finite quantized samples), 2 bad input (a missing
+folder or file, a bad option value): one line on stderr that names the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+import clq_compile
+from clq_compile import artifact, digits
+from clq_compile.options import BITS, KERNELS
+from clq_compile.passes.recipes import RECIPES
+from clq_compile.workloads import Task, calibration_calls, load_model, score, task_for
+
+EXAMPLE_MODEL = "bench/assets/digits-dit"
+EXAMPLE_ARTIFACT = "digits-w4a4.safetensors"
+# w16a16 quantizes nothing, so there would be nothing to save.
+QUANTIZING_BITS = tuple(b for b in BITS if b != "w16a16")
+
+
+class InputError(Exception):
+    """Bad input found while running (a folder without config.json, an artifact of another model): status 2."""
+
+
+class RunError(Exception):
+    """A run that could not finish (non-finite samples, a missing optional dependency): status 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _stepping(model: Callable[..., Any], bar: tqdm) -> Callable[..., Any]:
+    """`model`, advancing `bar` by one per call: a progress bar over a sampler's steps."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = model(*args, **kwargs)
+        bar.update()
+        return out
+
+    return call
+
+
+def _sample(model: Callable[..., Any], task: Task, inputs: dict[str, Any], steps: int, what: str) -> torch.Tensor:
+    with torch.no_grad(), tqdm(total=steps, desc=what, unit="step", dynamic_ncols=True) as bar:
+        return task.draw(_stepping(model, bar), inputs, steps)
+
+
+def _model_and_task(path: Path, samples: int, calib_samples: int, seed: int,
+                    latent_size: int | None) -> tuple[torch.nn.Module, Task]:
+    try:
+        model = load_model(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--model {error}") from error
+    try:
+        return model, task_for(model, samples, calib_samples, seed, latent_size)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
+def _writable(path: Path, flag: str) -> None:
+    if not path.parent.is_dir():
+        raise InputError(f"{flag} {path}: the folder {path.parent} does not exist")
+
+
+def _manifest(path: Path, label: str) -> dict[str, Any]:
+    """The manifest of the artifact at `path`, or an InputError that starts with `label`."""
+    if not path.exists():
+        raise InputError(f"{label}: no such file or folder; write one with "
+                         f"`clq quantize --model FOLDER --out {path}`")
+    try:
+        return artifact.read_manifest(path)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from error
+
+
+def _size(path: Path) -> int:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def quantize(args: argparse.Namespace) -> int:
+    """Calibrate `args.model` on its own samples, quantize it and save the artifact."""
+    _writable(args.out, "--out")
+    model, task = _model_and_task(args.model, 1, args.calib_samples, args.seed, args.latent_size)
+    started = time.perf_counter()
+    with tqdm(total=args.steps, desc="calibration trajectory", unit="step", dynamic_ncols=True) as bar:
+        calls = calibration_calls(task, _stepping(model, bar), args.steps, args.calib_steps)
+    torch._dynamo.reset()
+    options = {"bits": args.bits, "recipe": args.recipe, "kernels": args.kernels}
+    qt = torch.compile(model, backend="clq", options=options)
+    with torch.no_grad(), clq_compile.calibrating(qt):
+        for call in tqdm(calls, desc="calibration calls", unit="call", dynamic_ncols=True):
+            qt(**call)
+    written = clq_compile.save(qt, args.out)
+    seconds = time.perf_counter() - started
+    layers = len(artifact.read_manifest(written)["layers"])
+    batch = len(task.calibration["hidden_states"])
+    print(f"quantized {layers} linear layers of {args.model} ({type(model).__name__}) with recipe "
+          f"{args.recipe!r} at {args.bits} in {seconds:.1f} s, calibrated on {len(calls)} calls of "
+          f"{batch} samples (seed {args.seed + 1}, {args.steps} sampling steps)")
+    print(f"wrote {written} ({_size(written) / 2**20:.2f} MiB)")
+    print()
+    print(clq_compile.explain(qt))
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    """Print the per-layer table of a saved artifact."""
+    _manifest(args.artifact, str(args.artifact))
+    try:
+        table = artifact.explain_artifact(args.artifact)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from error
+    print(table)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Sample full precision and the artifact from the same noise and compare."""
+    if args.json is not None:
+        _writable(args.json, "--json")
+    manifest = _manifest(args.artifact, f"--artifact {args.artifact}")
+    model, task = _model_and_task(args.model, args.samples, 1, args.seed, args.latent_size)
+    torch._dynamo.reset()
+    try:
+        # The full-precision weights stay: `model` itself draws the reference samples.
+        qt = clq_compile.load(model, args.artifact, release_weights=False)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from error
+    reference = _sample(model, task, task.evaluation, args.steps, "full-precision samples")
+    images = _sample(qt, task, task.evaluation, args.steps, "quantized samples")
+    try:
+        quantized = score(task, images, reference)
+        full = task.judge(reference)
+    except (FloatingPointError, ImportError) as error:
+        raise RunError(str(error)) from error
+    options = manifest.get("options", {})
+    result = {"model": str(args.model), "artifact": str(args.artifact), "recipe": manifest.get("recipe"),
+              "bits": options.get("bits"), "task": task.description, "steps": args.steps, "seed": args.seed,
+              "samples": len(reference), **quantized,
+              "fp_accuracy": None if full is None else round(full, 4)}
+    print(f"{args.artifact} (recipe {result['recipe']!r}, {result['bits']}) against full precision on "
+          f"{args.model}")
+    print(f"samples: {task.description}; {args.steps} steps")
+    print(_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _table(result: dict[str, Any]) -> str:
+    def show(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [("", "PSNR (dB)", "SSIM", "accuracy"),
+            ("full precision", "reference", "reference", show(result["fp_accuracy"], ".3f")),
+            ("quantized", show(result["psnr"], ".2f"), show(result["ssim"], ".4f"),
+             show(result["accuracy"], ".3f"))]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more; got {value}")
+    return value
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, metavar="FOLDER",
+                        help="a diffusers transformer folder (config.json + weights: DiT, PixArt, SD3, Flux) "
+                             f"or a pipeline folder (model_index.json; its transformer is used), e.g. {EXAMPLE_MODEL}")
+    parser.add_argument("--steps", type=positive_int, default=digits.DEFAULT_SAMPLING_STEPS, metavar="S",
+                        help="sampling steps: DDIM steps for a digits model, steps of the short loop x <- x - "
+                             f"model(x, t) / S otherwise (default {digits.DEFAULT_SAMPLING_STEPS})")
+    parser.add_argument("--latent-size", type=positive_int, default=None, metavar="N",
+                        help="models other than the digits DiT: side of the random latents (default: the "
+                             "config's sample_size; Flux 32)")
+
+
+def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
+    """The argument parser of the `clq` program and its three subcommands."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=formatter,
+        description=(
+            "Quantize a diffusers diffusion transformer (DiT, PixArt, SD3, Flux) with the clq torch.compile\n"
+            "backend, save the quantized layers to one file, and check what it did and what it costs.\n\n"
+            "subcommands:\n"
+            "  quantize  calibrate on the model's own samples, quantize, write an artifact (.safetensors)\n"
+            "  explain   print an artifact's per-layer table: which layers are quantized, how, and their error\n"
+            "  eval      PSNR / SSIM / class accuracy of the artifact's samples against full precision\n\n"
+            f"Run `{prog} SUBCOMMAND --help` for each one's options."),
+        epilog=(
+            "example, on the bundled digits model (about two minutes on a 2-core CPU):\n"
+            f"  {prog} quantize --model {EXAMPLE_MODEL} --out {EXAMPLE_ARTIFACT}\n"
+            f"  {prog} explain {EXAMPLE_ARTIFACT}\n"
+            f"  {prog} eval --model {EXAMPLE_MODEL} --artifact {EXAMPLE_ARTIFACT}\n\n"
+            "In Python: clq_compile.load(model, path) gives the quantized model back without calibrating."))
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    q = commands.add_parser(
+        "quantize", formatter_class=formatter, help="quantize a model and write an artifact",
+        description=(
+            "Quantize a diffusers transformer and write the result to one file.\n\n"
+            "The model samples --calib-samples inputs of its own in full precision (DDIM over the ten\n"
+            "digits for a digits-shaped DiT, random inputs from its config otherwise; noise seed\n"
+            "--seed + 1); its inputs at --calib-steps of the --steps sampling steps are recorded and\n"
+            "replayed inside clq_compile.calibrating, where the recipe quantizes every selected layer.\n"
+            "Prints a summary and the per-layer table (see `explain`)."),
+        epilog=(
+            f"example:\n  {prog} quantize --model {EXAMPLE_MODEL} --out {EXAMPLE_ARTIFACT} --bits w4a4 --recipe clq\n\n"
+            "output: --out, one .safetensors file (any other name: a folder with manifest.json and\n"
+            "tensors.safetensors) holding the packed quantized layers and a manifest of the options,\n"
+            "each layer's decision and error, and a fingerprint of the model it belongs to."))
+    _add_model(q)
+    q.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="where to write the artifact, e.g. model-w4a4.safetensors")
+    q.add_argument("--recipe", choices=list(RECIPES), default="clq", metavar="R",
+                   help=f"how to quantize: one of {', '.join(RECIPES)} (default clq; see the README's Recipes)")
+    q.add_argument("--bits", choices=QUANTIZING_BITS, default="w4a4", metavar="B",
+                   help=f"weight and activation bits: one of {', '.join(QUANTIZING_BITS)} (default w4a4)")
+    q.add_argument("--calib-samples", type=positive_int, default=10, metavar="N",
+                   help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
+    q.add_argument("--calib-steps", type=_non_negative, default=10, metavar="K",
+                   help="sampling steps recorded per calibration sample, evenly spaced; 0 = all (default 10)")
+    q.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="calibration noise comes from seed + 1, so it differs from `eval --seed N`'s (default 0)")
+    q.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="the quant_linear implementation: auto (Triton on CUDA, torch elsewhere), reference "
+                        "(torch), triton (default auto)")
+    q.set_defaults(run=quantize)
+
+    e = commands.add_parser(
+        "explain", formatter_class=formatter, help="print the per-layer table of an artifact",
+        description=(
+            "Print what an artifact holds: its options, and one row per linear layer with its role,\n"
+            "shape, bits, granularity, method, decision (quantized, or kept in 16 bit and why) and\n"
+            "relative output error on the calibration data. Reads the file only; no model needed."),
+        epilog=f"example:\n  {prog} explain {EXAMPLE_ARTIFACT}")
+    e.add_argument("artifact", type=Path, metavar="FILE", help="an artifact written by `quantize` (or clq_compile.save)")
+    e.set_defaults(run=explain)
+
+    v = commands.add_parser(
+        "eval", formatter_class=formatter, help="measure an artifact's quality against full precision",
+        description=(
+            "Measure how far the quantized model's samples move from the full-precision model's.\n\n"
+            "Both sample from the same noise and conditioning (seed --seed): for a digits-shaped DiT,\n"
+            "--samples images of each digit with DDIM, judged by PSNR and SSIM on the images in\n"
+            "[-1, 1] and by a digit classifier (needs scikit-learn: pip install \"clq-compile[bench]\");\n"
+            "for other models, --samples random inputs through the short sampling loop, compared on\n"
+            "the final latents (PSNR / SSIM only). Prints a small table."),
+        epilog=(
+            f"example:\n  {prog} eval --model {EXAMPLE_MODEL} --artifact {EXAMPLE_ARTIFACT} --samples 4 --json eval.json\n\n"
+            "output: the table on stdout; with --json, also a JSON object with model, artifact, recipe,\n"
+            "bits, task, steps, seed, samples, psnr, ssim, accuracy and fp_accuracy."))
+    _add_model(v)
+    v.add_argument("--artifact", type=Path, required=True, metavar="FILE",
+                   help="the artifact `quantize` wrote for this model")
+    v.add_argument("--samples", type=positive_int, default=4, metavar="N",
+                   help="digits model: samples of each of the 10 digits; other models: random inputs (default 4)")
+    v.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the evaluation noise (default 0)")
+    v.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the numbers to this JSON file")
+    v.set_defaults(run=evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `clq` command line on `argv` (default: sys.argv[1:]); returns the exit status.
+
+    0: done; 1: the run failed; 2: bad input, with one line on stderr naming the problem.
+    """
+    prog = "python -m clq_compile" if argv is None and Path(sys.argv[0]).name == "__main__.py" else "clq"
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has already printed
+        return stop.code if isinstance(stop.code, int) else 0
+    try:
+        return args.run(args)
+    except (InputError, RunError) as error:
+        print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, InputError) else 1

@@ -1,0 +1,205 @@
+"""Tests for clq_compile/cli.py: `clq quantize`, `clq explain`, `clq eval`, run in-process through main()."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clq_compile import metrics, tiny_models
+from clq_compile.artifact import read_manifest
+from clq_compile.cli import main
+
+# Small enough for a few seconds per command on a 2-core CPU.
+FAST = ["--calib-samples", "2", "--steps", "2", "--calib-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny-dit"
+    tiny_models.build("dit", seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rtn_artifact(tiny_dit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-w8a8.safetensors"
+    assert main(["quantize", "--model", str(tiny_dit), "--out", str(out), "--recipe", "rtn",
+                 "--bits", "w8a8", *FAST]) == 0
+    return out
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    """The message from the "clq SUBCOMMAND: error:" line on (argparse prints its usage above it)."""
+    assert "Traceback" not in err
+    found = re.search(r"^clq \w+: error: ", err, re.MULTILINE)
+    assert found, err
+    return err[found.start():].strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def test_program_help_names_every_subcommand_with_an_example():
+    done = subprocess.run([sys.executable, "-m", "clq_compile", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m clq_compile")
+    for subcommand in ("quantize", "explain", "eval"):
+        assert f"python -m clq_compile {subcommand} " in done.stdout  # each one in the example
+    assert "bench/assets/digits-dit" in done.stdout
+
+
+@pytest.mark.parametrize("subcommand", ["quantize", "explain", "eval"])
+def test_subcommand_help_shows_an_example_on_the_bundled_model(capsys, subcommand):
+    status, out, _ = run(capsys, subcommand, "--help")
+    assert status == 0
+    assert f"example:\n  clq {subcommand} " in out
+    assert "digits-w4a4.safetensors" in out
+    if subcommand != "explain":
+        assert "--model FOLDER" in out and "bench/assets/digits-dit" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize and explain
+
+
+def test_quantize_writes_an_artifact_that_explain_prints(capsys, rtn_artifact):
+    manifest = read_manifest(rtn_artifact)
+    assert manifest["recipe"] == "rtn" and manifest["options"]["bits"] == "w8a8"
+    status, out, _ = run(capsys, "explain", str(rtn_artifact))
+    assert status == 0
+    for path in manifest["layers"]:
+        assert path in out
+    assert "transformer_blocks.0.attn1.to_q" in manifest["layers"]
+    assert "kept: adaLN" in out  # a layer kept in full precision, with its reason
+
+
+def test_quantize_prints_a_summary_and_the_table(capsys, tiny_dit, tmp_path):
+    out_dir = tmp_path / "tiny-clq"  # no .safetensors suffix: written as a folder
+    status, out, _ = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(out_dir),
+                         "--recipe", "clq", "--bits", "w4a4", *FAST)
+    assert status == 0
+    layers = read_manifest(out_dir)["layers"]
+    assert (out_dir / "manifest.json").is_file()
+    assert f"quantized {len(layers)} linear layers" in out
+    assert "with recipe 'clq' at w4a4" in out and f"wrote {out_dir}" in out
+    assert "clq: bits=w4a4 recipe=clq state=quantized" in out  # the explain table follows
+    assert "transformer_blocks.1.ff.net.2" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_prints_psnr_and_writes_json(capsys, tiny_dit, rtn_artifact, tmp_path):
+    report = tmp_path / "eval.json"
+    status, out, _ = run(capsys, "eval", "--model", str(tiny_dit), "--artifact", str(rtn_artifact),
+                         "--samples", "2", "--steps", "2", "--json", str(report))
+    assert status == 0
+    assert "PSNR (dB)" in out and "quantized" in out
+    result = json.loads(report.read_text())
+    assert result["recipe"] == "rtn" and result["bits"] == "w8a8" and result["samples"] == 2
+    assert 0 < result["psnr"] < metrics.PSNR_CAP_DB and math.isfinite(result["psnr"])
+    assert f"{result['psnr']:.2f}" in out
+    assert 0 < result["ssim"] < 1
+    assert result["accuracy"] is None and result["fp_accuracy"] is None  # no classifier for this model
+
+
+def test_digits_model_round_trip_reports_class_accuracy(capsys, tmp_path):
+    torch.manual_seed(0)
+    from diffusers import DiTTransformer2DModel
+
+    folder = tmp_path / "tiny-digits"
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                          num_layers=1, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
+                          norm_type="ada_norm_zero").eval().save_pretrained(folder)
+    artifact = tmp_path / "digits.safetensors"
+    assert main(["quantize", "--model", str(folder), "--out", str(artifact), "--recipe", "rtn", *FAST]) == 0
+    report = tmp_path / "eval.json"
+    status, out, _ = run(capsys, "eval", "--model", str(folder), "--artifact", str(artifact), "--samples", "1",
+                         "--steps", "2", "--json", str(report))
+    assert status == 0
+    result = json.loads(report.read_text())
+    assert result["samples"] == 10  # one of each digit
+    assert "class-conditional DDIM" in result["task"]
+    assert 0 <= result["accuracy"] <= 1 and 0 <= result["fp_accuracy"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit status 2 and one line naming the problem
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    status, out, err = run(capsys, "quantize", "--model", str(tmp_path / "nowhere"), "--out",
+                           str(tmp_path / "a.safetensors"))
+    assert status == 2 and out == ""
+    assert error_line(err) == (f"clq quantize: error: --model {tmp_path / 'nowhere'}: no such folder; expected a "
+                               f"diffusers transformer folder (config.json and the weights), e.g. bench/assets/digits-dit")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_folder_without_config_or_with_an_unknown_class(capsys, rtn_artifact, tmp_path):
+    (tmp_path / "empty").mkdir()
+    status, _, err = run(capsys, "eval", "--model", str(tmp_path / "empty"), "--artifact", str(rtn_artifact))
+    assert status == 2
+    assert error_line(err).startswith(f"clq eval: error: --model {tmp_path / 'empty'}: no config.json in it")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"_class_name": "NoSuchTransformer"}))
+    status, _, err = run(capsys, "quantize", "--model", str(tmp_path / "odd"), "--out", str(tmp_path / "a"))
+    assert status == 2
+    assert "config.json names 'NoSuchTransformer', which is not a diffusers model class" in error_line(err)
+
+
+@pytest.mark.parametrize("flag, value", [("--bits", "w3a4"), ("--bits", "w16a16"), ("--recipe", "fastest"),
+                                         ("--calib-samples", "0")])
+def test_bad_option_values(capsys, tiny_dit, tmp_path, flag, value):
+    status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "a"), flag, value)
+    assert status == 2
+    line = error_line(err)
+    assert line.startswith("clq quantize: error: argument") and flag in line and value in line
+
+
+def test_missing_artifact(capsys, tiny_dit, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    status, _, err = run(capsys, "explain", str(missing))
+    assert status == 2
+    assert error_line(err).startswith(f"clq explain: error: {missing}: no such file or folder")
+    status, _, err = run(capsys, "eval", "--model", str(tiny_dit), "--artifact", str(missing))
+    assert status == 2
+    assert error_line(err).startswith(f"clq eval: error: --artifact {missing}: no such file or folder")
+
+
+def test_a_file_that_is_not_an_artifact(capsys, tmp_path):
+    fake = tmp_path / "notes.safetensors"
+    fake.write_bytes(b"not safetensors at all")
+    status, _, err = run(capsys, "explain", str(fake))
+    assert status == 2
+    assert "is not a readable clq-compile artifact" in error_line(err)
+
+
+def test_artifact_of_another_model(capsys, rtn_artifact, tmp_path):
+    other = tmp_path / "other-dit"
+    tiny_models.build("dit", seed=1).save_pretrained(other)
+    status, out, err = run(capsys, "eval", "--model", str(other), "--artifact", str(rtn_artifact))
+    assert status == 2 and out == ""
+    message = error_line(err)
+    assert message.startswith(f"clq eval: error: the artifact {rtn_artifact} was made from a different model")
+    assert "transformer_blocks.0.attn1.to_q.weight" in message  # the differences are listed
+
+
+def test_output_folder_must_exist(capsys, tiny_dit, tmp_path):
+    status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "no" / "a.safetensors"))
+    assert status == 2
+    assert error_line(err) == f"clq quantize: error: --out {tmp_path / 'no' / 'a.safetensors'}: the folder " \
+                              f"{tmp_path / 'no'} does not exist"

@@ -154,11 +154,19 @@ def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str]) -> dict
             "details": to_json(layer.details), "tensors": tensor_names}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: callable) -> None:
     """Write through `write(tmp_path)` into a temporary sibling of `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); an artifact gets the permissions of any new file.
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
@@ -195,6 +203,7 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
                             f"path (or end it in .safetensors to write a single file)")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         _atomic_write(staging / TENSORS_FILE, _write_bytes(safetensors.torch.save(tensors)))
         _atomic_write(staging / MANIFEST_FILE, _write_bytes(text.encode()))

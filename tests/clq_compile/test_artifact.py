@@ -140,6 +140,18 @@ def test_interrupted_write_keeps_the_previous_artifact(tmp_path, monkeypatch, na
     assert_same_layers(second, read_artifact(path).layers())
 
 
+@pytest.mark.parametrize("name", ["a.safetensors", "adir"])
+def test_artifacts_get_the_permissions_of_any_new_file(tmp_path, name):
+    path = save_layers(tmp_path / name, {"blocks.0.proj": random_layer(torch.Generator(), 4, 32, 4, None, True)})
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if path.is_file() else [path / artifact.MANIFEST_FILE, path / artifact.TENSORS_FILE]
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask
+    if path.is_dir():
+        assert path.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
 def test_fingerprint_differences_name_each_kind():
     a = artifact.fingerprint([("x", torch.zeros(2)), ("y", torch.zeros(3)), ("z", torch.zeros(1))])
     b = artifact.fingerprint([("x", torch.ones(2)), ("y", torch.zeros(4)), ("w", torch.zeros(1))])

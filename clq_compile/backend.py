@@ -9,6 +9,7 @@ quantized graph afterwards.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import fx
 from clq_compile.passes.capture import capture
 
 from .options import Options, parse_options
-from .state import CompiledGraph, state_for_graph
+from .state import CompiledGraph, state_for_graph, state_for_module
 
 log = logging.getLogger("clq_compile")
 
@@ -33,13 +34,36 @@ def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any
             stacklevel=2)
         return gm.forward
     params = {p.path: example_inputs[p.index] for p in analysis.placeholders if p.kind == "parameter"}
-    state = state_for_graph(list(params.values()), opts)
+    module = traced_module(gm)
+    state = state_for_module(module, opts) if module is not None else state_for_graph(list(params.values()), opts)
     state.check_parameters(params, opts.load)
     graph = CompiledGraph(state, gm, analysis, example_inputs)
     state.graphs.append(graph)
     log.debug("captured graph %d of this model: %d linear layers", len(state.graphs),
               len(analysis.sites))
     return graph
+
+
+def traced_module(gm: fx.GraphModule) -> torch.nn.Module | None:
+    """The module whose parameters `gm` lifted, or None when it cannot be found.
+
+    Dynamo hands a backend the parameters, not the module. Knowing the module lets the graphs on
+    both sides of a graph break share one state from their first call (otherwise they meet only
+    when calibrating() or explain() looks the module up). The module is the traced frame's local
+    that the parameters' sources start from; reading it uses Dynamo internals, so any surprise
+    falls back to graph-by-graph states.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        local = next(m.group(1) for node in gm.graph.nodes if node.op == "placeholder"
+                     for grapharg in [node.meta.get("grapharg")]
+                     if grapharg is not None and grapharg.source is not None
+                     for m in [re.match(r"L\['([^']*)'\]\S*_parameters", grapharg.source.name)] if m)
+        value = InstructionTranslator.current_tx().output.root_tx.f_locals.get(local)
+    except Exception:  # noqa: BLE001  (internals moved, or no parameter sources: use the fallback)
+        return None
+    return value if isinstance(value, torch.nn.Module) else None
 
 
 def compiled_options(qt: Any) -> Options:

@@ -98,6 +98,8 @@ class CompiledGraph:
                              note="data-free: not seen during calibration")
         self.lowered = lower(self.gm, self.analysis, state.layers, self.quantized_sites,
                              state.options.kernels)
+        # Data-free or loaded models meet the graphs after a break only now.
+        warn_graph_breaks(state)
         if self.example_inputs is not None:
             from torch._inductor.compile_fx import compile_fx
 

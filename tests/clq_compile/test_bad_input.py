@@ -305,6 +305,22 @@ def test_graph_breaks_quantize_every_graph_and_warn_once_listing_them():
     assert all(g.lowered is not None for g in model_state(qt).graphs)
 
 
+def test_graph_breaks_are_listed_without_calibration_too():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TwoGraphs().eval()
+    qt = compile_clq(model)
+    with pytest.warns(UserWarning) as record, torch.no_grad():
+        qt(torch.randn(1, 8, 32))
+        qt(torch.randn(1, 8, 32))
+    messages = [str(w.message) for w in record if "graph breaks" in str(w.message)]
+    assert len(messages) == 1 and "graph 1: 2 linear layers, first.0 .. first.2; graph 2: 2 linear layers, " \
+        "second.0 .. second.2" in messages[0]
+    # Both graphs joined one state at capture: one data-free warning, not one per graph.
+    assert sum("without calibration" in str(w.message) for w in record) == 1
+    assert all(" quantized" in row for row in explain_rows(qt).values())
+
+
 # 4. New input shape after quantization ---------------------------------------------------------
 
 

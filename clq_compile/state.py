@@ -149,13 +149,17 @@ class ModelState:
         saved = self.artifact.manifest["decisions"].get(site.path)
         return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
 
-    def check_parameters(self, params: dict[str, torch.Tensor], path: str) -> None:
-        """Refuse parameters that differ from the artifact's model (loaded states only)."""
+    def check_parameters(self, params: dict[str, torch.Tensor], path: str, complete: bool = False) -> None:
+        """Refuse parameters that differ from the artifact's model (loaded states only).
+
+        params: {path: parameter} of one graph, or of the whole model with complete=True (then
+        parameters of the artifact's model missing here are refused too). Values are hashed once.
+        """
         if self.artifact is None:
             return
-        found = {name: parameter_entry(p, with_hash=name not in self.released)
-                 for name, p in params.items() if name not in self.verified}
-        refuse_other_model(path, fingerprint_differences(self.fingerprint, found, complete=False))
+        found = {name: parameter_entry(p, with_hash=name not in self.released and name not in self.verified)
+                 for name, p in params.items() if complete or name not in self.verified}
+        refuse_other_model(path, fingerprint_differences(self.fingerprint, found, complete=complete))
         self.verified.update(found)
 
     def begin_calibration(self) -> None:

@@ -88,6 +88,14 @@ def test_compile_option_load_checks_the_captured_parameters(dit_artifact):
     with pytest.raises(BackendCompilerFailed, match="values: "):
         run(qt, "dit")
 
+    # A parameter no graph uses is still part of the model's fingerprint.
+    torch._dynamo.reset()
+    extended = tiny_models.build("dit", seed=7)
+    extended.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
+    qt = torch.compile(extended, backend="clq", options={"load": str(path)})
+    with pytest.raises(BackendCompilerFailed, match=r"extra: unused \(in this model"):
+        run(qt, "dit")
+
 
 def test_conflicting_options_are_refused_and_runtime_ones_accepted(dit_artifact):
     path, expected = dit_artifact

@@ -160,27 +160,21 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write: callable) -> None:
-    """Write through `write(tmp_path)` into a temporary sibling of `path`, then rename it into place."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` into a temporary sibling of `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     # mkstemp makes the file private (0600); an artifact gets the permissions of any new file.
     os.chmod(tmp, 0o666 & ~_umask())
     try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _write_bytes(data: bytes) -> callable:
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-    return write
 
 
 def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
@@ -196,7 +190,7 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
         if path.is_dir():
             raise ArtifactError(f"{path} is a directory; pass a file path ending in .safetensors or a "
                                 f"directory path without that suffix")
-        _atomic_write(path, _write_bytes(safetensors.torch.save(tensors, metadata={MANIFEST_KEY: text})))
+        _atomic_write(path, safetensors.torch.save(tensors, metadata={MANIFEST_KEY: text}))
         return path
     if path.exists() and not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
         raise ArtifactError(f"{path} exists and is not a clq-compile artifact directory; choose another "
@@ -205,8 +199,8 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:
-        _atomic_write(staging / TENSORS_FILE, _write_bytes(safetensors.torch.save(tensors)))
-        _atomic_write(staging / MANIFEST_FILE, _write_bytes(text.encode()))
+        _atomic_write(staging / TENSORS_FILE, safetensors.torch.save(tensors))
+        _atomic_write(staging / MANIFEST_FILE, text.encode())
         # Directories cannot be replaced atomically: move the old one aside first, so that at
         # every moment `path` is either the complete old artifact, absent, or the complete new one.
         old = None
@@ -234,11 +228,6 @@ class Artifact:
     manifest: dict[str, Any]
     tensors: dict[str, torch.Tensor] | None = None
 
-    @property
-    def options(self) -> dict[str, Any]:
-        """The options it was made with; JSON lists back to the tuples Options holds."""
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in self.manifest["options"].items()}
-
     def layers(self, device: torch.device | str | None = None) -> dict[str, QuantizedLinear]:
         """The quantized layers, on `device`; tensors stored once stay shared after loading."""
         if self.tensors is None:
@@ -260,56 +249,55 @@ def _corrupt(path: Path, what: str) -> ArtifactError:
                          f"corrupted (an interrupted copy?); save it again from the quantized model.")
 
 
-def _safetensors_header(path: Path, data: bytes) -> dict[str, Any]:
-    """The JSON header of a safetensors file, after checking that its sizes add up."""
+def _header_json(path: Path, raw: bytes) -> dict[str, Any]:
+    """A safetensors header's JSON object."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    return header
+
+
+def _check_safetensors_sizes(path: Path, data: bytes) -> None:
+    """Refuse a safetensors file whose header and tensor sizes do not add up to its length."""
     if len(data) < 8:
         raise _corrupt(path, f"{len(data)} bytes, shorter than a safetensors header")
     (length,) = struct.unpack("<Q", data[:8])
     if 8 + length > len(data):
         raise _corrupt(path, f"the header says {length} bytes of JSON but the file has {len(data) - 8}")
-    try:
-        header = json.loads(data[8:8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "its header is not a JSON object")
+    header = _header_json(path, data[8:8 + length])
     end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end != len(data):
         raise _corrupt(path, f"the tensors need {8 + length + end} bytes, the file has {len(data)}")
-    return header
 
 
-def _read_manifest_text(path: Path) -> tuple[str, Path]:
-    """The manifest's JSON text and the file holding the tensors."""
+def _locate(path: Path) -> tuple[str, Path]:
+    """The manifest's JSON text and the file holding the tensors (reading the header only)."""
     if not path.exists():
         raise FileNotFoundError(f"no artifact at {path}; save one with clq_compile.save(qt, path)")
     if path.is_dir():
-        manifest_file, tensors_file = path / MANIFEST_FILE, path / TENSORS_FILE
+        manifest_file = path / MANIFEST_FILE
         if not manifest_file.is_file():
             raise _corrupt(path, f"the directory has no {MANIFEST_FILE}")
-        return manifest_file.read_text(), tensors_file
+        return manifest_file.read_text(), path / TENSORS_FILE
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
         if length is None or 8 + length > size:
             raise _corrupt(path, "the safetensors header is cut off")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
-    text = (header.get("__metadata__") or {}).get(MANIFEST_KEY) if isinstance(header, dict) else None
+        header = _header_json(path, f.read(length))
+    text = (header.get("__metadata__") or {}).get(MANIFEST_KEY)
     if text is None:
         raise ArtifactError(f"{path} is a safetensors file without a clq-compile manifest: not an "
                             f"artifact saved by clq_compile.save")
     return text, path
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the artifact at `path` (format and version checked; tensors not read)."""
-    path = Path(path)
-    text, _ = _read_manifest_text(path)
+def _parse_manifest(path: Path, text: str) -> dict[str, Any]:
+    """The manifest from its JSON text, format and version checked."""
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as error:
@@ -325,15 +313,21 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the artifact at `path` (format and version checked; tensors not read)."""
+    path = Path(path)
+    return _parse_manifest(path, _locate(path)[0])
+
+
 def read_artifact(path: str | os.PathLike) -> Artifact:
     """The manifest and the tensors of the artifact at `path`, every tensor's hash checked."""
     path = Path(path)
-    manifest = read_manifest(path)
-    _, tensors_file = _read_manifest_text(path)
+    text, tensors_file = _locate(path)
+    manifest = _parse_manifest(path, text)
     if not tensors_file.is_file():
         raise _corrupt(path, f"{tensors_file.name} is missing")
     data = tensors_file.read_bytes()
-    _safetensors_header(tensors_file, data)
+    _check_safetensors_sizes(tensors_file, data)
     try:
         tensors = safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own error type for malformed files
@@ -346,9 +340,3 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         raise _corrupt(path, f"{len(bad)} tensor(s) do not match their recorded hash, e.g. {bad[0]}")
     return Artifact(path, manifest, tensors)
 
-
-def explain_artifact(path: str | os.PathLike) -> str:
-    """The per-layer table of the artifact at `path` (see clq_compile.explain_artifact)."""
-    from .explain import explain_artifact as table_of
-
-    return table_of(path)

@@ -36,10 +36,9 @@ def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any
     params = {p.path: example_inputs[p.index] for p in analysis.placeholders if p.kind == "parameter"}
     module = traced_module(gm)
     state = state_for_module(module, opts) if module is not None else state_for_graph(list(params.values()), opts)
-    if module is not None:
-        state.check_parameters(dict(module.named_parameters()), opts.load, complete=True)
-    else:
-        state.check_parameters(params, opts.load)
+    if opts.load is not None:
+        whole = module is not None
+        state.check_parameters(dict(module.named_parameters()) if whole else params, opts.load, complete=whole)
     graph = CompiledGraph(state, gm, analysis, example_inputs)
     state.graphs.append(graph)
     log.debug("captured graph %d of this model: %d linear layers", len(state.graphs),

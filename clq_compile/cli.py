@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 import clq_compile
 from clq_compile import artifact, digits
+from clq_compile.calibration import model_state
+from clq_compile.explain import aligned, explain_artifact
 from clq_compile.options import BITS, KERNELS
 from clq_compile.passes.recipes import RECIPES
 from clq_compile.workloads import Task, calibration_calls, load_model, score, task_for
@@ -83,11 +85,16 @@ def _writable(path: Path, flag: str) -> None:
         raise InputError(f"{flag} {path}: the folder {path.parent} does not exist")
 
 
-def _manifest(path: Path, label: str) -> dict[str, Any]:
-    """The manifest of the artifact at `path`, or an InputError that starts with `label`."""
+def _existing(path: Path, label: str) -> None:
+    """An InputError that starts with `label` when there is nothing at `path`."""
     if not path.exists():
         raise InputError(f"{label}: no such file or folder; write one with "
                          f"`clq quantize --model FOLDER --out {path}`")
+
+
+def _manifest(path: Path, label: str) -> dict[str, Any]:
+    """The manifest of the artifact at `path`, or an InputError that starts with `label`."""
+    _existing(path, label)
     try:
         return artifact.read_manifest(path)
     except (OSError, ValueError) as error:
@@ -118,7 +125,7 @@ def quantize(args: argparse.Namespace) -> int:
             qt(**call)
     written = clq_compile.save(qt, args.out)
     seconds = time.perf_counter() - started
-    layers = len(artifact.read_manifest(written)["layers"])
+    layers = len(model_state(qt).layers)
     batch = len(task.calibration["hidden_states"])
     print(f"quantized {layers} linear layers of {args.model} ({type(model).__name__}) with recipe "
           f"{args.recipe!r} at {args.bits} in {seconds:.1f} s, calibrated on {len(calls)} calls of "
@@ -131,9 +138,9 @@ def quantize(args: argparse.Namespace) -> int:
 
 def explain(args: argparse.Namespace) -> int:
     """Print the per-layer table of a saved artifact."""
-    _manifest(args.artifact, str(args.artifact))
+    _existing(args.artifact, str(args.artifact))
     try:
-        table = artifact.explain_artifact(args.artifact)
+        table = explain_artifact(args.artifact)
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from error
     print(table)
@@ -182,8 +189,7 @@ def _table(result: dict[str, Any]) -> str:
             ("full precision", "reference", "reference", show(result["fp_accuracy"], ".3f")),
             ("quantized", show(result["psnr"], ".2f"), show(result["ssim"], ".4f"),
              show(result["accuracy"], ".3f"))]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(aligned(rows))
 
 
 # ---------------------------------------------------------------------------------------------

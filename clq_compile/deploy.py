@@ -28,18 +28,6 @@ def _model_fingerprint(qt: torch.nn.Module, state: ModelState) -> dict[str, dict
     return state.fingerprint
 
 
-def _decisions(state: ModelState) -> dict[str, dict[str, Any]]:
-    """{layer path: role, shape and decision} of every linear layer the state has seen."""
-    seen = dict(state.artifact.manifest["decisions"]) if state.artifact is not None else {}
-    for graph in state.graphs:
-        for site in graph.analysis.sites:
-            decision = graph.decisions[site.node]
-            seen.setdefault(site.path, {"role": site.role, "out_features": site.out_features,
-                                        "in_features": site.in_features, "quantize": decision.quantize,
-                                        "reason": decision.reason})
-    return seen
-
-
 def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write the quantized layers of `qt` (compiled with backend="clq", quantized) to `path`.
 
@@ -65,7 +53,7 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
         "recipe": state.options.recipe,
         "calibrated": state.calibrations > 0 or bool(state.artifact and state.artifact.manifest["calibrated"]),
         "fingerprint": _model_fingerprint(qt, state),
-        "decisions": _decisions(state),
+        "decisions": state.site_decisions(),
         "layers": {p: layer_manifest(state.layers[p], names[p]) for p in sorted(state.layers)},
         "errors": {p: float(e) for p, e in sorted(state.errors.items())},
     }

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .artifact import read_manifest
+from .artifact import layer_manifest, read_manifest
 from .calibration import model_state
 from .state import QUANTIZED
 
@@ -45,20 +45,17 @@ def _cells(row: LayerRow) -> tuple[str, ...]:
     return (row.path, row.role, f"{row.out_features} x {row.in_features}", bits, gran, method, status, error)
 
 
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as text lines, each column padded to its widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def table(title: str, rows: list[LayerRow]) -> str:
     """The title line, then one aligned line per layer."""
     cells = [_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in [HEADER, *cells]) for i in range(len(HEADER))]
-    lines = [title]
-    for c in [HEADER, tuple("-" * w for w in widths), *cells]:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _layer_info(layer) -> dict:
-    w = layer.weight
-    return {"w_bits": w.bits, "a_bits": layer.a_bits, "w_group": w.group, "a_group": layer.a_group,
-            "method": layer.method, "notes": layer.notes}
+    rule = tuple("-" * max(len(c[i]) for c in [HEADER, *cells]) for i in range(len(HEADER)))
+    return "\n".join([title, *aligned([HEADER, rule, *cells])])
 
 
 def explain(qt) -> str:
@@ -69,18 +66,9 @@ def explain(qt) -> str:
     """
     state = model_state(qt)
     options = state.options
-    rows: dict[str, LayerRow] = {}
-    for graph in state.graphs:
-        for site in graph.analysis.sites:
-            decision = graph.decisions[site.node]
-            layer = state.layers.get(site.path) if decision.quantize else None
-            rows.setdefault(site.path, LayerRow(
-                site.path, site.role, site.out_features, site.in_features, decision.quantize, decision.reason,
-                _layer_info(layer) if layer is not None else None, state.errors.get(site.path)))
-    if state.artifact is not None:
-        # Layers of the artifact no graph has reached yet.
-        saved = _artifact_rows(state.artifact.manifest)
-        rows.update({r.path: r for r in saved if r.path not in rows})
+    rows = {path: LayerRow(path, **d, error=state.errors.get(path),
+                           layer=layer_manifest(state.layers[path], {}) if path in state.layers else None)
+            for path, d in state.site_decisions().items()}
     quantized = sum(1 for r in rows.values() if r.layer is not None)
     source = f" loaded from {options.load}" if options.load else ""
     title = (f"clq: bits={options.bits} recipe={options.recipe} state={state.phase}{source} "
@@ -101,8 +89,7 @@ def explain(qt) -> str:
 
 def _artifact_rows(manifest: dict) -> list[LayerRow]:
     layers, errors = manifest["layers"], manifest["errors"]
-    return [LayerRow(path, d["role"], d["out_features"], d["in_features"], d["quantize"], d["reason"],
-                     layers.get(path), errors.get(path))
+    return [LayerRow(path, **d, layer=layers.get(path), error=errors.get(path))
             for path, d in manifest["decisions"].items()]
 
 

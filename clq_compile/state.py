@@ -149,6 +149,22 @@ class ModelState:
         saved = self.artifact.manifest["decisions"].get(site.path)
         return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
 
+    def site_decisions(self) -> dict[str, dict]:
+        """{layer path: role, out_features, in_features, quantize, reason} of every linear layer
+        the state knows: those of its captured graphs, and the artifact's when loaded."""
+        # Graph order first; a loaded layer keeps the decision it was saved with.
+        saved = self.artifact.manifest["decisions"] if self.artifact is not None else {}
+        known: dict[str, dict] = {}
+        for graph in self.graphs:
+            for site in graph.analysis.sites:
+                decision = graph.decisions[site.node]
+                known.setdefault(site.path, saved.get(site.path) or {
+                    "role": site.role, "out_features": site.out_features, "in_features": site.in_features,
+                    "quantize": decision.quantize, "reason": decision.reason})
+        for path, d in saved.items():
+            known.setdefault(path, d)
+        return known
+
     def check_parameters(self, params: dict[str, torch.Tensor], path: str, complete: bool = False) -> None:
         """Refuse parameters that differ from the artifact's model (loaded states only).
 

@@ -39,7 +39,6 @@ MANIFEST_KEY = "clq_manifest"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 # Tensors of one layer, by the name the manifest gives them (the op's argument names).
-LAYER_TENSORS = ("qweight", "w_scale", "w_zero", "act_mul", "act_perm", "act_rotation")
 
 
 class ArtifactError(ValueError):
@@ -238,9 +237,11 @@ class Artifact:
             t = {arg: moved[name] for arg, name in entry["tensors"].items()}
             weight = PackedWeight(t["qweight"], t["w_scale"], t.get("w_zero"), entry["w_bits"],
                                   entry["in_features"], entry["w_group"])
+            fold = entry.get("details", {}).get("fold")
             layers[path] = QuantizedLinear(weight, entry["a_bits"], entry["a_group"], t.get("act_mul"),
-                                           t.get("act_perm"), t.get("act_rotation"), entry["method"],
-                                           list(entry["notes"]), {})
+                                           t.get("act_perm"), t.get("act_rotation"), t.get("bias"),
+                                           entry["method"], list(entry["notes"]),
+                                           {"fold": fold} if fold else {})
         return layers
 
 

@@ -35,6 +35,11 @@ class Options:
     inductor:         hand the rewritten graph to Inductor: "auto" (when its inputs are on CUDA),
                       "always" or "never" (run the FX graph as is)
     hadamard_block:   OBS block size b of the block-diagonal Hadamard (32/64/128/256)
+    fold:             fold OBS's activation transform into the layers that produce the activation
+                      where the graph proves it legal (v_proj -> attention -> out_proj: G then
+                      stays inside each head), so no rotation runs online there. Off by default:
+                      it costs quality (bench/fold.py; a head-local G cannot spread one head's
+                      outliers over the others)
     cbc_reference:    CLPS reference outputs: "fp-layer" (full-precision layers on the inputs the
                       quantized prefix produces) or "fp-model" (the full-precision model's activations)
     clps_window:      how many blocks after a layer's own CLPS looks for its target (0, 1, 2)
@@ -56,6 +61,7 @@ class Options:
     quantize_cross_kv: bool = True
     inductor: str = "auto"
     hadamard_block: int = 128
+    fold: bool = False
     cbc_reference: str = "fp-layer"
     clps_window: int = 1
     clps_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
@@ -145,7 +151,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     calls = values.get("search_calls", 4)
     if type(calls) is not int or calls < 1:
         raise ValueError(f"options['search_calls'] must be a positive integer; got {calls!r}")
-    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order"):
+    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold"):
         if key in values:
             _boolean(key, values[key])
     if "skip" in values:

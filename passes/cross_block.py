@@ -3,10 +3,12 @@
 The graph is cut into segments at transformer-block boundaries (passes/segments.py). Every
 recorded call is carried through the segments in order. At segment s:
 
-1. the segment (and the next one, CLPS's window) runs in full precision from the call's current
-   state, recording the statistics of the segment's layers;
-2. each layer gets its OBS transform G = S·H from those statistics, and CLPS picks its clipping
-   bounds against its downstream target layer;
+1. the segment runs in full precision from the call's current state, recording the statistics
+   of the segment's layers;
+2. each layer gets its OBS transform G = S·H from those statistics (with option `fold`, one G
+   per fold group, folded into the producers: passes/folding.py); the segment and the next one
+   (CLPS's window) run in full precision in the coordinates those transforms put the activations
+   in, and CLPS picks each layer's clipping bounds against its downstream target layer;
 3. the calls advance through segment s with its layers now *quantized*, so segment s+1 is
    calibrated on the inputs it will really see at inference, accumulated error included.
 
@@ -32,6 +34,7 @@ from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
 
 from .cross_layer_search import clip_candidates, pick_target, search_clip
+from .folding import find_folds
 from .layer import QuantizedLinear
 from .observers import GraphCalibration, RelativeError, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
@@ -55,10 +58,17 @@ class Components:
 
 def _smoothed_weight(weight: torch.Tensor, smoothing: Smoothing | None) -> torch.Tensor:
     """W·G: weight rows transformed like activation rows, so x·Wᵀ = (x·G)·(W·G)ᵀ."""
-    w = weight.detach().float()
     if smoothing is None:
-        return w
-    return rotate_weight(w, act_perm=smoothing.act_perm, act_rotation=smoothing.act_rotation).float()
+        return weight.detach().float()
+    return rotate_weight(weight, act_perm=smoothing.act_perm, act_rotation=smoothing.act_rotation).float()
+
+
+def _output_transformed(weight: torch.Tensor, output: Smoothing | None) -> torch.Tensor:
+    """Gᵀ·W for a [N, K] weight (or b·G for a [N] bias): the layer then outputs y·G."""
+    if output is None:
+        return weight.detach()
+    rows = weight.detach().reshape(weight.shape[0], -1).t()
+    return rotate_weight(rows, act_perm=output.act_perm, act_rotation=output.act_rotation).t().reshape(weight.shape)
 
 
 def _smoothed_hessian(hessian: torch.Tensor, smoothing: Smoothing | None) -> torch.Tensor:
@@ -69,13 +79,31 @@ def _smoothed_hessian(hessian: torch.Tensor, smoothing: Smoothing | None) -> tor
 
 
 class _LayerQuantizer:
-    """Builds the QuantizedLinear of one layer for a given clip, under its smoothing."""
+    """Builds the QuantizedLinear of one layer for a given clip, under its smoothing.
 
-    def __init__(self, weight: torch.Tensor, stats: LayerStats | None, options: Options,
-                 parts: Components, smoothing: Smoothing | None):
-        self.options, self.parts, self.smoothing = options, parts, smoothing
-        self.weight = _smoothed_weight(weight, smoothing)
+    smoothing: G of the layer's input; online: whether the op applies it (False: the producers
+    already output x·G); output: the G of the consumers this layer's output rows are folded for.
+    fp_weight / bias: the full-precision layer in those coordinates, for search runs.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
+                 options: Options, parts: Components, smoothing: Smoothing | None,
+                 online: bool = True, output: Smoothing | None = None):
+        self.options, self.parts, self.smoothing, self.online = options, parts, smoothing, online
+        rows = _output_transformed(weight, output)
+        self.weight = _smoothed_weight(rows, smoothing)
+        self.fp_weight = self.weight if smoothing is not None and not online else rows.float()
+        self.bias = None if output is None or bias is None else _output_transformed(bias, output).float()
         self.stats = stats
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the layer's full-precision stand-in differs from the graph's own linear."""
+        return self.bias is not None or self.fp_weight is not self.weight or not self.online
+
+    def stand_in(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b = self.bias if self.bias is not None else bias
+        return torch.nn.functional.linear(x, self.fp_weight.to(x.dtype), None if b is None else b.to(x.dtype))
 
     def __call__(self, clip: tuple[float, float], final: bool = False) -> QuantizedLinear:
         o = self.options
@@ -86,10 +114,10 @@ class _LayerQuantizer:
                      o.weight_symmetric, o.weight_group, act_order=o.gptq_act_order, clip=clip)
         else:
             q = quantize(self.weight, o.w_bits, o.weight_symmetric, o.weight_group, clip)
-        s = self.smoothing
+        s = self.smoothing if self.online else None
         return QuantizedLinear(pack_weight(q), o.a_bits, o.act_group,
                                act_perm=None if s is None else s.act_perm,
-                               act_rotation=None if s is None else s.act_rotation)
+                               act_rotation=None if s is None else s.act_rotation, bias=self.bias)
 
 
 def _relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:
@@ -101,12 +129,17 @@ def _relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict
     return meter.result()
 
 
-def _describe(parts: Components, smoothing: Smoothing | None, clip, target) -> tuple[str, list[str]]:
+def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
+              fold: dict | None) -> tuple[str, list[str]]:
     method = "clq" if parts.cbc else "clq (no cbc)"
     notes = []
     if smoothing is not None:
         method += f" {smoothing.note}"
-        notes.append("rotation: weight side folded offline, activation side online")
+        where = (f"folded into {', '.join(fold['producers'])}" if fold and "producers" in fold
+                 else "online")
+        notes.append(f"rotation: weight side folded offline, activation side {where}")
+    if fold and "consumers" in fold:
+        notes.append(f"output rows carry the rotation of {', '.join(fold['consumers'])}")
     if parts.clps:
         method += f" clip {clip[0]:.2f}/{clip[1]:.2f}"
         notes.append(f"CLPS target {target}" if target else "CLPS: no downstream layer in the window")
@@ -118,13 +151,15 @@ def _describe(parts: Components, smoothing: Smoothing | None, clip, target) -> t
 class _GraphQuantizer:
     """CBC over one captured graph and its recorded calls."""
 
-    def __init__(self, cal: GraphCalibration, options: Options, parts: Components):
+    def __init__(self, cal: GraphCalibration, options: Options, parts: Components, weights: dict[str, torch.Tensor]):
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
-        self.options, self.parts = options, parts
+        self.cal, self.options, self.parts = cal, options, parts
         self.envs = [self.seg.start_env(args) for args in cal.arguments()]
         fp_model = parts.cbc and options.cbc_reference == "fp-model"
         self.fp_envs = [dict(e) for e in self.envs] if fp_model else None
         self.search_calls = min(len(self.envs), options.search_calls)
+        candidates = {x.node for x in cal.analysis.sites if x.path in weights}
+        self.folds = find_folds(cal.gm, cal.analysis, candidates) if parts.obs and options.fold else []
 
     def run(self, weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLinear], bar) -> None:
         seg = self.seg
@@ -142,12 +177,42 @@ class _GraphQuantizer:
             if self.fp_envs is not None:
                 self.fp_envs = [seg.advance(s, e, fp_linear) for e in self.fp_envs]
 
+    def _plan(self, todo, weights, stats) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
+        """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`."""
+        options, parts, seg = self.options, self.parts, self.seg
+        smoothing: dict[str, Smoothing | None] = {}
+        output: dict[str, Smoothing] = {}
+        folds: dict[str, dict] = {}
+        for group in self.folds:
+            if not all(m in stats for m in group.producers + group.consumers):
+                continue
+            absmax = torch.stack([stats[c].absmax for c in group.consumers]).amax(dim=0)
+            shared = orthogonal_smoothing(group.width, absmax, options.hadamard_block, granule=group.granule)
+            producers = [seg.sites[p].path for p in group.producers]
+            consumers = [seg.sites[c].path for c in group.consumers]
+            for c in group.consumers:
+                smoothing[c] = shared
+                folds[c] = {"producers": producers}
+            for p in group.producers:
+                output[p] = shared
+                folds[p] = {"consumers": consumers}
+        plan = {}
+        for x in todo:
+            if x.node not in smoothing:
+                smoothing[x.node] = (orthogonal_smoothing(x.in_features, stats[x.node].absmax, options.hadamard_block)
+                                     if parts.obs else None)
+            bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
+            online = "producers" not in folds.get(x.node, {})
+            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, stats[x.node], options, parts,
+                                            smoothing[x.node], online, output.get(x.node)), folds.get(x.node))
+        return plan
+
     def _quantize_segment(self, s, todo, weights, layers, bar) -> None:
-        seg, options, parts = self.seg, self.options, self.parts
-        lo = seg.bounds[s][0]
+        seg, options = self.seg, self.options
+        lo, end = seg.bounds[s]
         hi = seg.bounds[min(s + options.clps_window, len(seg) - 1)][1]
         window = seg.nodes[lo:hi]
-        stats = {x.node: LayerStats(x.in_features, hessian=parts.gptq) for x in todo}
+        stats = {x.node: LayerStats(x.in_features, hessian=self.parts.gptq) for x in todo}
 
         def observe(site, x, w, b, call):
             if site.node in stats:
@@ -155,30 +220,37 @@ class _GraphQuantizer:
                 stats[site.node].add(x)
             return fp_linear(site, x, w, b)
 
-        runs, references = [], []
         for c, env in enumerate(self.envs):
-            local = seg.run(window, env, partial(observe, call=c))
-            if c < self.search_calls:
-                runs.append(ChainMap(local, env))
-                references.append(local if self.fp_envs is None
-                                  else seg.run(window, self.fp_envs[c], fp_linear))
+            seg.run(seg.nodes[lo:end], env, partial(observe, call=c))
+        plan = self._plan(todo, weights, stats)
+
+        def stand_in(site, x, w, b):
+            quantizer = plan.get(site.node, (None, None))[0]
+            if quantizer is None or not quantizer.transformed:
+                return fp_linear(site, x, w, b)
+            return quantizer.stand_in(x, b)
+
+        # CLPS's runs, in the coordinates the plan's folded transforms put the activations in.
+        runs, references = [], []
+        for c in range(self.search_calls):
+            local = seg.run(window, self.envs[c], stand_in)
+            runs.append(ChainMap(local, self.envs[c]))
+            references.append(local if self.fp_envs is None else seg.run(window, self.fp_envs[c], stand_in))
         window_sites = [seg.sites[n.name] for n in window if n.name in seg.sites]
         for site in todo:
-            layers[site.path] = self._quantize_site(site, weights[site.path], stats[site.node],
-                                                    runs, references, window_sites, hi)
+            quantizer, fold = plan[site.node]
+            layers[site.path] = self._quantize_site(site, quantizer, fold, stand_in, runs, references,
+                                                    window_sites, hi)
             bar.update()
 
-    def _quantize_site(self, site, weight, stats, runs, references, window_sites, hi) -> QuantizedLinear:
+    def _quantize_site(self, site, make, fold, stand_in, runs, references, window_sites, hi) -> QuantizedLinear:
         seg, options, parts = self.seg, self.options, self.parts
-        smoothing = (orthogonal_smoothing(site.in_features, stats.absmax, options.hadamard_block)
-                     if parts.obs else None)
-        make = _LayerQuantizer(weight, stats, options, parts, smoothing)
         clip, target, objective_values = (1.0, 1.0), None, {}
         later = [x.node for x in window_sites if seg.index[seg.node(x.node)] > seg.index[seg.node(site.node)]]
         if parts.clps and later:
             def rerun(nodes, layer):
                 def linear(s_, x, w, b):
-                    return layer.forward(x, b, options.kernels) if s_.node == site.node else fp_linear(s_, x, w, b)
+                    return layer.forward(x, b, options.kernels) if s_.node == site.node else stand_in(s_, x, w, b)
                 return [seg.run(nodes, env, linear) for env in runs]
 
             downstream = seg.descendants(site.node, hi)
@@ -195,9 +267,11 @@ class _GraphQuantizer:
                 clip, objective_values = search_clip(
                     objective, clip_candidates(options.clps_grid, options.weight_symmetric))
         layer = make(clip, final=True)
-        layer.method, layer.notes = _describe(parts, smoothing, clip, target)
+        layer.method, layer.notes = _describe(parts, make.smoothing, clip, target, fold)
         layer.details = {"clip": clip, "target": target, "objective": objective_values,
-                         "smoothing": None if smoothing is None else smoothing.note}
+                         "smoothing": None if make.smoothing is None else make.smoothing.note}
+        if fold:
+            layer.details["fold"] = fold
         return layer
 
 
@@ -209,13 +283,13 @@ def clq_quantize(weights: dict[str, torch.Tensor], options: Options,
     search) and round-to-nearest weights.
     """
     layers: dict[str, QuantizedLinear] = {}
-    with tqdm(total=len(weights), desc="clq", leave=False, disable=len(weights) < 8) as bar:
+    with torch.no_grad(), tqdm(total=len(weights), desc="clq", leave=False, disable=len(weights) < 8) as bar:
         for cal in calibrations or []:
-            _GraphQuantizer(cal, options, parts).run(weights, layers, bar)
+            _GraphQuantizer(cal, options, parts, weights).run(weights, layers, bar)
         for path in [p for p in weights if p not in layers]:
             smoothing = (orthogonal_smoothing(weights[path].shape[1], None, options.hadamard_block)
                          if parts.obs else None)
-            layer = _LayerQuantizer(weights[path], None, options, Components(gptq=False), smoothing)((1.0, 1.0))
+            layer = _LayerQuantizer(weights[path], None, None, options, Components(gptq=False), smoothing)((1.0, 1.0))
             layer.method = "data-free: " + (f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn")
             layers[path] = layer
             bar.update()

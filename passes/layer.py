@@ -15,7 +15,7 @@ from clq_compile.kernels import ops  # noqa: F401  (registers torch.ops.clq.quan
 from clq_compile.kernels.packing import PackedWeight
 
 # Names of the tensors a QuantizedLinear hands to the op, in the op's argument order.
-TENSOR_ARGS = ("qweight", "w_scale", "w_zero", "act_mul", "act_perm", "act_rotation")
+TENSOR_ARGS = ("qweight", "w_scale", "w_zero", "bias", "act_mul", "act_perm", "act_rotation")
 
 
 @dataclass
@@ -25,6 +25,8 @@ class QuantizedLinear:
     weight: the packed weight (already multiplied by the inverse of the activation transform)
     a_bits: 4 or 8 (16: weight only); a_group: channels per activation scale, None = per token
     act_mul [K], act_perm int64 [K], act_rotation [b, b]: the online activation transform
+    bias [N]: the layer's own bias, used instead of the graph's when set (a producer whose output
+    rows carry a consumer's folded transform stores b·G)
     method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
     details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
     """
@@ -35,6 +37,7 @@ class QuantizedLinear:
     act_mul: torch.Tensor | None = None
     act_perm: torch.Tensor | None = None
     act_rotation: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     method: str = "rtn"
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
@@ -42,8 +45,8 @@ class QuantizedLinear:
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """The op's tensor arguments by name (see TENSOR_ARGS)."""
         w = self.weight
-        return {"qweight": w.qweight, "w_scale": w.scale, "w_zero": w.zero, "act_mul": self.act_mul,
-                "act_perm": self.act_perm, "act_rotation": self.act_rotation}
+        return {"qweight": w.qweight, "w_scale": w.scale, "w_zero": w.zero, "bias": self.bias,
+                "act_mul": self.act_mul, "act_perm": self.act_perm, "act_rotation": self.act_rotation}
 
     def scalars(self, kernels: str) -> tuple:
         """The op's trailing scalar arguments."""
@@ -51,8 +54,8 @@ class QuantizedLinear:
         return (w.in_features, w.bits, self.a_bits, w.group or 0, self.a_group or 0, kernels)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kernels: str) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features], through the op."""
+        """x: [..., in_features] -> [..., out_features], through the op; `bias` is the graph's."""
         t = self.tensors()
-        return torch.ops.clq.quant_linear(
-            x, t["qweight"], t["w_scale"], t["w_zero"], bias, t["act_mul"], t["act_perm"],
-            t["act_rotation"], *self.scalars(kernels))
+        if t["bias"] is None:
+            t["bias"] = bias
+        return torch.ops.clq.quant_linear(x, *(t[name] for name in TENSOR_ARGS), *self.scalars(kernels))

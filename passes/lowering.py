@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from .capture import GraphAnalysis
+from .folding import check_folds
 from .layer import TENSOR_ARGS, QuantizedLinear
 
 
@@ -28,7 +29,13 @@ def _attr_prefix(path: str) -> str:
 
 def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, QuantizedLinear],
           quantize: set[str], kernels: str) -> fx.GraphModule:
-    """The rewritten graph (see the module docstring)."""
+    """The rewritten graph (see the module docstring).
+
+    Raises ValueError when a layer's folded transform is not connected the same way in `gm`.
+    """
+    sites = [s for s in analysis.sites if s.node in quantize]
+    check_folds(gm, analysis, {s.path: layers[s.path].details["fold"] for s in sites
+                               if layers[s.path].details.get("fold")}, quantize)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, env)
@@ -50,17 +57,14 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
             for name in TENSOR_ARGS:
                 tensor = layer.tensors()[name]
                 if tensor is None:
-                    tensors.append(None)
+                    tensors.append(bias if name == "bias" else None)
                     continue
                 attributes[f"{prefix}_{name}"] = tensor
                 attr = graph.get_attr(f"{prefix}_{name}")
                 attr.meta["stack_trace"] = linear.meta.get("stack_trace")
                 tensors.append(attr)
-            qweight, w_scale, w_zero, act_mul, act_perm, act_rotation = tensors
-            call = graph.create_node(
-                "call_function", torch.ops.clq.quant_linear.default,
-                (x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
-                 *layer.scalars(kernels)), name=prefix)
+            call = graph.create_node("call_function", torch.ops.clq.quant_linear.default,
+                                     (x, *tensors, *layer.scalars(kernels)), name=prefix)
         call.meta = dict(linear.meta)
         linear.replace_all_uses_with(call)
         graph.erase_node(linear)

@@ -16,8 +16,10 @@ For a linear layer y = x·Wᵀ with input x: [tokens, K], CLQ quantizes X̂ = Q(
 - H: block-diagonal normalized Hadamard with block b (default 128); a block that does not divide
   K falls back to the largest valid one, and the fallback is reported.
 
-The activation side x·G is applied online by `clq::quant_linear` (a gather and a b x b matmul
-per block); the weight side is folded offline.
+The weight side is folded offline. The activation side x·G is folded into the layers that produce
+x where passes/folding.py proves it legal (their output rows become Gᵀ·W_p; G then stays inside
+each attention head), otherwise applied online by `clq::quant_linear` (a gather and a b x b
+matmul per block).
 """
 
 from __future__ import annotations
@@ -37,15 +39,21 @@ def outlier_scores(act_absmax: torch.Tensor) -> torch.Tensor:
     return absmax / mean if mean > 0 else torch.ones_like(absmax)
 
 
-def balanced_permutation(scores: torch.Tensor, block: int) -> torch.Tensor:
+def balanced_permutation(scores: torch.Tensor, block: int, granule: int | None = None) -> torch.Tensor:
     """int64 [K]: position j of the transformed input reads original channel perm[j].
 
     Channels are dealt to the K // block blocks in snake order of decreasing score; within a
-    block they keep the order in which they were dealt.
+    block they keep the order in which they were dealt. With a `granule` (a multiple of `block`
+    dividing K), channels stay inside their run of `granule` consecutive channels (one attention
+    head when the transform is folded into the value projection) and are dealt within it.
     """
     k = scores.numel()
-    if k % block:
-        raise ValueError(f"block {block} does not divide the width {k}")
+    granule = k if granule is None else granule
+    if k % granule or granule % block:
+        raise ValueError(f"block {block} must divide the granule {granule}, which must divide the width {k}")
+    if granule < k:
+        return torch.cat([balanced_permutation(part, block) + i * granule
+                          for i, part in enumerate(scores.split(granule))])
     blocks = k // block
     order = torch.argsort(scores, descending=True, stable=True)
     rank = torch.arange(k)
@@ -79,12 +87,22 @@ class Smoothing:
 
 
 def orthogonal_smoothing(in_features: int, act_absmax: torch.Tensor | None, block: int = 128,
-                         swap_channels: bool = True) -> Smoothing:
-    """G for a layer of width `in_features`; without statistics (data-free) S is the identity."""
-    used = largest_valid_block(in_features, block)
-    note = f"H{used}" if used == block else f"H{used} (block {block} does not divide {in_features})"
+                         swap_channels: bool = True, granule: int | None = None) -> Smoothing:
+    """G for a layer of width `in_features`; without statistics (data-free) S is the identity.
+
+    granule: G must keep channels inside runs of this many (see `balanced_permutation`); the
+    Hadamard block then also divides it.
+    """
+    span = in_features if granule is None else granule
+    used = largest_valid_block(span, block)
+    if used == block:
+        note = f"H{used}"
+    elif granule is None:
+        note = f"H{used} (block {block} does not divide {in_features})"
+    else:
+        note = f"H{used} (inside runs of {granule} channels, one attention head)"
     perm = None
     if swap_channels and act_absmax is not None:
-        perm = balanced_permutation(outlier_scores(act_absmax), used)
+        perm = balanced_permutation(outlier_scores(act_absmax), used, granule)
         note = f"S + {note}"
     return Smoothing(perm, shared_hadamard(used), used, note)

@@ -145,13 +145,14 @@ class VariantResult:
 
 
 def quantize_and_sample(model: nn.Module, task: Task, calls: list[dict[str, Any]], recipe: str,
-                        bits: str, steps: int) -> tuple[torch.Tensor, float]:
+                        bits: str, steps: int, options: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
     """Compile with the clq backend, calibrate on `calls`, sample the evaluation set.
 
-    Returns the samples and the seconds spent leaving the calibrating block (quantization).
+    options: further backend options. Returns the samples and the seconds spent leaving the
+    calibrating block (quantization).
     """
     torch._dynamo.reset()
-    qt = torch.compile(model, backend="clq", options={"bits": bits, "recipe": recipe})
+    qt = torch.compile(model, backend="clq", options={"bits": bits, "recipe": recipe, **(options or {})})
     with torch.no_grad():
         with clq_compile.calibrating(qt):
             for call in calls:

@@ -16,8 +16,9 @@ INDUCTOR = ("auto", "always", "never")
 HADAMARD_BLOCKS = (32, 64, 128, 256)
 CBC_REFERENCES = ("fp-layer", "fp-model")
 CLPS_WINDOWS = (0, 1, 2)
-# Options that change how a quantized model runs, not what it holds: free to differ from an artifact's.
-RUNTIME_KEYS = ("kernels", "inductor", "load")
+# Options that change how the model runs or calibrates, not what its quantized layers hold: free
+# to differ from an artifact's.
+RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Options:
     clps_window:      how many blocks after a layer's own CLPS looks for its target (0, 1, 2)
     clps_grid:        clipping ratios CLPS tries (1.0, no clipping, is always included)
     search_calls:     how many recorded calls the searches evaluate candidates on
+    offload:          keep calibration recordings, and cross-block calibration's activations between
+                      blocks, in CPU memory; each call visits the model's device only to run (device
+                      memory then holds the search calls' window, not the whole calibration set)
     gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
     load:             path of an artifact written by clq_compile.save: its layers are used as they
                       are (no calibration); the other options default to the artifact's, and any
@@ -66,6 +70,7 @@ class Options:
     clps_window: int = 1
     clps_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
     search_calls: int = 4
+    offload: bool = False
     gptq_act_order: bool = False
     load: str | None = None
 
@@ -151,7 +156,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     calls = values.get("search_calls", 4)
     if type(calls) is not int or calls < 1:
         raise ValueError(f"options['search_calls'] must be a positive integer; got {calls!r}")
-    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold"):
+    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload"):
         if key in values:
             _boolean(key, values[key])
     if "skip" in values:

@@ -26,7 +26,7 @@ from clq_compile.artifact import (Artifact, fingerprint_differences, parameter_e
 from clq_compile.passes.capture import GraphAnalysis, LinearSite
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
-from clq_compile.passes.observers import GraphCalibration, layer_errors
+from clq_compile.passes.observers import GraphCalibration, Offloaded, layer_errors
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
 
@@ -81,12 +81,16 @@ class CompiledGraph:
         return self.run(*args)
 
     def record(self, args: tuple) -> None:
-        """Keep this call's non-parameter inputs for calibration (detached copies)."""
+        """Keep this call's non-parameter inputs for calibration (detached copies, in CPU memory
+        with option `offload`)."""
         check_recorded_call(self, args)
         call = []
         for i in self.analysis.input_indices:
             value = args[i]
-            call.append(value.detach().clone() if isinstance(value, torch.Tensor) else value)
+            if isinstance(value, torch.Tensor):
+                value = (Offloaded(value.detach().to("cpu", copy=True), value.device)
+                         if self.state.options.offload else value.detach().clone())
+            call.append(value)
         self.calibration.calls.append(call)
 
     def lower(self) -> None:

@@ -17,7 +17,8 @@ calibration, where every layer sees the full-precision model's activations. The 
 CLPS compares against are the full-precision layers applied to the same inputs ("fp-layer",
 default) or the full-precision model's own activations ("fp-model", option `cbc_reference`).
 Peak memory: one window of activations for the calls used by the search, plus the live
-activations at the current boundary for every call.
+activations at the current boundary for every call; with option `offload` those boundary
+activations (and the recordings) wait in CPU memory, and each call visits the device only to run.
 """
 
 from __future__ import annotations
@@ -154,10 +155,12 @@ class _GraphQuantizer:
     def __init__(self, cal: GraphCalibration, options: Options, parts: Components, weights: dict[str, torch.Tensor]):
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
         self.cal, self.options, self.parts = cal, options, parts
-        self.envs = [self.seg.start_env(args) for args in cal.arguments()]
+        self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not options.offload)]
         fp_model = parts.cbc and options.cbc_reference == "fp-model"
         self.fp_envs = [dict(e) for e in self.envs] if fp_model else None
         self.search_calls = min(len(self.envs), options.search_calls)
+        # With `offload`, activations wait in CPU memory and visit the model's device to run.
+        self.device = next(iter(cal.state.values())).device if options.offload and cal.state else None
         candidates = {x.node for x in cal.analysis.sites if x.path in weights}
         self.folds = find_folds(cal.gm, cal.analysis, candidates) if parts.obs and options.fold else []
 
@@ -173,9 +176,10 @@ class _GraphQuantizer:
             todo = [x for x in seg.segment_sites(s) if x.path in weights and x.path not in layers]
             if todo:
                 self._quantize_segment(s, todo, weights, layers, bar)
-            self.envs = [seg.advance(s, e, quantized if self.parts.cbc else fp_linear) for e in self.envs]
+            offload = {"device": self.device, "offload": self.device is not None}
+            self.envs = [seg.advance(s, e, quantized if self.parts.cbc else fp_linear, **offload) for e in self.envs]
             if self.fp_envs is not None:
-                self.fp_envs = [seg.advance(s, e, fp_linear) for e in self.fp_envs]
+                self.fp_envs = [seg.advance(s, e, fp_linear, **offload) for e in self.fp_envs]
 
     def _plan(self, todo, weights, stats) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
         """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`."""
@@ -221,7 +225,7 @@ class _GraphQuantizer:
             return fp_linear(site, x, w, b)
 
         for c, env in enumerate(self.envs):
-            seg.run(seg.nodes[lo:end], env, partial(observe, call=c))
+            seg.run(seg.nodes[lo:end], env, partial(observe, call=c), device=self.device)
         plan = self._plan(todo, weights, stats)
 
         def stand_in(site, x, w, b):
@@ -233,9 +237,10 @@ class _GraphQuantizer:
         # CLPS's runs, in the coordinates the plan's folded transforms put the activations in.
         runs, references = [], []
         for c in range(self.search_calls):
-            local = seg.run(window, self.envs[c], stand_in)
+            local = seg.run(window, self.envs[c], stand_in, device=self.device)
             runs.append(ChainMap(local, self.envs[c]))
-            references.append(local if self.fp_envs is None else seg.run(window, self.fp_envs[c], stand_in))
+            references.append(local if self.fp_envs is None
+                              else seg.run(window, self.fp_envs[c], stand_in, device=self.device))
         window_sites = [seg.sites[n.name] for n in window if n.name in seg.sites]
         for site in todo:
             quantizer, fold = plan[site.node]
@@ -251,7 +256,7 @@ class _GraphQuantizer:
             def rerun(nodes, layer):
                 def linear(s_, x, w, b):
                     return layer.forward(x, b, options.kernels) if s_.node == site.node else stand_in(s_, x, w, b)
-                return [seg.run(nodes, env, linear) for env in runs]
+                return [seg.run(nodes, env, linear, device=self.device) for env in runs]
 
             downstream = seg.descendants(site.node, hi)
             reached = [n for n in later if seg.node(n) in set(downstream)]

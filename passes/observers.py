@@ -35,16 +35,30 @@ class GraphCalibration:
     state: dict[int, torch.Tensor]
     calls: list[list] = field(default_factory=list)
 
-    def arguments(self) -> Iterator[list]:
-        """Full positional arguments of the graph, one list per recorded call."""
+    def arguments(self, home: bool = True) -> Iterator[list]:
+        """Full positional arguments of the graph, one list per recorded call.
+
+        home: inputs recorded to CPU memory (`Offloaded`) go back to the device they came from;
+        False leaves them in CPU memory, for callers that move them as they use them.
+        """
         positions = self.analysis.input_indices
         for call in self.calls:
             args = [None] * (len(self.state) + len(positions))
             for i, t in self.state.items():
                 args[i] = t
             for i, value in zip(positions, call):
+                if isinstance(value, Offloaded):
+                    value = value.tensor.to(value.device) if home else value.tensor
                 args[i] = value
             yield args
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """A recorded input kept in CPU memory (option `offload`), and the device it came from."""
+
+    tensor: torch.Tensor
+    device: torch.device
 
 
 class NonFiniteActivation(FloatingPointError):

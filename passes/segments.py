@@ -37,6 +37,8 @@ class SegmentedGraph:
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self._by_name = {n.name: n for n in self.nodes}
         self.sites = {s.node: s for s in analysis.sites}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.state_nodes = {placeholders[p.index] for p in analysis.placeholders if p.kind != "input"}
         first: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
@@ -73,15 +75,22 @@ class SegmentedGraph:
         return dict(zip(placeholders, args))
 
     def run(self, nodes: Iterable[fx.Node], env: dict[fx.Node, Any], linear: LinearFn,
-            local: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any]:
+            local: dict[fx.Node, Any] | None = None, device: torch.device | None = None) -> dict[fx.Node, Any]:
         """Execute `nodes` (in graph order) reading inputs from `local`, then `env`.
 
-        Returns `local` with every executed node's value; `env` is not modified.
+        device: where the nodes run; tensors of `env` kept elsewhere (offloaded to CPU) are
+        copied there as they are read. Returns `local` with every executed node's value; `env`
+        is not modified.
         """
         local = {} if local is None else local
 
         def value(a):
-            return local[a] if a in local else env[a]
+            if a in local:
+                return local[a]
+            v = env[a]
+            if device is not None and isinstance(v, torch.Tensor) and v.device != device:
+                v = local[a] = v.to(device)
+            return v
 
         for node in nodes:
             if node.op == "placeholder":
@@ -104,12 +113,21 @@ class SegmentedGraph:
                 local[node] = args[0]
         return local
 
-    def advance(self, s: int, env: dict[fx.Node, Any], linear: LinearFn) -> dict[fx.Node, Any]:
-        """Run segment s from `env` and return the environment after it, pruned to live values."""
+    def advance(self, s: int, env: dict[fx.Node, Any], linear: LinearFn, device: torch.device | None = None,
+                offload: bool = False) -> dict[fx.Node, Any]:
+        """Run segment s from `env` and return the environment after it, pruned to live values.
+
+        offload: keep the returned activations in CPU memory (graph inputs that are parameters or
+        buffers stay where they are).
+        """
         lo, hi = self.bounds[s]
         merged = dict(env)
-        merged.update(self.run(self.nodes[lo:hi], env, linear))
-        return {n: v for n, v in merged.items() if self.last_use.get(n, -1) >= hi or n.op == "output"}
+        merged.update(self.run(self.nodes[lo:hi], env, linear, device=device))
+        live = {n: v for n, v in merged.items() if self.last_use.get(n, -1) >= hi or n.op == "output"}
+        if offload:
+            live = {n: v.to("cpu") if isinstance(v, torch.Tensor) and n not in self.state_nodes else v
+                    for n, v in live.items()}
+        return live
 
     def output(self, env: dict[fx.Node, Any]) -> Any:
         """The graph's output from the environment after the last segment."""

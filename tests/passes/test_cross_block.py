@@ -136,3 +136,29 @@ def test_symmetric_candidates_and_targets():
     assert pick_target({"a": 0.1, "b": 0.3, "c": 0.3}) == "b"
     with pytest.raises(ValueError):
         pick_target({})
+
+
+@pytest.mark.parametrize("recipe", ["clq", "smoothquant"])
+def test_offload_changes_where_activations_wait_not_what_is_chosen(recipe):
+    """options['offload'] keeps recordings in CPU memory (as `Offloaded`) and gives the same layers."""
+    import clq_compile
+    from clq_compile.calibration import model_state
+    from clq_compile.passes.observers import Offloaded
+
+    layers = {}
+    for offload in (False, True):
+        torch._dynamo.reset()
+        model = stress.stress_model("pixart", seed=0, heads=2, head_dim=16)
+        qt = torch.compile(model, backend="clq", options={"recipe": recipe, "offload": offload})
+        state = model_state(qt)
+        with torch.no_grad(), clq_compile.calibrating(qt):
+            for c in range(2):
+                qt(**tiny_models.make_inputs("pixart", seed=c))
+            recorded = [v for g in state.graphs for call in g.calibration.calls for v in call]
+            assert any(isinstance(v, Offloaded) for v in recorded) == offload
+        layers[offload] = state.layers
+    assert layers[True].keys() == layers[False].keys()
+    for path, layer in layers[True].items():
+        for name, t in layer.tensors().items():
+            u = layers[False][path].tensors()[name]
+            assert (t is None) == (u is None) and (t is None or torch.equal(t, u)), (path, name)

@@ -91,6 +91,8 @@ class _LayerQuantizer:
                  options: Options, parts: Components, smoothing: Smoothing | None,
                  online: bool = True, output: Smoothing | None = None):
         self.options, self.parts, self.smoothing, self.online = options, parts, smoothing, online
+        self.fold_in = (smoothing.act_perm, smoothing.act_rotation) if smoothing is not None and not online else None
+        self.fold_out = None if output is None else (output.act_perm, output.act_rotation)
         rows = _output_transformed(weight, output)
         self.weight = _smoothed_weight(rows, smoothing)
         self.fp_weight = self.weight if smoothing is not None and not online else rows.float()
@@ -118,7 +120,8 @@ class _LayerQuantizer:
         s = self.smoothing if self.online else None
         return QuantizedLinear(pack_weight(q), o.a_bits, o.act_group,
                                act_perm=None if s is None else s.act_perm,
-                               act_rotation=None if s is None else s.act_rotation, bias=self.bias)
+                               act_rotation=None if s is None else s.act_rotation, bias=self.bias,
+                               fold_in=self.fold_in, fold_out=self.fold_out)
 
 
 def _relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:

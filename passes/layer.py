@@ -29,6 +29,9 @@ class QuantizedLinear:
     rows carry a consumer's folded transform stores b·G)
     method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
     details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
+    fold_in / fold_out: (act_perm, act_rotation) of a transform folded across layers: the input
+        arrives as x·G / the output leaves as y·G. Not used by the op (the neighbours carry it);
+        kept while quantizing to measure the layer on its own, not saved.
     """
 
     weight: PackedWeight
@@ -41,6 +44,8 @@ class QuantizedLinear:
     method: str = "rtn"
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    fold_in: tuple | None = None
+    fold_out: tuple | None = None
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """The op's tensor arguments by name (see TENSOR_ARGS)."""

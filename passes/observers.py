@@ -15,6 +15,8 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from clq_compile.kernels.reference import transform_activation
+
 from .capture import GraphAnalysis, LinearSite
 from .layer import QuantizedLinear
 
@@ -137,12 +139,19 @@ def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, Quantiz
     """Relative L2 error ||Y - Ŷ|| / ||Y|| of each quantized layer's own output, per module path.
 
     Y is the full-precision layer on its full-precision input; Ŷ the quantized layer on the
-    same input, so each number isolates one layer.
+    same input, so each number isolates one layer (a layer with a transform folded across its
+    neighbours gets its input, and is compared with its output, in the transformed coordinates).
     """
     meter = RelativeError()
 
+    def folded(t, transform):
+        if transform is None:
+            return t
+        return transform_activation(t.reshape(-1, t.shape[-1]), None, *transform).reshape(t.shape)
+
     def measure(site, x, weight, bias, y):
-        meter.add(site.path, y, layers[site.path].forward(x, bias, kernels))
+        layer = layers[site.path]
+        meter.add(site.path, folded(y, layer.fold_out), layer.forward(folded(x, layer.fold_in), bias, kernels))
 
     observe(calibrations, set(layers), measure, desc="measuring layer errors")
     return meter.result()

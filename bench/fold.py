@@ -1,9 +1,10 @@
 """What folding OBS's activation transform into the producing layers costs (option `fold`).
 
-With `fold` on, the rotation of every output projection whose input comes from value projections
-through attention (passes/folding.py proves which) is stored in the value projections' output
-rows instead of running online; G then has to stay inside one attention head. This script
-measures both settings on the same calibration:
+With `fold` on, the activation transform of every output projection whose input comes from value
+projections through attention (passes/folding.py proves which) is stored in the value
+projections' output rows instead of running online: CLQ's rotation G, which then has to stay
+inside one attention head, and SmoothQuant's multiplier 1/s. This script measures both settings
+on the same calibration:
 
 - the digits DiT (bench/assets/digits-dit), as shipped and with x50 injected outlier channels:
   PSNR / SSIM / class accuracy of W4A4 samples against full precision (same noise);
@@ -12,7 +13,7 @@ measures both settings on the same calibration:
 
 and how many layers lose their online rotation. Writes bench/results/fold.{json,md}.
 
-    python bench/fold.py                        # about 6 minutes on 2 CPU cores
+    python bench/fold.py                        # about 8 minutes on 2 CPU cores
     python bench/fold.py --recipes clq --seeds 1 --samples-per-class 1 --steps 5   # smoke run
 """
 
@@ -85,9 +86,9 @@ def stress_rows(recipes: list[str], seeds: int) -> list[dict[str, Any]]:
 
 def _markdown(digits: list[dict], stress: list[dict], counts: dict[str, dict], machine: dict) -> str:
     lines = ["# Folding the activation transform into the producers (option `fold`)", "",
-             "W4A4. `online`: every OBS transform runs in the activation-quantization step (the default). "
-             "`folded`: output projections fed by attention get G inside each head, stored in the "
-             "value projections' output rows, and run no rotation.", "",
+             "W4A4. `online`: every activation transform runs in the activation-quantization step (the "
+             "default). `folded`: output projections fed by attention get theirs from the value "
+             "projections' output rows (CLQ: G inside each head; SmoothQuant: 1/s) and run none.", "",
              "## Digits DiT (PSNR / SSIM / accuracy against full-precision samples, same noise)", "",
              "| model | recipe | online | folded |", "|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in digits):
@@ -112,7 +113,7 @@ def _markdown(digits: list[dict], stress: list[dict], counts: dict[str, dict], m
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default="clq,clq+gptq", help="comma-separated CLQ recipes")
+    parser.add_argument("--recipes", default="clq,clq+gptq,smoothquant", help="comma-separated recipes")
     parser.add_argument("--seeds", type=positive_int, default=3, help="stress models per family")
     parser.add_argument("--samples-per-class", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=20, help="digits sampling steps")

@@ -36,11 +36,10 @@ class Options:
     inductor:         hand the rewritten graph to Inductor: "auto" (when its inputs are on CUDA),
                       "always" or "never" (run the FX graph as is)
     hadamard_block:   OBS block size b of the block-diagonal Hadamard (32/64/128/256)
-    fold:             fold OBS's activation transform into the layers that produce the activation
-                      where the graph proves it legal (v_proj -> attention -> out_proj: G then
-                      stays inside each head), so no rotation runs online there. Off by default:
-                      it costs quality (bench/fold.py; a head-local G cannot spread one head's
-                      outliers over the others)
+    fold:             fold the activation transform (OBS's rotation, SmoothQuant's 1/s) into the
+                      layers that produce the activation where the graph proves it legal (v_proj ->
+                      attention -> out_proj), so nothing runs online there. Off by default: for CLQ
+                      it costs quality (bench/fold.py: G must then stay inside one attention head)
     cbc_reference:    CLPS reference outputs: "fp-layer" (full-precision layers on the inputs the
                       quantized prefix produces) or "fp-model" (the full-precision model's activations)
     clps_window:      how many blocks after a layer's own CLPS looks for its target (0, 1, 2)

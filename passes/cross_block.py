@@ -91,8 +91,8 @@ class _LayerQuantizer:
                  options: Options, parts: Components, smoothing: Smoothing | None,
                  online: bool = True, output: Smoothing | None = None):
         self.options, self.parts, self.smoothing, self.online = options, parts, smoothing, online
-        self.fold_in = (smoothing.act_perm, smoothing.act_rotation) if smoothing is not None and not online else None
-        self.fold_out = None if output is None else (output.act_perm, output.act_rotation)
+        self.fold_in = (None, smoothing.act_perm, smoothing.act_rotation) if smoothing is not None and not online else None
+        self.fold_out = None if output is None else (None, output.act_perm, output.act_rotation)
         rows = _output_transformed(weight, output)
         self.weight = _smoothed_weight(rows, smoothing)
         self.fp_weight = self.weight if smoothing is not None and not online else rows.float()

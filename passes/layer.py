@@ -29,7 +29,7 @@ class QuantizedLinear:
     rows carry a consumer's folded transform stores b·G)
     method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
     details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
-    fold_in / fold_out: (act_perm, act_rotation) of a transform folded across layers: the input
+    fold_in / fold_out: (act_mul, act_perm, act_rotation) of a transform folded across layers: the input
         arrives as x·G / the output leaves as y·G. Not used by the op (the neighbours carry it);
         kept while quantizing to measure the layer on its own, not saved.
     """

@@ -147,7 +147,7 @@ def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, Quantiz
     def folded(t, transform):
         if transform is None:
             return t
-        return transform_activation(t.reshape(-1, t.shape[-1]), None, *transform).reshape(t.shape)
+        return transform_activation(t.reshape(-1, t.shape[-1]), *transform).reshape(t.shape)
 
     def measure(site, x, weight, bias, y):
         layer = layers[site.path]

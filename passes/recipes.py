@@ -75,8 +75,46 @@ def _smoothquant_recipe(weights, options, calibration):
     stats = _statistics(weights, calibration, hessian=False)
     if stats is None:
         return _per_layer(weights, "smoothquant", lambda p, w: _data_free(w, options))
-    return _per_layer(weights, "smoothquant", lambda p, w: smoothquant_layer(
-        w, stats[p].samples, stats[p].absmax, options))
+    layers = _folded_smoothquant(weights, options, calibration, stats) if options.fold else {}
+    rest = {p: w for p, w in weights.items() if p not in layers}
+    return {**layers, **_per_layer(rest, "smoothquant", lambda p, w: smoothquant_layer(
+        w, stats[p].samples, stats[p].absmax, options))}
+
+
+def _folded_smoothquant(weights, options, calibration, stats) -> dict[str, QuantizedLinear]:
+    """SmoothQuant for the fold groups (passes/folding.py): consumers share one s, searched
+    jointly, and read their input already divided by s from the producers' scaled output rows."""
+    from .folding import find_folds
+    from .smoothquant import smoothquant_layer, smoothquant_shared
+
+    layers: dict[str, QuantizedLinear] = {}
+    for cal in calibration:
+        paths = {x.node: x.path for x in cal.analysis.sites}
+        biases = {x.path: None if x.bias_index is None else cal.state[x.bias_index] for x in cal.analysis.sites}
+        for group in find_folds(cal.gm, cal.analysis, {n for n, p in paths.items() if p in weights}):
+            producers = [paths[n] for n in group.producers]
+            consumers = [paths[n] for n in group.consumers]
+            if any(p in layers for p in producers + consumers):
+                continue
+            absmax = torch.stack([stats[c].absmax for c in consumers]).amax(dim=0)
+            shared = smoothquant_shared([weights[c] for c in consumers], [stats[c].samples for c in consumers],
+                                        absmax, options)
+            mul = shared[0].act_mul
+            for path, layer in zip(consumers, shared):
+                layer.act_mul, layer.fold_in = None, (mul, None, None)
+                layer.notes.append(f"smoothing folded into {', '.join(producers)}")
+                layer.details["fold"] = {"producers": producers}
+                layers[path] = layer
+            for path in producers:
+                rows = weights[path].detach().double() * mul.double()[:, None]
+                layer = smoothquant_layer(rows, stats[path].samples, stats[path].absmax, options)
+                bias = biases[path]
+                layer.bias = None if bias is None else (bias.detach().double() * mul.double()).float()
+                layer.fold_out = (mul, None, None)
+                layer.notes.append(f"output rows carry the smoothing of {', '.join(consumers)}")
+                layer.details["fold"] = {"consumers": consumers}
+                layers[path] = layer
+    return layers
 
 
 def _quarot_recipe(weights, options, calibration, gptq: bool = False):

@@ -10,8 +10,13 @@ so the per-token activation scale is no longer set by a few outlier channels. α
 difficulty against weight difficulty; it is chosen per layer from a grid by the layer's measured
 output error.
 
-The activation side is not folded into the previous layer here: the op multiplies its input by
-act_mul = 1/s online (kernels/reference.py, transform_activation), before quantizing it.
+The activation side is applied online: the op multiplies its input by act_mul = 1/s
+(kernels/reference.py, transform_activation) before quantizing it. With option `fold`, a layer
+whose input comes from producer linears through attention or reshapes only (passes/folding.py)
+gets it from the producers instead: their output rows and bias are multiplied by 1/s. A diagonal
+commutes with attention in every channel, so unlike a rotation it needs no head-local form, and
+per-output-channel weight scales absorb most of a row scaling (the producer's own α is searched
+again on its scaled rows). Consumers of one fold group share s, searched jointly.
 """
 
 from __future__ import annotations
@@ -60,10 +65,9 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     return a**alpha / w ** (1 - alpha)
 
 
-def _smoothed_layer(weight: torch.Tensor, act_absmax: torch.Tensor, options: Options,
+def _smoothed_layer(weight: torch.Tensor, act_mul: torch.Tensor, options: Options,
                     alpha: float) -> QuantizedLinear:
-    """The layer smoothed with strength alpha: act_mul = 1/s online, W · diag(s) quantized RTN."""
-    act_mul = (1 / smoothing_factors(act_absmax, weight, alpha)).float()
+    """The layer smoothed by act_mul = 1/s (strength alpha) online, W · diag(s) quantized RTN."""
     # The weight undoes the float32 multiplier the op actually applies, not the float64 1/s.
     layer = rtn(rotate_weight(weight, act_mul=act_mul), options)
     return dataclasses.replace(layer, act_mul=act_mul, method=f"smoothquant α={alpha:g}")
@@ -85,19 +89,34 @@ def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.T
         with the real weight and activation quantization) is least over the grid; its method reads
         "smoothquant α=<chosen α>". Ties go to the earlier α in the grid.
     """
+    (layer,) = smoothquant_shared([weight], [x], act_absmax, options, alphas)
+    return layer
+
+
+def smoothquant_shared(weights: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], act_absmax: torch.Tensor,
+                       options: Options, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[QuantizedLinear]:
+    """SmoothQuant for layers that must share one s (the consumers of a fold group).
+
+    s comes from the layers' weights stacked along the outputs; α minimizes the sum of the layers'
+    output errors, each on its own calibration inputs `xs`. Returns one layer per weight.
+    """
     if not alphas:
         raise ValueError("alphas must hold at least one migration strength, e.g. (0.5,)")
-    k = weight.shape[-1]
-    if x.shape[-1] != k:
-        raise ValueError(f"calibration inputs have {x.shape[-1]} channels but the weight expects {k}")
-    samples = x.detach().reshape(-1, k).float()
-    reference = samples.double() @ weight.detach().double().t()
+    k = weights[0].shape[-1]
+    for x in xs:
+        if x.shape[-1] != k:
+            raise ValueError(f"calibration inputs have {x.shape[-1]} channels but the weight expects {k}")
+    samples = [x.detach().reshape(-1, k).float() for x in xs]
+    references = [xx.double() @ w.detach().double().t() for xx, w in zip(samples, weights)]
+    stacked = torch.cat([w.detach() for w in weights])
     best, best_error = None, float("inf")
     for alpha in alphas:
-        layer = _smoothed_layer(weight, act_absmax, options, alpha)
-        error = float((layer.forward(samples, None, "reference").double() - reference).square().sum())
+        act_mul = (1 / smoothing_factors(act_absmax, stacked, alpha)).float()
+        layers = [_smoothed_layer(w, act_mul, options, alpha) for w in weights]
+        error = sum(float((layer.forward(xx, None, "reference").double() - ref).square().sum())
+                    for layer, xx, ref in zip(layers, samples, references))
         if error < best_error:
-            best, best_error = layer, error
+            best, best_error = layers, error
     if best is None:
         raise ValueError("every α gave a non-finite output error; check the calibration inputs for inf or NaN")
     return best

@@ -158,6 +158,25 @@ def _quantized(model, family, options, calls=3):
 
 
 @pytest.mark.parametrize("family", ["dit", "sd3"])
+def test_fold_option_moves_smoothquants_multiplier_into_the_value_projection(family):
+    model = stress_model(family, seed=0, outlier_scale=0, heads=4, head_dim=16)
+    inputs = make_inputs(family, seed=50)
+    with torch.no_grad():
+        reference = model(**inputs, return_dict=False)[0]
+    qt = _quantized(model, family, {"bits": "w8a8", "recipe": "smoothquant", "fold": True})
+    state = model_state(qt)
+    attn = "transformer_blocks.0.attn" if family == "sd3" else "transformer_blocks.0.attn1"
+    out_proj, value = state.layers[f"{attn}.to_out.0"], state.layers[f"{attn}.to_v"]
+    assert out_proj.act_mul is None and value.bias is not None and value.act_mul is not None
+    if family == "sd3":  # both output projections read the one shared multiplier from both streams
+        assert state.layers[f"{attn}.to_add_out"].details["fold"] == out_proj.details["fold"]
+        assert len(out_proj.details["fold"]["producers"]) == 2
+    assert max(state.errors.values()) < 0.1, state.errors
+    with torch.no_grad():
+        assert rel_error(qt(**inputs, return_dict=False)[0], reference) < 0.05
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3"])
 def test_fold_option_moves_the_rotation_into_the_value_projection(family, tmp_path):
     # No injected outliers: folding them into the value projection costs 8-bit accuracy too
     # (bench/fold.py), and this test is about the rewrite being right.

@@ -7,6 +7,7 @@ Writes bench/results/recipes.json and bench/results/recipes.md with the machine 
 
     python bench/recipes.py                      # all families, recipes, w8a8 / w4a8 / w4a4
     python bench/recipes.py --families pixart --bits w4a4 --seeds 3
+    python bench/recipes.py --families dit --recipes clq --options '{"cbc_reference": "fp-model"}'
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
     parser.add_argument("--bits", default="w8a8,w4a8,w4a4", help="comma-separated bit widths")
     parser.add_argument("--seeds", type=int, default=3, help="stress models (and noises) per family")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='further backend options as JSON, e.g. \'{"cbc_reference": "fp-model"}\'')
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     for bits in args.bits.split(","):
         for family in args.families.split(","):
             print(f"{family} {bits} ...", flush=True)
-            results = compare_recipes(family, args.recipes.split(","), bits, tuple(range(args.seeds)))
+            results = compare_recipes(family, args.recipes.split(","), bits, tuple(range(args.seeds)),
+                                      options=args.options)
             for recipe, r in results.items():
                 rows.append({"model": family, "recipe": recipe, "bits": bits,
                              "error": statistics.mean(r["error"]), "errors": r["error"],

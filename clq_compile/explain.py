@@ -51,11 +51,22 @@ def aligned(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 
 
+LEGEND = (
+    ("S + H", "S + H<b>: OBS's G = S·H; S deals the input channels, by decreasing outlier score "
+              "score_c = max_t|x_tc| / mean_c' max_t|x_tc'|, to the Hadamard blocks in snake order; "
+              "H<b>: block-diagonal normalized Hadamard of block b"),
+    ("clip ", "clip l/r: CLPS's clipping bounds (ratios of the weight range), chosen where the "
+              "error peaks downstream (the CLPS target)"),
+)
+
+
 def table(title: str, rows: list[LayerRow]) -> str:
-    """The title line, then one aligned line per layer."""
+    """The title line, one aligned line per layer, then what the method column's terms mean."""
     cells = [_cells(r) for r in rows]
     rule = tuple("-" * max(len(c[i]) for c in [HEADER, *cells]) for i in range(len(HEADER)))
-    return "\n".join([title, *aligned([HEADER, rule, *cells])])
+    methods = [c[5] for c in cells]
+    legend = [text for key, text in LEGEND if any(key in m for m in methods)]
+    return "\n".join([title, *aligned([HEADER, rule, *cells]), *legend])
 
 
 def explain(qt) -> str:
@@ -110,7 +121,7 @@ def memory_report(qt) -> dict:
 
     fp_bytes: the user's weights of those layers at their dtype; bf16_bytes: the same weights in
     bf16; quantized_bytes: packed integers, scales and zero points, plus every online transform
-    tensor (permutations, rotation blocks) counted once however many layers share it;
+    tensor (permutations, rotation blocks) and folded bias counted once however many layers share it;
     resident_fp_bytes: the bytes the user's weights of those layers still hold in memory (fp_bytes
     until `release_weights`, next to nothing after); released: whether they were released.
     per_layer: {path: (fp_bytes, packed bytes)}.
@@ -131,7 +142,7 @@ def memory_report(qt) -> dict:
         packed += layer.weight.nbytes
         storage = weight.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-        for t in (layer.act_mul, layer.act_perm, layer.act_rotation):
+        for t in (layer.act_mul, layer.act_perm, layer.act_rotation, layer.bias):
             if t is not None:
                 shared[id(t)] = t.numel() * t.element_size()
     resident = sum(storages.values())

@@ -107,6 +107,8 @@ def test_explain_lists_every_layer_with_its_decision(family_model):
         assert "quantized" in lines[path] and f"{error:.4f}" in lines[path]
         assert 0 < error < 1
     assert any("kept: conditioning GEMM" in line for line in lines.values())
+    # The terms of the method column are spelled out under the table, the score formula included.
+    assert "score_c = max_t|x_tc| / mean_c' max_t|x_tc'|" in text and "CLPS target" in text
 
 
 def test_data_free_quantization_warns_once():

@@ -203,3 +203,17 @@ def test_fold_option_moves_the_rotation_into_the_value_projection(family, tmp_pa
         torch._dynamo.reset()
         loaded = clq_compile.load(model, saved, release_weights=False)
         assert torch.equal(loaded(**inputs, return_dict=False)[0], out)
+
+
+def test_folded_layers_serve_recompiled_graphs():
+    """New batch sizes and resolutions recompile (dynamic shapes); the fold proof holds there too."""
+    model = stress_model("sd3", seed=0, outlier_scale=0, heads=4, head_dim=16)
+    qt = _quantized(model, "sd3", {"bits": "w8a8", "fold": True}, calls=2)
+    state = model_state(qt)
+    layers = dict(state.layers)
+    for batch, size in ((2, 8), (3, 4), (2, 6)):
+        inputs = make_inputs("sd3", batch=batch, size=size, seed=9)
+        with torch.no_grad():
+            assert rel_error(qt(**inputs, return_dict=False)[0], model(**inputs, return_dict=False)[0]) < 0.05
+    assert len(state.graphs) > 1 and state.layers.keys() == layers.keys()
+    assert all(state.layers[p] is layers[p] for p in layers)  # reused, not quantized again

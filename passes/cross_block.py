@@ -4,7 +4,10 @@ The graph is cut into segments at transformer-block boundaries (passes/segments.
 recorded call is carried through the segments in order. At segment s:
 
 1. the segment runs in full precision from the call's current state, recording the statistics
-   of the segment's layers;
+   of the segment's layers; OBS's outlier scores come from the same segment run from the
+   full-precision prefix instead (option `obs_statistics`, default "fp"): on the quantized
+   prefix, W4A4 noise inflates the maxima of ordinary channels and S deals the wrong channels
+   (measured on the stress DiT over 10 seeds: 0.255 with them, 0.224 without; README);
 2. each layer gets its OBS transform G = S·H from those statistics (with option `fold`, one G
    per fold group, folded into the producers: passes/folding.py); the segment and the next one
    (CLPS's window) run in full precision in the coordinates those transforms put the activations
@@ -159,8 +162,11 @@ class _GraphQuantizer:
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
         self.cal, self.options, self.parts = cal, options, parts
         self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not options.offload)]
-        fp_model = parts.cbc and options.cbc_reference == "fp-model"
-        self.fp_envs = [dict(e) for e in self.envs] if fp_model else None
+        # Under CBC the calls are also carried through the full-precision prefix when CLPS's
+        # targets come from it ("fp-model") or OBS takes its outlier scores from it ("fp").
+        self.fp_model = parts.cbc and options.cbc_reference == "fp-model"
+        self.fp_scores = parts.cbc and parts.obs and options.obs_statistics == "fp"
+        self.fp_envs = [dict(e) for e in self.envs] if self.fp_model or self.fp_scores else None
         self.search_calls = min(len(self.envs), options.search_calls)
         # With `offload`, activations wait in CPU memory and visit the model's device to run.
         self.device = next(iter(cal.state.values())).device if options.offload and cal.state else None
@@ -184,16 +190,20 @@ class _GraphQuantizer:
             if self.fp_envs is not None:
                 self.fp_envs = [seg.advance(s, e, fp_linear, **offload) for e in self.fp_envs]
 
-    def _plan(self, todo, weights, stats) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
-        """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`."""
+    def _plan(self, todo, weights, stats, scores) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
+        """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`.
+
+        stats: the layers' inputs (GPTQ's Hessian; None when nothing needs them); scores: what OBS
+        scores the channels on.
+        """
         options, parts, seg = self.options, self.parts, self.seg
         smoothing: dict[str, Smoothing | None] = {}
         output: dict[str, Smoothing] = {}
         folds: dict[str, dict] = {}
         for group in self.folds:
-            if not all(m in stats for m in group.producers + group.consumers):
+            if not all(m in scores for m in group.producers + group.consumers):
                 continue
-            absmax = torch.stack([stats[c].absmax for c in group.consumers]).amax(dim=0)
+            absmax = torch.stack([scores[c].absmax for c in group.consumers]).amax(dim=0)
             shared = orthogonal_smoothing(group.width, absmax, options.hadamard_block, granule=group.granule)
             producers = [seg.sites[p].path for p in group.producers]
             consumers = [seg.sites[c].path for c in group.consumers]
@@ -206,12 +216,13 @@ class _GraphQuantizer:
         plan = {}
         for x in todo:
             if x.node not in smoothing:
-                smoothing[x.node] = (orthogonal_smoothing(x.in_features, stats[x.node].absmax, options.hadamard_block)
+                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, options.hadamard_block)
                                      if parts.obs else None)
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
             online = "producers" not in folds.get(x.node, {})
-            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, stats[x.node], options, parts,
-                                            smoothing[x.node], online, output.get(x.node)), folds.get(x.node))
+            inputs = None if stats is None else stats[x.node]
+            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, options, parts, smoothing[x.node],
+                                            online, output.get(x.node)), folds.get(x.node))
         return plan
 
     def _quantize_segment(self, s, todo, weights, layers, bar) -> None:
@@ -219,17 +230,26 @@ class _GraphQuantizer:
         lo, end = seg.bounds[s]
         hi = seg.bounds[min(s + options.clps_window, len(seg) - 1)][1]
         window = seg.nodes[lo:hi]
-        stats = {x.node: LayerStats(x.in_features, hessian=self.parts.gptq) for x in todo}
+        # Inputs as the quantized prefix gives them (GPTQ's Hessian), and the activations OBS
+        # scores its channels on: the same, or the full-precision prefix's (`obs_statistics`).
+        scores = {x.node: LayerStats(x.in_features) for x in todo} if self.fp_scores else None
+        stats = ({x.node: LayerStats(x.in_features, hessian=self.parts.gptq) for x in todo}
+                 if scores is None or self.parts.gptq else None)
+        scores = scores or stats
 
-        def observe(site, x, w, b, call):
-            if site.node in stats:
+        def observe(site, x, w, b, call, into):
+            if site.node in into:
                 check_finite_input(site, x, call)
-                stats[site.node].add(x)
+                into[site.node].add(x)
             return fp_linear(site, x, w, b)
 
-        for c, env in enumerate(self.envs):
-            seg.run(seg.nodes[lo:end], env, partial(observe, call=c), device=self.device)
-        plan = self._plan(todo, weights, stats)
+        passes = [(self.fp_envs, scores)] if self.fp_scores else []
+        if stats is not None:
+            passes.append((self.envs, stats))
+        for envs, into in passes:
+            for c, env in enumerate(envs):
+                seg.run(seg.nodes[lo:end], env, partial(observe, call=c, into=into), device=self.device)
+        plan = self._plan(todo, weights, stats, scores)
 
         def stand_in(site, x, w, b):
             quantizer = plan.get(site.node, (None, None))[0]
@@ -242,8 +262,8 @@ class _GraphQuantizer:
         for c in range(self.search_calls):
             local = seg.run(window, self.envs[c], stand_in, device=self.device)
             runs.append(ChainMap(local, self.envs[c]))
-            references.append(local if self.fp_envs is None
-                              else seg.run(window, self.fp_envs[c], stand_in, device=self.device))
+            references.append(seg.run(window, self.fp_envs[c], stand_in, device=self.device)
+                              if self.fp_model else local)
         window_sites = [seg.sites[n.name] for n in window if n.name in seg.sites]
         for site in todo:
             quantizer, fold = plan[site.node]

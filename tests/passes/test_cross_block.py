@@ -1,5 +1,7 @@
 """CBC and CLPS on a real captured graph: segments, quantized-prefix inputs, search objective."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -53,8 +55,11 @@ def test_segments_reproduce_the_graph(pixart_calibration):
         assert torch.equal(seg.output(env)[0], cal.gm(*args)[0])
 
 
-def test_cbc_calibrates_each_block_on_the_quantized_prefix(pixart_calibration, monkeypatch):
+@pytest.mark.parametrize("obs_statistics", ["quantized-prefix", "fp"])
+def test_cbc_calibrates_each_block_on_the_quantized_prefix(pixart_calibration, monkeypatch, obs_statistics):
+    """Statistics of block 1 are taken on block 0 quantized; OBS's scores by default on the fp prefix."""
     cal, options, weights = pixart_calibration
+    options = dataclasses.replace(options, obs_statistics=obs_statistics)
     created: list[list[torch.Tensor]] = []
 
     class Recording(cross_block.LayerStats):
@@ -82,13 +87,14 @@ def test_cbc_calibrates_each_block_on_the_quantized_prefix(pixart_calibration, m
     expected = []
     observe([GraphCalibration(prefix, cal.analysis, cal.state, cal.calls)], {first.path},
             lambda site, x, w, b, y: expected.append(x.clone()))
-    assert len(recorded[first.path]) == len(expected) == len(cal.calls)
-    for got, want in zip(recorded[first.path], expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # ...and they differ from the full-precision model's inputs there: the error did accumulate.
     fp = []
     observe([cal], {first.path}, lambda site, x, w, b, y: fp.append(x.clone()))
+    # The quantized prefix's inputs differ from the full-precision model's: the error did accumulate.
     assert not torch.allclose(fp[0], expected[0])
+    want = expected if obs_statistics == "quantized-prefix" else fp
+    assert len(recorded[first.path]) == len(want) == len(cal.calls)
+    for got, w in zip(recorded[first.path], want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
 
 
 def test_clps_choice_is_never_worse_than_no_clipping(pixart_calibration):

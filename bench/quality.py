@@ -165,7 +165,7 @@ def quantize_and_sample(model: nn.Module, task: Task, calls: list[dict[str, Any]
 
 def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.Tensor, recipes: list[str],
                       bits: list[str], steps: int, calib_steps: int, grid_bits: str,
-                      progress: tqdm) -> VariantResult:
+                      progress: tqdm, options: dict[str, Any] | None = None) -> VariantResult:
     """The fp row and one row per recipe x bits for one model variant; `reference` are its fp samples."""
     log.info("%s: calibration trajectory", name)
     calls = calibration_calls(task, model, steps, calib_steps)
@@ -179,7 +179,7 @@ def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.
             row: dict[str, Any] = {"model": name, "recipe": recipe, "bits": b}
             start = time.perf_counter()
             try:
-                images, seconds = quantize_and_sample(model, task, calls, recipe, b, steps)
+                images, seconds = quantize_and_sample(model, task, calls, recipe, b, steps, options)
                 row.update(score(task, images, reference), quantize_seconds=round(seconds, 2))
                 if b == grid_bits:
                     result.grid.append((recipe, images[task.grid_index] / scale))
@@ -422,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"default {DEFAULT_MODEL.relative_to(BENCH.parent)}")
     source.add_argument("--pipeline", type=Path, default=None,
                         help="a diffusers pipeline folder (model_index.json); its .transformer is benchmarked")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='further backend options as JSON, e.g. \'{"obs_statistics": "fp"}\'')
     parser.add_argument("--recipes", type=lambda t: _names(t, recipes), default=recipes,
                         help=f"comma-separated recipes (default: all, {','.join(recipes)})")
     parser.add_argument("--bits", type=lambda t: _names(t, BITS), default=list(DEFAULT_BITS),
@@ -489,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             if results:
                 checks.append(outlier_check(variant, reference, results[0].name, results[0].reference))
             results.append(benchmark_variant(variant, module, task, reference, args.recipes, args.bits,
-                                             args.steps, args.calib_steps, grid_bits, progress))
+                                             args.steps, args.calib_steps, grid_bits, progress,
+                                             args.options))
 
     shown = results[-1]
     figure, layer = obs_activation_figure(variants[-1][1], shown.calls, Options().hadamard_block)

@@ -15,7 +15,7 @@ GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")
 HADAMARD_BLOCKS = (32, 64, 128, 256)
 CBC_REFERENCES = ("fp-layer", "fp-model")
-OBS_STATISTICS = ("fp", "quantized-prefix")
+OBS_STATISTICS = ("quantized-prefix", "fp")
 CLPS_WINDOWS = (0, 1, 2)
 # Options that change how the model runs or calibrates, not what its quantized layers hold: free
 # to differ from an artifact's.
@@ -41,9 +41,9 @@ class Options:
                       layers that produce the activation where the graph proves it legal (v_proj ->
                       attention -> out_proj), so nothing runs online there. Off by default: for CLQ
                       it costs quality (bench/fold.py: G must then stay inside one attention head)
-    obs_statistics:   under CBC, the activations OBS computes its outlier scores on: "fp" (the
-                      full-precision prefix's) or "quantized-prefix" (the inputs CBC calibrates on,
-                      where W4A4 noise inflates ordinary channels' maxima)
+    obs_statistics:   under CBC, the activations OBS computes its outlier scores on:
+                      "quantized-prefix" (the inputs CBC calibrates on) or "fp" (the full-precision
+                      prefix's); the two measurements disagree on which is better (README)
     cbc_reference:    CLPS reference outputs: "fp-layer" (full-precision layers on the inputs the
                       quantized prefix produces) or "fp-model" (the full-precision model's activations)
     clps_window:      how many blocks after a layer's own CLPS looks for its target (0, 1, 2)
@@ -69,7 +69,7 @@ class Options:
     inductor: str = "auto"
     hadamard_block: int = 128
     fold: bool = False
-    obs_statistics: str = "fp"
+    obs_statistics: str = "quantized-prefix"
     cbc_reference: str = "fp-layer"
     clps_window: int = 1
     clps_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
@@ -154,7 +154,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         _allowed(key, values.get(key), GROUPS)
     _allowed("hadamard_block", values.get("hadamard_block", 128), HADAMARD_BLOCKS)
     _allowed("cbc_reference", values.get("cbc_reference", "fp-layer"), CBC_REFERENCES)
-    _allowed("obs_statistics", values.get("obs_statistics", "fp"), OBS_STATISTICS)
+    _allowed("obs_statistics", values.get("obs_statistics", "quantized-prefix"), OBS_STATISTICS)
     _allowed("clps_window", values.get("clps_window", 1), CLPS_WINDOWS)
     if "clps_grid" in values:
         values["clps_grid"] = _ratios(values["clps_grid"])

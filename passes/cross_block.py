@@ -4,10 +4,9 @@ The graph is cut into segments at transformer-block boundaries (passes/segments.
 recorded call is carried through the segments in order. At segment s:
 
 1. the segment runs in full precision from the call's current state, recording the statistics
-   of the segment's layers; OBS's outlier scores come from the same segment run from the
-   full-precision prefix instead (option `obs_statistics`, default "fp"): on the quantized
-   prefix, W4A4 noise inflates the maxima of ordinary channels and S deals the wrong channels
-   (measured on the stress DiT over 10 seeds: 0.255 with them, 0.224 without; README);
+   of the segment's layers (with option `obs_statistics="fp"`, OBS's outlier scores come from
+   the same segment run from the full-precision prefix instead: better on the stress models,
+   worse on the trained digits DiT; README);
 2. each layer gets its OBS transform G = S·H from those statistics (with option `fold`, one G
    per fold group, folded into the producers: passes/folding.py); the segment and the next one
    (CLPS's window) run in full precision in the coordinates those transforms put the activations

@@ -57,7 +57,7 @@ def test_segments_reproduce_the_graph(pixart_calibration):
 
 @pytest.mark.parametrize("obs_statistics", ["quantized-prefix", "fp"])
 def test_cbc_calibrates_each_block_on_the_quantized_prefix(pixart_calibration, monkeypatch, obs_statistics):
-    """Statistics of block 1 are taken on block 0 quantized; OBS's scores by default on the fp prefix."""
+    """Statistics of block 1 are taken on block 0 quantized; with obs_statistics="fp", OBS's on the fp prefix."""
     cal, options, weights = pixart_calibration
     options = dataclasses.replace(options, obs_statistics=obs_statistics)
     created: list[list[torch.Tensor]] = []

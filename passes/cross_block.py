@@ -100,11 +100,8 @@ class _LayerQuantizer:
         self.fp_weight = self.weight if smoothing is not None and not online else rows.float()
         self.bias = None if output is None or bias is None else _output_transformed(bias, output).float()
         self.stats = stats
-
-    @property
-    def transformed(self) -> bool:
-        """Whether the layer's full-precision stand-in differs from the graph's own linear."""
-        return self.bias is not None or self.fp_weight is not self.weight or not self.online
+        # Whether the full-precision stand-in differs from the graph's own linear.
+        self.transformed = self.fold_in is not None or self.fold_out is not None
 
     def stand_in(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b = self.bias if self.bias is not None else bias
@@ -184,10 +181,10 @@ class _GraphQuantizer:
             todo = [x for x in seg.segment_sites(s) if x.path in weights and x.path not in layers]
             if todo:
                 self._quantize_segment(s, todo, weights, layers, bar)
-            offload = {"device": self.device, "offload": self.device is not None}
-            self.envs = [seg.advance(s, e, quantized if self.parts.cbc else fp_linear, **offload) for e in self.envs]
+            linear = quantized if self.parts.cbc else fp_linear
+            self.envs = [seg.advance(s, e, linear, self.device) for e in self.envs]
             if self.fp_envs is not None:
-                self.fp_envs = [seg.advance(s, e, fp_linear, **offload) for e in self.fp_envs]
+                self.fp_envs = [seg.advance(s, e, fp_linear, self.device) for e in self.fp_envs]
 
     def _plan(self, todo, weights, stats, scores) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
         """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`.
@@ -204,14 +201,9 @@ class _GraphQuantizer:
                 continue
             absmax = torch.stack([scores[c].absmax for c in group.consumers]).amax(dim=0)
             shared = orthogonal_smoothing(group.width, absmax, options.hadamard_block, granule=group.granule)
-            producers = [seg.sites[p].path for p in group.producers]
-            consumers = [seg.sites[c].path for c in group.consumers]
-            for c in group.consumers:
-                smoothing[c] = shared
-                folds[c] = {"producers": producers}
-            for p in group.producers:
-                output[p] = shared
-                folds[p] = {"consumers": consumers}
+            folds.update(group.decisions({n: x.path for n, x in seg.sites.items()}))
+            smoothing.update(dict.fromkeys(group.consumers, shared))
+            output.update(dict.fromkeys(group.producers, shared))
         plan = {}
         for x in todo:
             if x.node not in smoothing:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import fx
@@ -61,6 +61,14 @@ class FoldGroup:
     consumers: tuple[str, ...]
     width: int
     granule: int
+
+    def decisions(self, path_of: Mapping[str, str]) -> dict[str, dict]:
+        """What each member records of the fold, by node name: {"producers": [paths]} on the
+        consumers, {"consumers": [paths]} on the producers (`path_of`: node name -> module path)."""
+        producers = [path_of[p] for p in self.producers]
+        consumers = [path_of[c] for c in self.consumers]
+        return {**{c: {"producers": producers} for c in self.consumers},
+                **{p: {"consumers": consumers} for p in self.producers}}
 
 
 class _NotFoldable(Exception):
@@ -141,96 +149,90 @@ def _arg(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-class _Walk:
-    """Layout propagation over one candidate region (see the module docstring)."""
+def _tracked_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs of `node` whose channels flow into its output."""
+    if node.op == "call_function" and node.target is _ATTENTION:
+        value = _arg(node, 2, "value")
+        return [value] if isinstance(value, fx.Node) else []
+    if node.op == "call_function" and node.target is torch.cat:
+        return [t for t in _arg(node, 0, "tensors") if isinstance(t, fx.Node)]
+    return [a for a in node.args[:1] if isinstance(a, fx.Node)]
 
-    def __init__(self, sites: dict[str, Any]):
-        self.sites = sites
+def _other_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs of `node` read in any other position (attention's query and key, a factor)."""
+    if node.op == "call_function" and node.target is _ATTENTION:
+        kwargs = dict(node.kwargs)
+        kwargs.pop("value", None)
+        rest = (list(node.args[:2]) + list(node.args[3:]), kwargs)
+    elif node.op == "call_function" and node.target is torch.cat:
+        rest = (list(node.args[1:]), {k: v for k, v in node.kwargs.items() if k != "tensors"})
+    else:
+        rest = (list(node.args[1:]), dict(node.kwargs))
+    found: list[fx.Node] = []
+    fx.node.map_arg(rest, found.append)
+    return found
 
-    def tracked_inputs(self, node: fx.Node) -> list[fx.Node]:
-        """The inputs of `node` whose channels flow into its output."""
-        if node.op == "call_function" and node.target is _ATTENTION:
-            value = _arg(node, 2, "value")
-            return [value] if isinstance(value, fx.Node) else []
-        if node.op == "call_function" and node.target is torch.cat:
-            return [t for t in _arg(node, 0, "tensors") if isinstance(t, fx.Node)]
-        return [a for a in node.args[:1] if isinstance(a, fx.Node)]
-
-    def other_inputs(self, node: fx.Node) -> list[fx.Node]:
-        """The inputs of `node` read in any other position (attention's query and key, a factor)."""
-        if node.op == "call_function" and node.target is _ATTENTION:
-            kwargs = dict(node.kwargs)
-            kwargs.pop("value", None)
-            rest = (list(node.args[:2]) + list(node.args[3:]), kwargs)
-        elif node.op == "call_function" and node.target is torch.cat:
-            rest = (list(node.args[1:]), {k: v for k, v in node.kwargs.items() if k != "tensors"})
+def _layout(node: fx.Node, layouts: dict[fx.Node, Any]) -> Any:
+    """Layout propagation (see the module docstring): the layout of `node`'s value from its tracked inputs' layouts; raises when not foldable."""
+    op, target = node.op, node.target
+    ins = _tracked_inputs(node)
+    if any(a in layouts for a in _other_inputs(node)):
+        raise _NotFoldable(f"{node.name} reads a transformed value in a position that mixes channels")
+    src = layouts[ins[0]] if ins else None
+    if op == "call_method" and target in _IDENTITY_METHODS or op == "call_function" and target in _IDENTITY_FUNCTIONS:
+        return src
+    if op == "call_function" and target in _SCALAR_FUNCTIONS:
+        _require(len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs,
+                 "only multiplication by a number commutes")
+        return src
+    if op == "call_function" and target is torch.nn.functional.dropout:
+        _require(_arg(node, 2, "training", True) is False or _arg(node, 1, "p", 0.5) == 0, "dropout is on")
+        return src
+    if op == "call_method" and target in _RESHAPE_METHODS or op == "call_function" and target in _RESHAPE_FUNCTIONS:
+        return _reshaped(src, _shape(ins[0]), _shape(node))
+    if op == "call_method" and target in _TRANSPOSES or op == "call_function" and target in (torch.transpose, torch.permute):
+        before, ndim = _shape(ins[0]), len(_shape(ins[0]))
+        if target in ("transpose", "swapaxes", torch.transpose):
+            d0, d1 = (_dim(int(d), ndim) for d in node.args[1:3])
+            order = list(range(ndim))
+            order[d0], order[d1] = d1, d0
         else:
-            rest = (list(node.args[1:]), dict(node.kwargs))
-        found: list[fx.Node] = []
-        fx.node.map_arg(rest, found.append)
-        return found
-
-    def layout(self, node: fx.Node, layouts: dict[fx.Node, Any]) -> Any:
-        """The layout of `node`'s value from its tracked inputs' layouts; raises when not foldable."""
-        op, target = node.op, node.target
-        ins = self.tracked_inputs(node)
-        if any(a in layouts for a in self.other_inputs(node)):
-            raise _NotFoldable(f"{node.name} reads a transformed value in a position that mixes channels")
-        src = layouts[ins[0]] if ins else None
-        if op == "call_method" and target in _IDENTITY_METHODS or op == "call_function" and target in _IDENTITY_FUNCTIONS:
-            return src
-        if op == "call_function" and target in _SCALAR_FUNCTIONS:
-            _require(len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs,
-                     "only multiplication by a number commutes")
-            return src
-        if op == "call_function" and target is torch.nn.functional.dropout:
-            _require(_arg(node, 2, "training", True) is False or _arg(node, 1, "p", 0.5) == 0, "dropout is on")
-            return src
-        if op == "call_method" and target in _RESHAPE_METHODS or op == "call_function" and target in _RESHAPE_FUNCTIONS:
-            return _reshaped(src, _shape(ins[0]), _shape(node))
-        if op == "call_method" and target in _TRANSPOSES or op == "call_function" and target in (torch.transpose, torch.permute):
-            before, ndim = _shape(ins[0]), len(_shape(ins[0]))
-            if target in ("transpose", "swapaxes", torch.transpose):
-                d0, d1 = (_dim(int(d), ndim) for d in node.args[1:3])
-                order = list(range(ndim))
-                order[d0], order[d1] = d1, d0
-            else:
-                dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-                order = [_dim(int(d), ndim) for d in dims]
-            _require(len(order) == len(before), "permute of the wrong rank")
-            return _Layout(tuple(order.index(a) for a in src.axes), src.granule)
-        if op == "call_function" and target is operator.getitem:
-            if isinstance(src, tuple):
-                return src[node.args[1]]
-            return _indexed(src, node.args[1], len(_shape(ins[0])))
-        if op == "call_method" and target in _SPLIT_METHODS or op == "call_function" and target in _SPLIT_FUNCTIONS:
-            ndim = len(_shape(ins[0]))
-            dim = _dim(int(_arg(node, 2, "dim", 0) if target not in ("unbind", torch.unbind)
-                           else _arg(node, 1, "dim", 0)), ndim)
-            _require(dim not in src.axes, "split along a channel axis")
-            if target in ("unbind", torch.unbind):
-                parts = len(_value(node))
-                moved = _Layout(tuple(a - (a > dim) for a in src.axes), src.granule)
-                return tuple(moved for _ in range(parts))
-            return tuple(src for _ in range(len(_value(node))))
-        if op == "call_function" and target is torch.cat:
-            tensors = _arg(node, 0, "tensors")
-            _require(all(isinstance(t, fx.Node) and t in layouts for t in tensors), "cat with an untransformed value")
-            first = layouts[tensors[0]]
-            _require(all(layouts[t].axes == first.axes for t in tensors), "cat of different layouts")
-            dim = _dim(int(_arg(node, 1, "dim", 0)), len(_shape(node)))
-            _require(dim not in first.axes, "cat along a channel axis")
-            return _Layout(first.axes, math.gcd(*(layouts[t].granule for t in tensors)))
-        if op == "call_function" and target is _ATTENTION:
-            shape = _shape(node)
-            ndim = len(shape)
-            _require(src.axes[-1] == ndim - 1 and ndim - 2 not in src.axes,
-                     "attention's value must hold the channels on its last axis, not the token axis")
-            return _Layout(src.axes, math.gcd(src.granule, shape[-1]))
-        raise _NotFoldable(f"{node.name} ({target}) is not known to commute with a channel transform")
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            order = [_dim(int(d), ndim) for d in dims]
+        _require(len(order) == len(before), "permute of the wrong rank")
+        return _Layout(tuple(order.index(a) for a in src.axes), src.granule)
+    if op == "call_function" and target is operator.getitem:
+        if isinstance(src, tuple):
+            return src[node.args[1]]
+        return _indexed(src, node.args[1], len(_shape(ins[0])))
+    if op == "call_method" and target in _SPLIT_METHODS or op == "call_function" and target in _SPLIT_FUNCTIONS:
+        ndim = len(_shape(ins[0]))
+        dim = _dim(int(_arg(node, 2, "dim", 0) if target not in ("unbind", torch.unbind)
+                       else _arg(node, 1, "dim", 0)), ndim)
+        _require(dim not in src.axes, "split along a channel axis")
+        if target in ("unbind", torch.unbind):
+            parts = len(_value(node))
+            moved = _Layout(tuple(a - (a > dim) for a in src.axes), src.granule)
+            return tuple(moved for _ in range(parts))
+        return tuple(src for _ in range(len(_value(node))))
+    if op == "call_function" and target is torch.cat:
+        tensors = _arg(node, 0, "tensors")
+        _require(all(isinstance(t, fx.Node) and t in layouts for t in tensors), "cat with an untransformed value")
+        first = layouts[tensors[0]]
+        _require(all(layouts[t].axes == first.axes for t in tensors), "cat of different layouts")
+        dim = _dim(int(_arg(node, 1, "dim", 0)), len(_shape(node)))
+        _require(dim not in first.axes, "cat along a channel axis")
+        return _Layout(first.axes, math.gcd(*(layouts[t].granule for t in tensors)))
+    if op == "call_function" and target is _ATTENTION:
+        shape = _shape(node)
+        ndim = len(shape)
+        _require(src.axes[-1] == ndim - 1 and ndim - 2 not in src.axes,
+                 "attention's value must hold the channels on its last axis, not the token axis")
+        return _Layout(src.axes, math.gcd(src.granule, shape[-1]))
+    raise _NotFoldable(f"{node.name} ({target}) is not known to commute with a channel transform")
 
 
-def _region(start: fx.Node, sites: dict[str, Any], walk: _Walk):
+def _region(start: fx.Node, sites: dict[str, Any]):
     """Grow a region from consumer input `start` until closed: (producers, consumers, inner nodes)."""
     producers: set[fx.Node] = set()
     consumers: set[fx.Node] = set()
@@ -247,7 +249,7 @@ def _region(start: fx.Node, sites: dict[str, Any], walk: _Walk):
             else:
                 _require(n.op in ("call_function", "call_method"), f"{n.name} is not an operation")
                 inner.add(n)
-                ins = walk.tracked_inputs(n)
+                ins = _tracked_inputs(n)
                 _require(bool(ins), f"{n.name} has no input to follow")
                 todo_back.extend(ins)
             todo_forward.append(n)
@@ -273,7 +275,6 @@ def find_folds(gm: fx.GraphModule, analysis: GraphAnalysis, candidates: set[str]
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
-    walk = _Walk(sites)
     groups: list[FoldGroup] = []
     seen: set[str] = set()
     for site in analysis.sites:
@@ -283,7 +284,7 @@ def find_folds(gm: fx.GraphModule, analysis: GraphAnalysis, candidates: set[str]
         if not isinstance(start, fx.Node):
             continue
         try:
-            producers, consumers, inner = _region(start, sites, walk)
+            producers, consumers, inner = _region(start, sites)
         except _NotFoldable:
             continue
         names = {n.name for n in producers | consumers}
@@ -300,7 +301,7 @@ def find_folds(gm: fx.GraphModule, analysis: GraphAnalysis, candidates: set[str]
                 if n in producers:
                     layouts[n] = _Layout((len(_shape(n)) - 1,), width)
                 else:
-                    layouts[n] = walk.layout(n, layouts)
+                    layouts[n] = _layout(n, layouts)
             for c in consumers:
                 x = layouts[c.args[0]]
                 _require(isinstance(x, _Layout) and x.axes == (len(_shape(c.args[0])) - 1,),
@@ -324,12 +325,8 @@ def check_folds(gm: fx.GraphModule, analysis: GraphAnalysis, folds: dict[str, di
     if not folds:
         return
     by_node = {s.node: s.path for s in analysis.sites}
-    found: dict[str, dict] = {}
-    for group in find_folds(gm, analysis, quantize):
-        producers = [by_node[p] for p in group.producers]
-        consumers = [by_node[c] for c in group.consumers]
-        found.update({c: {"producers": producers} for c in consumers})
-        found.update({p: {"consumers": consumers} for p in producers})
+    found = {by_node[n]: decision for group in find_folds(gm, analysis, quantize)
+             for n, decision in group.decisions(by_node).items()}
     for path, fold in folds.items():
         if found.get(path) != fold:
             raise ValueError(

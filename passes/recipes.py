@@ -92,9 +92,10 @@ def _folded_smoothquant(weights, options, calibration, stats) -> dict[str, Quant
         paths = {x.node: x.path for x in cal.analysis.sites}
         biases = {x.path: None if x.bias_index is None else cal.state[x.bias_index] for x in cal.analysis.sites}
         for group in find_folds(cal.gm, cal.analysis, {n for n, p in paths.items() if p in weights}):
+            decisions = {paths[n]: d for n, d in group.decisions(paths).items()}
             producers = [paths[n] for n in group.producers]
             consumers = [paths[n] for n in group.consumers]
-            if any(p in layers for p in producers + consumers):
+            if any(p in layers for p in decisions):
                 continue
             absmax = torch.stack([stats[c].absmax for c in consumers]).amax(dim=0)
             shared = smoothquant_shared([weights[c] for c in consumers], [stats[c].samples for c in consumers],
@@ -103,7 +104,7 @@ def _folded_smoothquant(weights, options, calibration, stats) -> dict[str, Quant
             for path, layer in zip(consumers, shared):
                 layer.act_mul, layer.fold_in = None, (mul, None, None)
                 layer.notes.append(f"smoothing folded into {', '.join(producers)}")
-                layer.details["fold"] = {"producers": producers}
+                layer.details["fold"] = decisions[path]
                 layers[path] = layer
             for path in producers:
                 rows = weights[path].detach().double() * mul.double()[:, None]
@@ -112,7 +113,7 @@ def _folded_smoothquant(weights, options, calibration, stats) -> dict[str, Quant
                 layer.bias = None if bias is None else (bias.detach().double() * mul.double()).float()
                 layer.fold_out = (mul, None, None)
                 layer.notes.append(f"output rows carry the smoothing of {', '.join(consumers)}")
-                layer.details["fold"] = {"consumers": consumers}
+                layer.details["fold"] = decisions[path]
                 layers[path] = layer
     return layers
 

@@ -37,8 +37,8 @@ class SegmentedGraph:
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self._by_name = {n.name: n for n in self.nodes}
         self.sites = {s.node: s for s in analysis.sites}
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        self.state_nodes = {placeholders[p.index] for p in analysis.placeholders if p.kind != "input"}
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.state_nodes = {self.placeholders[p.index] for p in analysis.placeholders if p.kind != "input"}
         first: dict[str, int] = {}
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
@@ -71,8 +71,7 @@ class SegmentedGraph:
 
     def start_env(self, args: list) -> dict[fx.Node, Any]:
         """The environment before segment 0: the graph's inputs."""
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        return dict(zip(placeholders, args))
+        return dict(zip(self.placeholders, args))
 
     def run(self, nodes: Iterable[fx.Node], env: dict[fx.Node, Any], linear: LinearFn,
             local: dict[fx.Node, Any] | None = None, device: torch.device | None = None) -> dict[fx.Node, Any]:
@@ -113,18 +112,18 @@ class SegmentedGraph:
                 local[node] = args[0]
         return local
 
-    def advance(self, s: int, env: dict[fx.Node, Any], linear: LinearFn, device: torch.device | None = None,
-                offload: bool = False) -> dict[fx.Node, Any]:
+    def advance(self, s: int, env: dict[fx.Node, Any], linear: LinearFn,
+                device: torch.device | None = None) -> dict[fx.Node, Any]:
         """Run segment s from `env` and return the environment after it, pruned to live values.
 
-        offload: keep the returned activations in CPU memory (graph inputs that are parameters or
-        buffers stay where they are).
+        device: `env` is offloaded; the segment runs on `device` and the returned activations go
+        back to CPU memory (graph inputs that are parameters or buffers stay where they are).
         """
         lo, hi = self.bounds[s]
         merged = dict(env)
         merged.update(self.run(self.nodes[lo:hi], env, linear, device=device))
         live = {n: v for n, v in merged.items() if self.last_use.get(n, -1) >= hi or n.op == "output"}
-        if offload:
+        if device is not None:
             live = {n: v.to("cpu") if isinstance(v, torch.Tensor) and n not in self.state_nodes else v
                     for n, v in live.items()}
         return live

@@ -6,6 +6,12 @@
   runs, naming the layer and how many values are bad.
 - A model Dynamo captured as several graphs (graph breaks) is quantized graph by graph; one
   warning lists the graphs and the layers each holds.
+- Parameters on the `meta` device (shapes without values) are refused where values are first
+  needed: a calibration call, or quantizing data-free at the first call.
+- A calibration call with an empty input (a batch of 0) holds no data: it runs, as in eager
+  mode, and is left out of the recordings with a warning.
+- A model where no layer is selected for quantization (no linear layers, or `skip` covering
+  them all) is told so, with the reasons, instead of being asked to calibrate.
 
 The other half of the non-finite checks, layer inputs that become NaN or Inf inside the
 full-precision model (float16 overflow), is in passes/observers.py, where the statistics are read.
@@ -14,6 +20,7 @@ full-precision model (float16 overflow), is in passes/observers.py, where the st
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,13 +52,28 @@ def _first_non_finite_layer(graph: CompiledGraph, args: tuple) -> str | None:
     return None
 
 
+def _on_meta(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
+
+
+def _load_real_weights(names: list[str]) -> str:
+    listed = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    return (f"are on the 'meta' device ({listed}): they have shapes but no values, so there is "
+            f"nothing to calibrate or quantize. Load the real weights first (model.to_empty(device=...) "
+            f"then load_state_dict, or from_pretrained without device_map='meta'), then compile")
+
+
 def check_recorded_call(graph: CompiledGraph, args: tuple) -> None:
-    """Raise ValueError when a call about to be recorded for calibration has a NaN or Inf input.
+    """Raise ValueError when a call about to be recorded for calibration has a NaN or Inf input,
+    or when the graph's parameters are on the meta device (they hold no values).
 
     The message names the call (counting from 0, among the calls recorded for this graph in the
     current `calibrating()` block), each bad input by its argument name with its counts, and the
     first linear layer whose input is not finite.
     """
+    meta = _on_meta({p.source: args[p.index] for p in graph.analysis.placeholders if p.kind != "input"})
+    if meta:
+        raise ValueError(f"the parameters of this model {_load_real_weights(meta)}.")
     bad = [p for p in graph.analysis.placeholders if p.kind == "input" and _non_finite(args[p.index])]
     if not bad:
         return
@@ -67,8 +89,26 @@ def check_recorded_call(graph: CompiledGraph, args: tuple) -> None:
         f"stays in full precision.")
 
 
+def skip_empty_call(graph: CompiledGraph, args: tuple) -> bool:
+    """Whether a call about to be recorded is empty (an input with no elements, e.g. a batch of 0);
+    warns, naming the call and the input, when it is. Such a call holds no calibration data."""
+    empty = [p for p in graph.analysis.placeholders
+             if p.kind == "input" and isinstance(args[p.index], torch.Tensor) and args[p.index].numel() == 0]
+    if not empty:
+        return False
+    shapes = ", ".join(f"{p.source!r} has shape {list(args[p.index].shape)}" for p in empty)
+    warnings.warn(
+        f"clq: calibration call {len(graph.calibration.calls)} (counting from 0) is empty: input {shapes}. "
+        f"It holds no data and is not recorded; calibrate on calls with at least one sample.", stacklevel=4)
+    return True
+
+
 def check_weights(weights: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError naming every layer in `weights` ({module path: weight}) with NaN or Inf."""
+    """Raise ValueError naming every layer in `weights` ({module path: weight}) with NaN or Inf,
+    or on the meta device (no values)."""
+    meta = _on_meta(weights)
+    if meta:
+        raise ValueError(f"the weights of {len(meta)} layer(s) selected for quantization {_load_real_weights(meta)}.")
     bad = {path: w for path, w in weights.items() if not bool(torch.isfinite(w).all())}
     if not bad:
         return

@@ -31,7 +31,7 @@ from clq_compile.passes.observers import GraphCalibration, Offloaded, layer_erro
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
 
-from .checks import check_recorded_call, check_weights, warn_graph_breaks
+from .checks import check_recorded_call, check_weights, skip_empty_call, warn_graph_breaks
 from .options import Options
 
 log = logging.getLogger("clq_compile")
@@ -88,6 +88,8 @@ class CompiledGraph:
         """Keep this call's non-parameter inputs for calibration (detached copies, in CPU memory
         with option `offload`)."""
         check_recorded_call(self, args)
+        if skip_empty_call(self, args):
+            return
         call = []
         for i in self.analysis.input_indices:
             value = args[i]

@@ -194,7 +194,7 @@ def test_meta_model_is_refused_with_a_clear_error():
     x = torch.randn(2, 8, 16, device="meta")
     qt = compile_clq(model, recipe="rtn")
     with pytest.raises(ValueError, match=r"parameters of this model are on the 'meta' device \(up\.weight, "
-                                         r"up\.bias, down\.weight, down\.bias\).*load the real weights"):
+                                         r"up\.bias, down\.weight, down\.bias\).*Load the real weights"):
         with torch.no_grad(), clq_compile.calibrating(qt):
             qt(x)
     assert model_state(qt).phase == "captured" and recorded_calls(qt) == 0

@@ -10,6 +10,7 @@
   needed: a calibration call, or quantizing data-free at the first call.
 - A calibration call with an empty input (a batch of 0) holds no data: it runs, as in eager
   mode, and is left out of the recordings with a warning.
+- torch.compile's `mode=` is refused with what to do instead.
 - A model where no layer is selected for quantization (no linear layers, or `skip` covering
   them all) is told so, with the reasons, instead of being asked to calibrate.
 
@@ -106,7 +107,7 @@ def skip_empty_call(graph: CompiledGraph, args: tuple) -> bool:
 def check_weights(weights: dict[str, torch.Tensor]) -> None:
     """Raise ValueError naming every layer in `weights` ({module path: weight}) with NaN or Inf,
     or on the meta device (no values)."""
-    meta = _on_meta(weights)
+    meta = sorted(_on_meta(weights))
     if meta:
         raise ValueError(f"the weights of {len(meta)} layer(s) selected for quantization {_load_real_weights(meta)}.")
     bad = {path: w for path, w in weights.items() if not bool(torch.isfinite(w).all())}
@@ -116,6 +117,36 @@ def check_weights(weights: dict[str, torch.Tensor]) -> None:
     raise ValueError(
         f"non-finite weights in {len(bad)} layer(s) selected for quantization ({listed}). Fix the "
         f"checkpoint, or keep these layers in full precision with options={{'skip': {sorted(bad)!r}}}.")
+
+
+def refuse_mode(mode: str | None) -> None:
+    """Raise ValueError for torch.compile(..., backend="clq", mode=...) (torch drops "default").
+
+    torch.compile cannot combine `mode=` with `options=`, so a mode would leave every clq setting at
+    its default; and the modes name Inductor's settings, which clq already applies where it hands
+    the graph to Inductor (options["inductor"]).
+    """
+    if mode is not None:
+        raise ValueError(
+            f"backend 'clq' takes no mode= (got {mode!r}): its settings go in options={{...}}, and "
+            f"torch.compile cannot combine mode= with options=. Remove mode=; the parts of the graph "
+            f"that clq does not quantize run on Inductor on CUDA already (options['inductor']).")
+
+
+def nothing_selected(state: ModelState, module: torch.nn.Module) -> str | None:
+    """Why no linear layer of `module` is selected for quantization under `state`; None when some
+    layer is, or when `module` has nn.Linear layers but no graph has been captured yet."""
+    decisions = state.site_decisions()
+    if any(d["quantize"] for d in decisions.values()):
+        return None
+    if decisions:
+        reasons = Counter(d["reason"] for d in decisions.values())
+        kept = "; ".join(f"{n} kept: {reason}" for reason, n in reasons.most_common())
+        return f"none of this model's {len(decisions)} linear layers is selected for quantization ({kept})"
+    if any(isinstance(m, torch.nn.Linear) for m in module.modules()):
+        return None
+    return ("this model has no linear layers (nn.Linear or F.linear with a parameter weight), so clq "
+            "has nothing to quantize")
 
 
 # States whose graph breaks were already reported.

@@ -128,6 +128,7 @@ class ModelState:
         once known (taken before weights are released, read from an artifact when loaded)
     verified: parameter paths already checked against the artifact's fingerprint
     released: parameter paths whose full-precision values were dropped (release_weights)
+    calibrating_thread: the thread that entered the last calibrating() block (threading.get_ident)
     """
 
     def __init__(self, options: Options, artifact: Artifact | None = None,

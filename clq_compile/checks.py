@@ -109,7 +109,8 @@ def check_weights(weights: dict[str, torch.Tensor]) -> None:
     or on the meta device (no values)."""
     meta = sorted(_on_meta(weights))
     if meta:
-        raise ValueError(f"the weights of {len(meta)} layer(s) selected for quantization {_load_real_weights(meta)}.")
+        raise ValueError(
+            f"the weights of {len(meta)} layer(s) selected for quantization {_load_real_weights(meta)}.")
     bad = {path: w for path, w in weights.items() if not bool(torch.isfinite(w).all())}
     if not bad:
         return

@@ -11,6 +11,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 import clq_compile
 from clq_compile import tiny_models
 from clq_compile.calibration import model_state
+from tests.clq_compile.test_bad_input import UpDown
 
 OPTIONS = {"bits": "w4a4", "kernels": "reference"}
 # A failing thread test must fail, not hang: every wait is bounded by this.
@@ -28,16 +29,6 @@ def dit_call(qt, seed):
 
 def recorded_calls(qt) -> int:
     return sum(len(g.calibration.calls) for g in model_state(qt).graphs)
-
-
-class UpDown(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(16, 32)
-        self.down = nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def up_down(seed=0):

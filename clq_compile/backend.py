@@ -18,14 +18,20 @@ from torch import fx
 
 from clq_compile.passes.capture import capture
 
+from .checks import refuse_mode
 from .options import Options, parse_options
 from .state import CompiledGraph, state_for_graph, state_for_module
 
 log = logging.getLogger("clq_compile")
 
 
-def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None):
-    """Dynamo backend entry point (registered as "clq" through the torch_dynamo_backends entry point)."""
+def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None,
+                mode: str | None = None):
+    """Dynamo backend entry point (registered as "clq" through the torch_dynamo_backends entry point).
+
+    mode: torch.compile's `mode=`, which it passes to a backend when set; refused (see refuse_mode).
+    """
+    refuse_mode(mode)
     opts = parse_options(options)
     analysis = capture(gm, example_inputs)
     if not analysis.sites:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
 from .backend import compiled_options
+from .checks import nothing_selected
 from .state import ModelState, state_for_module
 
 
@@ -25,13 +27,25 @@ def calibrating(qt: torch.nn.Module) -> Iterator[None]:
     block runs the recipe on the recordings and quantizes; from then on calls run quantized. If
     the block raises, or quantizing on the recordings fails (a NaN or Inf input, say), the
     recordings are dropped and the model is left as it was before the block.
+
+    Calibration belongs to the thread that entered the block: calls from other threads meanwhile
+    run what the model ran before it and are not recorded. A second calibrating() on the same
+    model while one is active (nested, or from another thread) raises at its entry and leaves the
+    active one as it was. When no layer is selected for quantization (no linear layers, or `skip`
+    covers them all), leaving the block warns, saying why, and the model stays in full precision.
     """
     state = model_state(qt)
     before = (state.layers, state.errors, state.calibrations)
     state.begin_calibration()
     try:
         yield
-        state.finish_calibration()
+        nothing = nothing_selected(state, qt._orig_mod) if state.options.quantizes else None
+        if nothing:
+            state.abort_calibration()
+            warnings.warn(f"clq: calibrating() has nothing to calibrate: {nothing}. The model runs in "
+                          f"full precision.", stacklevel=3)
+        else:
+            state.finish_calibration()
     except BaseException:
         if state.layers is not before[0]:
             # The recipe got as far as replacing the layers: restore the previous ones, and let

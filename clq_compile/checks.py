@@ -6,6 +6,13 @@
   runs, naming the layer and how many values are bad.
 - A model Dynamo captured as several graphs (graph breaks) is quantized graph by graph; one
   warning lists the graphs and the layers each holds.
+- Parameters on the `meta` device (shapes without values) are refused where values are first
+  needed: a calibration call, or quantizing data-free at the first call.
+- A calibration call with an empty input (a batch of 0) holds no data: it runs, as in eager
+  mode, and is left out of the recordings with a warning.
+- torch.compile's `mode=` is refused with what to do instead.
+- A model where no layer is selected for quantization (no linear layers, or `skip` covering
+  them all) is told so, with the reasons, instead of being asked to calibrate.
 
 The other half of the non-finite checks, layer inputs that become NaN or Inf inside the
 full-precision model (float16 overflow), is in passes/observers.py, where the statistics are read.
@@ -14,6 +21,7 @@ full-precision model (float16 overflow), is in passes/observers.py, where the st
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,13 +53,28 @@ def _first_non_finite_layer(graph: CompiledGraph, args: tuple) -> str | None:
     return None
 
 
+def _on_meta(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
+
+
+def _load_real_weights(names: list[str]) -> str:
+    listed = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    return (f"are on the 'meta' device ({listed}): they have shapes but no values, so there is "
+            f"nothing to calibrate or quantize. Load the real weights first (model.to_empty(device=...) "
+            f"then load_state_dict, or from_pretrained without device_map='meta'), then compile")
+
+
 def check_recorded_call(graph: CompiledGraph, args: tuple) -> None:
-    """Raise ValueError when a call about to be recorded for calibration has a NaN or Inf input.
+    """Raise ValueError when a call about to be recorded for calibration has a NaN or Inf input,
+    or when the graph's parameters are on the meta device (they hold no values).
 
     The message names the call (counting from 0, among the calls recorded for this graph in the
     current `calibrating()` block), each bad input by its argument name with its counts, and the
     first linear layer whose input is not finite.
     """
+    meta = _on_meta({p.source: args[p.index] for p in graph.analysis.placeholders if p.kind != "input"})
+    if meta:
+        raise ValueError(f"the parameters of this model {_load_real_weights(meta)}.")
     bad = [p for p in graph.analysis.placeholders if p.kind == "input" and _non_finite(args[p.index])]
     if not bad:
         return
@@ -67,8 +90,27 @@ def check_recorded_call(graph: CompiledGraph, args: tuple) -> None:
         f"stays in full precision.")
 
 
+def skip_empty_call(graph: CompiledGraph, args: tuple) -> bool:
+    """Whether a call about to be recorded is empty (an input with no elements, e.g. a batch of 0);
+    warns, naming the call and the input, when it is. Such a call holds no calibration data."""
+    empty = [p for p in graph.analysis.placeholders
+             if p.kind == "input" and isinstance(args[p.index], torch.Tensor) and args[p.index].numel() == 0]
+    if not empty:
+        return False
+    shapes = ", ".join(f"{p.source!r} has shape {list(args[p.index].shape)}" for p in empty)
+    warnings.warn(
+        f"clq: calibration call {len(graph.calibration.calls)} (counting from 0) is empty: input {shapes}. "
+        f"It holds no data and is not recorded; calibrate on calls with at least one sample.", stacklevel=4)
+    return True
+
+
 def check_weights(weights: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError naming every layer in `weights` ({module path: weight}) with NaN or Inf."""
+    """Raise ValueError naming every layer in `weights` ({module path: weight}) with NaN or Inf,
+    or on the meta device (no values)."""
+    meta = sorted(_on_meta(weights))
+    if meta:
+        raise ValueError(
+            f"the weights of {len(meta)} layer(s) selected for quantization {_load_real_weights(meta)}.")
     bad = {path: w for path, w in weights.items() if not bool(torch.isfinite(w).all())}
     if not bad:
         return
@@ -76,6 +118,36 @@ def check_weights(weights: dict[str, torch.Tensor]) -> None:
     raise ValueError(
         f"non-finite weights in {len(bad)} layer(s) selected for quantization ({listed}). Fix the "
         f"checkpoint, or keep these layers in full precision with options={{'skip': {sorted(bad)!r}}}.")
+
+
+def refuse_mode(mode: str | None) -> None:
+    """Raise ValueError for torch.compile(..., backend="clq", mode=...) (torch drops "default").
+
+    torch.compile cannot combine `mode=` with `options=`, so a mode would leave every clq setting at
+    its default; and the modes name Inductor's settings, which clq already applies where it hands
+    the graph to Inductor (options["inductor"]).
+    """
+    if mode is not None:
+        raise ValueError(
+            f"backend 'clq' takes no mode= (got {mode!r}): its settings go in options={{...}}, and "
+            f"torch.compile cannot combine mode= with options=. Remove mode=; the parts of the graph "
+            f"that clq does not quantize run on Inductor on CUDA already (options['inductor']).")
+
+
+def nothing_selected(state: ModelState, module: torch.nn.Module) -> str | None:
+    """Why no linear layer of `module` is selected for quantization under `state`; None when some
+    layer is, or when `module` has nn.Linear layers but no graph has been captured yet."""
+    decisions = state.site_decisions()
+    if any(d["quantize"] for d in decisions.values()):
+        return None
+    if decisions:
+        reasons = Counter(d["reason"] for d in decisions.values())
+        kept = "; ".join(f"{n} kept: {reason}" for reason, n in reasons.most_common())
+        return f"none of this model's {len(decisions)} linear layers is selected for quantization ({kept})"
+    if any(isinstance(m, torch.nn.Linear) for m in module.modules()):
+        return None
+    return ("this model has no linear layers (nn.Linear or F.linear with a parameter weight), so clq "
+            "has nothing to quantize")
 
 
 # States whose graph breaks were already reported.

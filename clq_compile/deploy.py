@@ -17,6 +17,7 @@ import torch
 from .artifact import (FORMAT, FORMAT_VERSION, to_json, fingerprint, fingerprint_differences, layer_manifest,
                        layer_tensors, read_artifact, refuse_other_model, write_artifact)
 from .calibration import model_state
+from .checks import nothing_selected
 from .options import parse_options
 from .state import QUANTIZED, ModelState, state_for_module
 
@@ -42,7 +43,9 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
     if not state.options.quantizes:
         raise ValueError(f"bits={state.options.bits} quantizes nothing, so there is nothing to save")
     if state.phase != QUANTIZED or not state.layers:
-        raise RuntimeError("nothing to save yet: calibrate the model first (with clq_compile.calibrating(qt)) "
+        nothing = nothing_selected(state, qt._orig_mod)
+        raise RuntimeError(f"nothing to save: {nothing}" if nothing else
+                           "nothing to save yet: calibrate the model first (with clq_compile.calibrating(qt)) "
                            "or call it once to quantize data-free")
     tensors, names = layer_tensors(state.layers)
     manifest = {
@@ -110,6 +113,8 @@ def release_weights(qt: torch.nn.Module) -> int:
     """
     state = model_state(qt)
     if state.phase != QUANTIZED or not state.layers:
-        raise RuntimeError("release_weights() needs a quantized model: calibrate it first, or call it once")
+        nothing = nothing_selected(state, qt._orig_mod)
+        raise RuntimeError(f"release_weights() has nothing to release: {nothing}" if nothing else
+                           "release_weights() needs a quantized model: calibrate it first, or call it once")
     _model_fingerprint(qt, state)
     return _release(qt._orig_mod, state)

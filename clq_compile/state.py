@@ -14,6 +14,7 @@ registry keyed by parameter identity: a graph finds its state through any of its
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Iterable
 
@@ -30,7 +31,7 @@ from clq_compile.passes.observers import GraphCalibration, Offloaded, layer_erro
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
 
-from .checks import check_recorded_call, check_weights, warn_graph_breaks
+from .checks import check_recorded_call, check_weights, skip_empty_call, warn_graph_breaks
 from .options import Options
 
 log = logging.getLogger("clq_compile")
@@ -70,8 +71,11 @@ class CompiledGraph:
     def __call__(self, *args):
         state = self.state
         if state.phase == CALIBRATING:
-            self.record(args)
-            return self.gm(*args)
+            if state.calibrates_here():
+                self.record(args)
+                return self.gm(*args)
+            # Another thread: what this graph ran before the block (quantized, or full precision).
+            return (self.gm if self.run is None else self.run)(*args)
         if not state.options.quantizes or not self.quantized_sites:
             return self.gm(*args)
         if state.phase == CAPTURED:
@@ -84,6 +88,8 @@ class CompiledGraph:
         """Keep this call's non-parameter inputs for calibration (detached copies, in CPU memory
         with option `offload`)."""
         check_recorded_call(self, args)
+        if skip_empty_call(self, args):
+            return
         call = []
         for i in self.analysis.input_indices:
             value = args[i]
@@ -122,6 +128,7 @@ class ModelState:
         once known (taken before weights are released, read from an artifact when loaded)
     verified: parameter paths already checked against the artifact's fingerprint
     released: parameter paths whose full-precision values were dropped (release_weights)
+    calibrating_thread: the thread that entered the last calibrating() block (threading.get_ident)
     """
 
     def __init__(self, options: Options, artifact: Artifact | None = None,
@@ -137,6 +144,7 @@ class ModelState:
         self.fingerprint: dict[str, dict] | None = None
         self.verified: set[str] = set()
         self.released: set[str] = set()
+        self.calibrating_thread: int | None = None
         if options.load is not None:
             self.artifact = artifact or read_artifact(options.load)
             self.layers = self.artifact.layers(device)
@@ -191,9 +199,26 @@ class ModelState:
             raise RuntimeError(
                 "release_weights() dropped this model's full-precision weights, so it cannot be "
                 "calibrated again; calibrate a freshly loaded copy of the model instead.")
-        self.phase = CALIBRATING
+        self._claim_calibration()
         for g in self.graphs:
             g.calibration.calls.clear()
+
+    def _claim_calibration(self) -> None:
+        """Enter the calibrating phase for the current thread, refusing a second session."""
+        with _SESSIONS:
+            if self.phase == CALIBRATING:
+                where = ("in this thread: nested blocks are not supported. The outer block is still "
+                         "recording; run the calibration calls there"
+                         if self.calibrating_thread == threading.get_ident() else
+                         "in another thread: calibration belongs to the thread that entered "
+                         "calibrating(); wait for that block to end")
+                raise RuntimeError(f"calibrating() is already active for this model {where}.")
+            self.phase, self.calibrating_thread = CALIBRATING, threading.get_ident()
+
+    def calibrates_here(self) -> bool:
+        """Whether a call from the current thread is a calibration call: the state is calibrating
+        and this thread entered calibrating(). Other threads keep running the previous state."""
+        return self.phase == CALIBRATING and self.calibrating_thread == threading.get_ident()
 
     def abort_calibration(self) -> None:
         for g in self.graphs:
@@ -249,6 +274,9 @@ class ModelState:
                 layer.notes.append(note)
         self.layers.update(new)
 
+
+# Makes checking for a running calibration and starting one a single step across threads.
+_SESSIONS = threading.Lock()
 
 # parameter -> {options: state}
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()

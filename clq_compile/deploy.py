@@ -35,7 +35,7 @@ def _check_path(path: Any) -> None:
         raise TypeError(f"path must be a str or os.PathLike naming the artifact; got {type(path).__name__}")
 
 
-def _check_linear_layers(module: torch.nn.Module, layers: Mapping[str, QuantizedLinear], source: Any) -> None:
+def _check_linear_layers(module: torch.nn.Module, layers: Mapping[str, QuantizedLinear], source: str) -> None:
     """Refuse layers that are not nn.Linear modules of `module` with the layer's shape.
 
     An artifact names its layers by module path; before any weight of `module` is touched, each
@@ -50,9 +50,9 @@ def _check_linear_layers(module: torch.nn.Module, layers: Mapping[str, Quantized
         if not isinstance(target, torch.nn.Linear) or (target.out_features, target.in_features) != shape:
             found = "nothing" if target is None else (
                 f"a Linear {target.out_features}x{target.in_features}" if isinstance(target, torch.nn.Linear)
-                else f"a {type(target).__name__}")
+                else f"a module of type {type(target).__name__}")
             raise ArtifactError(
-                f"the artifact {os.fspath(source)} holds a quantized layer {path} of {shape[0]}x{shape[1]}, "
+                f"the artifact {source} holds a quantized layer {path} of {shape[0]}x{shape[1]}, "
                 f"but in this model {path} is {found}, not a linear layer of that shape; refusing it. "
                 f"Load it into the model it was quantized from.")
 
@@ -62,8 +62,9 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
 
     A path ending in ".safetensors" becomes one file; any other path a directory (manifest.json
     and tensors.safetensors). The write is atomic: an existing artifact at `path` is replaced only
-    once the new one is complete. The same model, calibration inputs and options give a
-    byte-identical artifact. Returns the path written.
+    once the new one is complete (in a directory, file by file; the directory's other files stay).
+    The same model, calibration inputs and options give a byte-identical artifact. Returns the
+    path written.
     """
     from clq_compile import __version__
 
@@ -115,7 +116,7 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
     artifact = read_artifact(path)
     refuse_other_model(path, fingerprint_differences(artifact.manifest["fingerprint"],
                                                      fingerprint(model.named_parameters())))
-    _check_linear_layers(model, artifact.layers(), path)
+    _check_linear_layers(model, artifact.layers(), os.fspath(path))
     state = state_for_module(model, opts, artifact)
     state.verified.update(name for name, _ in model.named_parameters())
     qt = torch.compile(model, backend="clq", options={**(options or {}), "load": opts.load})
@@ -125,7 +126,8 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
 
 
 def _release(module: torch.nn.Module, state: ModelState) -> int:
-    _check_linear_layers(module, state.layers, state.options.load or "being released")
+    if state.options.load is not None:
+        _check_linear_layers(module, state.layers, state.options.load)
     released = 0
     for layer_path in sorted(state.layers):
         name = f"{layer_path}.weight"

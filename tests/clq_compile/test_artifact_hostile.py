@@ -231,20 +231,40 @@ def test_forged_layer_entries_are_refused_before_the_model_is_touched(copy, edit
     refused_untouched(copy, match)
 
 
+def forge_honest_layer(copy, model, path):
+    """Add a layer at `path` whose tensors quantize that module's own weight, resealed."""
+    weight = model.get_submodule(path).weight.detach()
+    packed = pack_weight(quantize(weight, 4, symmetric=True, group=None))
+    tensors = {**tensors_of(copy), f"{path}.qweight": packed.qweight, f"{path}.w_scale": packed.scale}
+
+    def edit(m):
+        m["layers"][path] = {**m["layers"][LAYER], "in_features": weight.shape[1],
+                             "tensors": {"qweight": f"{path}.qweight", "w_scale": f"{path}.w_scale"}}
+        m["decisions"][path] = {"role": "attn_q", "out_features": weight.shape[0], "in_features": weight.shape[1],
+                                "quantize": True, "reason": "token GEMM"}
+    forge(copy, edit, tensors)
+
+
 def test_a_layer_the_policy_keeps_cannot_be_quantized_by_the_artifact(copy):
     """A conditioning linear of the right shape, with honestly made tensors and a resealed manifest."""
     model = fresh_model()
-    weight = model.get_submodule(KEPT).weight.detach()
-    packed = pack_weight(quantize(weight, 4, symmetric=True, group=None))
-    tensors = {**tensors_of(copy), f"{KEPT}.qweight": packed.qweight, f"{KEPT}.w_scale": packed.scale}
-
-    def edit(m):
-        m["layers"][KEPT] = {**m["layers"][LAYER], "tensors": {"qweight": f"{KEPT}.qweight",
-                                                               "w_scale": f"{KEPT}.w_scale"}}
-        m["decisions"][KEPT].update(quantize=True, reason="token GEMM")
-    forge(copy, edit, tensors)
+    forge_honest_layer(copy, model, KEPT)
     with pytest.raises((ArtifactError, BackendCompilerFailed), match="policy"):
         run(clq_compile.load(model, copy, release_weights=False))
+
+
+def test_a_well_formed_layer_on_an_embedding_is_never_released(copy):
+    """An Embedding's 2-D weight passes the manifest's own checks; the model's modules do not."""
+    table = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table"
+    model = fresh_model()
+    forge_honest_layer(copy, model, table)
+    refused_untouched(copy, f"{table} is a module of type Embedding, not a linear layer")
+    before = model.get_submodule(table).weight.clone()
+    qt = torch.compile(model, backend="clq", options={"load": str(copy), "kernels": "reference"})
+    run(qt)
+    with pytest.raises(ArtifactError, match="not a linear layer"):
+        clq_compile.release_weights(qt)
+    assert torch.equal(model.get_submodule(table).weight, before)
 
 
 def _leaves(value, keys=()):

@@ -199,7 +199,8 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
     """Write `tensors` and `manifest` (to which the tensors' hashes are added) to `path`.
 
     A path ending in ".safetensors" becomes one file; any other path a directory with
-    manifest.json and tensors.safetensors. The result is byte-identical for identical inputs.
+    manifest.json and tensors.safetensors (an existing artifact directory keeps its other files).
+    The result is byte-identical for identical inputs.
     """
     path = Path(path)
     manifest = seal({**manifest, "tensor_sha256": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}})

@@ -148,6 +148,27 @@ def test_interrupted_write_keeps_the_previous_artifact(tmp_path, monkeypatch, na
     assert_same_layers(second, read_artifact(path).layers())
 
 
+def test_a_directory_save_interrupted_between_its_two_files_is_refused_not_mixed(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    path = save_layers(tmp_path / "adir", {"blocks.0.proj": random_layer(g, 4, 32, 4, None, True)})
+    replace, renamed = os.replace, []
+
+    def second_fails(src, dst):
+        renamed.append(dst)
+        if len(renamed) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(artifact.os, "replace", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        save_layers(path, {"blocks.0.proj": random_layer(g, 4, 32, 8, None, False)})
+    monkeypatch.undo()
+    assert [os.path.basename(d) for d in renamed] == [artifact.TENSORS_FILE, artifact.MANIFEST_FILE]
+    assert sorted(os.listdir(path)) == [artifact.MANIFEST_FILE, artifact.TENSORS_FILE]
+    with pytest.raises(ArtifactError, match="truncated or corrupted"):
+        read_artifact(path)
+
+
 @pytest.mark.parametrize("name", ["a.safetensors", "adir"])
 def test_artifacts_get_the_permissions_of_any_new_file(tmp_path, name):
     path = save_layers(tmp_path / name, {"blocks.0.proj": random_layer(torch.Generator(), 4, 32, 4, None, True)})

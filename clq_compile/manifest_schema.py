@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from typing import Any, Callable, Mapping
 
 import torch
@@ -32,7 +33,7 @@ Check = Callable[[Any, tuple], None]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"float32" for torch.float32: how the fingerprint and the messages write a dtype."""
+    """The name the fingerprint and the messages give a dtype: "float32" for torch.float32."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -146,7 +147,7 @@ def _options(value: Any, keys: tuple) -> None:
     """The options that decided the layers: known keys whose values the backend accepts."""
     from clq_compile.options import RUNTIME_KEYS, Options, parse_options
 
-    known = {f for f in Options.__dataclass_fields__ if f not in RUNTIME_KEYS}
+    known = {f.name for f in fields(Options) if f.name not in RUNTIME_KEYS}
     for k in _object(keys, value):
         if k not in known:
             raise ManifestError(keys + (k,), "is not an option this version knows")

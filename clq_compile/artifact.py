@@ -9,10 +9,19 @@ decision (quantized or kept, and why), each quantized layer's scalars (bits, gro
 notes) with the names of its tensors, the measured per-layer errors, a SHA-256 of every stored
 tensor, and a fingerprint of the model the artifact was made from: the path, shape, dtype and
 SHA-256 of every parameter. Layers that share a tensor (an OBS rotation block) share one entry.
+Since format version 2 the manifest also holds `manifest_sha256`, the SHA-256 of its own canonical
+JSON (sorted keys, no spaces, without that field), which covers the tensors' hashes in turn: any
+edit of the manifest or of a tensor is refused. Version 1 artifacts (no manifest hash) still load.
+
+A hash stops accidents, not a forger who recomputes it, so nothing read is trusted: the manifest is
+checked against its schema and for consistency with itself and its tensors (manifest_schema.py),
+and against the model it is loaded into (deploy.py, and the policy when a graph is captured).
 
 Writes go to a temporary sibling and are renamed into place, so an interrupted save leaves either
-the previous artifact or none, never a partial one; reads check the header, the sizes and every
-tensor's hash, so a truncated or corrupted file is refused with the reason.
+the previous artifact or none, never a partial one (a directory artifact's two files are replaced
+one by one, the manifest last, and the user's other files in that directory are left alone); reads
+check the header, the sizes and every tensor's hash, so a truncated or corrupted file is refused
+with the reason.
 """
 
 from __future__ import annotations
@@ -32,13 +41,16 @@ import torch
 
 from clq_compile.kernels.packing import PackedWeight
 from clq_compile.passes.layer import QuantizedLinear
+from clq_compile.passes.policy import Decision
+
+from .manifest_schema import ManifestError, check_manifest, check_tensors, dtype_name
 
 FORMAT = "clq-compile artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_KEY = "clq_manifest"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
-# Tensors of one layer, by the name the manifest gives them (the op's argument names).
 
 
 class ArtifactError(ValueError):
@@ -55,12 +67,19 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _canonical(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest's canonical JSON, without its own hash: what `manifest_sha256` covers."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """`manifest` with "manifest_sha256", the SHA-256 of its canonical JSON, set."""
+    return {**manifest, "manifest_sha256": hashlib.sha256(_canonical(manifest)).hexdigest()}
 
 
 def parameter_entry(p: torch.Tensor, with_hash: bool = True) -> dict[str, Any]:
-    entry: dict[str, Any] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype)}
+    entry: dict[str, Any] = {"shape": list(p.shape), "dtype": dtype_name(p.dtype)}
     if with_hash:
         entry["sha256"] = tensor_sha256(p)
     return entry
@@ -180,10 +199,11 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
     """Write `tensors` and `manifest` (to which the tensors' hashes are added) to `path`.
 
     A path ending in ".safetensors" becomes one file; any other path a directory with
-    manifest.json and tensors.safetensors. The result is byte-identical for identical inputs.
+    manifest.json and tensors.safetensors (an existing artifact directory keeps its other files).
+    The result is byte-identical for identical inputs.
     """
     path = Path(path)
-    manifest = {**manifest, "tensor_sha256": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}}
+    manifest = seal({**manifest, "tensor_sha256": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}})
     text = json.dumps(manifest, sort_keys=True, indent=1)
     if path.suffix == ".safetensors":
         if path.is_dir():
@@ -194,21 +214,21 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
     if path.exists() and not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
         raise ArtifactError(f"{path} exists and is not a clq-compile artifact directory; choose another "
                             f"path (or end it in .safetensors to write a single file)")
+    data = safetensors.torch.save(tensors)
+    if path.is_dir():
+        # The directory may hold the user's own files too (an evaluation beside the artifact):
+        # replace only the artifact's two files, each atomically, the manifest last. Interrupted
+        # between the two, the old manifest's hashes refuse the new tensors: never a mixed model.
+        _atomic_write(path / TENSORS_FILE, data)
+        _atomic_write(path / MANIFEST_FILE, text.encode())
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:
-        _atomic_write(staging / TENSORS_FILE, safetensors.torch.save(tensors))
+        _atomic_write(staging / TENSORS_FILE, data)
         _atomic_write(staging / MANIFEST_FILE, text.encode())
-        # Directories cannot be replaced atomically: move the old one aside first, so that at
-        # every moment `path` is either the complete old artifact, absent, or the complete new one.
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
         os.replace(staging, path)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -250,14 +270,36 @@ def _corrupt(path: Path, what: str) -> ArtifactError:
                          f"corrupted (an interrupted copy?); save it again from the quantized model.")
 
 
-def _header_json(path: Path, raw: bytes) -> dict[str, Any]:
-    """A safetensors header's JSON object."""
+def _json(path: Path, raw: bytes | str, what: str) -> Any:
+    """`raw` parsed as JSON; `what` ("its header", "its manifest") names it in the error."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(path, f"its header is not valid JSON ({error})") from None
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise _corrupt(path, f"{what} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise _corrupt(path, f"{what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise _corrupt(path, f"{what} is nested too deeply to be read") from None
+
+
+def _header(path: Path, raw: bytes) -> dict[str, Any]:
+    """A safetensors header's JSON object, each entry's form checked."""
+    header = _json(path, raw, "its header")
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise _corrupt(path, "its header's __metadata__ is not an object of strings")
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise _corrupt(path, f"its header entry {name!r} must have the keys data_offsets, dtype and "
+                                 f"shape; it has {keys}")
+        offsets = entry["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise _corrupt(path, f"its header entry {name!r} has data_offsets {offsets!r:.60}, not [start, end]")
     return header
 
 
@@ -268,13 +310,13 @@ def _check_safetensors_sizes(path: Path, data: bytes) -> None:
     (length,) = struct.unpack("<Q", data[:8])
     if 8 + length > len(data):
         raise _corrupt(path, f"the header says {length} bytes of JSON but the file has {len(data) - 8}")
-    header = _header_json(path, data[8:8 + length])
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    header = _header(path, data[8:8 + length])
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end != len(data):
         raise _corrupt(path, f"the tensors need {8 + length + end} bytes, the file has {len(data)}")
 
 
-def _locate(path: Path) -> tuple[str, Path]:
+def _locate(path: Path) -> tuple[str | bytes, Path]:
     """The manifest's JSON text and the file holding the tensors (reading the header only)."""
     if not path.exists():
         raise FileNotFoundError(f"no artifact at {path}; save one with clq_compile.save(qt, path)")
@@ -282,46 +324,57 @@ def _locate(path: Path) -> tuple[str, Path]:
         manifest_file = path / MANIFEST_FILE
         if not manifest_file.is_file():
             raise _corrupt(path, f"the directory has no {MANIFEST_FILE}")
-        return manifest_file.read_text(), path / TENSORS_FILE
+        return manifest_file.read_bytes(), path / TENSORS_FILE
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
         if length is None or 8 + length > size:
             raise _corrupt(path, "the safetensors header is cut off")
-        header = _header_json(path, f.read(length))
-    text = (header.get("__metadata__") or {}).get(MANIFEST_KEY)
+        header = _header(path, f.read(length))
+    text = header.get("__metadata__", {}).get(MANIFEST_KEY)
     if text is None:
         raise ArtifactError(f"{path} is a safetensors file without a clq-compile manifest: not an "
                             f"artifact saved by clq_compile.save")
     return text, path
 
 
-def _parse_manifest(path: Path, text: str) -> dict[str, Any]:
-    """The manifest from its JSON text, format and version checked."""
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _corrupt(path, f"its manifest is not valid JSON ({error})") from None
+def _parse_manifest(path: Path, text: str | bytes) -> dict[str, Any]:
+    """The manifest from its JSON text: format, version, hash, schema and consistency checked."""
+    manifest = _json(path, text, "its manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} does not hold a clq-compile manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{path} has artifact format version {version!r}; this clq-compile "
-            f"reads version {FORMAT_VERSION}. Quantize the model again with this version, or install "
-            f"the clq-compile version {manifest.get('package_version')!r} that wrote it.")
+            f"{path} has artifact format version {version!r:.40}; this clq-compile reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}. Quantize the model again with this version, or "
+            f"install the clq-compile version {manifest.get('package_version')!r:.40} that wrote it.")
+    try:
+        recorded = seal(manifest)["manifest_sha256"]
+    except RecursionError:
+        raise _corrupt(path, "its manifest is nested too deeply to be read") from None
+    if version >= 2 and manifest.get("manifest_sha256") != recorded:
+        raise ArtifactError(
+            f"{path}: its manifest does not match its recorded hash (manifest_sha256), so it was "
+            f"changed after it was saved; refusing to use it. Save the artifact again from the "
+            f"quantized model (do not edit artifacts by hand).")
+    try:
+        check_manifest(manifest, version)
+    except ManifestError as error:
+        raise ArtifactError(f"{path} has a manifest that clq-compile does not accept: {error}. It was not "
+                            f"written by clq_compile.save as it is; save it again from the quantized model.") from None
     return manifest
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the artifact at `path` (format and version checked; tensors not read)."""
+    """The manifest of the artifact at `path`, checked (see _parse_manifest); tensors not read."""
     path = Path(path)
     return _parse_manifest(path, _locate(path)[0])
 
 
 def read_artifact(path: str | os.PathLike) -> Artifact:
-    """The manifest and the tensors of the artifact at `path`, every tensor's hash checked."""
+    """The manifest and the tensors of the artifact at `path`, every tensor's hash and form checked."""
     path = Path(path)
     text, tensors_file = _locate(path)
     manifest = _parse_manifest(path, text)
@@ -333,11 +386,25 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         tensors = safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own error type for malformed files
         raise _corrupt(path, f"safetensors could not read it ({error})") from None
-    expected = manifest.get("tensor_sha256", {})
+    expected = manifest["tensor_sha256"]
     if set(expected) != set(tensors):
         raise _corrupt(path, "the stored tensors do not match the manifest's list")
     bad = sorted(k for k, t in tensors.items() if tensor_sha256(t) != expected[k])
     if bad:
         raise _corrupt(path, f"{len(bad)} tensor(s) do not match their recorded hash, e.g. {bad[0]}")
+    try:
+        check_tensors(manifest, tensors)
+    except ManifestError as error:
+        raise ArtifactError(f"{path} holds tensors that contradict its manifest: {error}. Save it again "
+                            f"from the quantized model.") from None
     return Artifact(path, manifest, tensors)
 
+
+def loaded_decision(path: str, policy: Decision, artifact_path: str) -> Decision:
+    """The decision for layer `path`, held by the artifact at `artifact_path`, given what the model's
+    own `policy` decides for it: an artifact may only hold layers the policy would quantize."""
+    if not policy.quantize:
+        raise ArtifactError(
+            f"the artifact {artifact_path} holds a quantized {path}, but this model's policy keeps that "
+            f"layer ({policy.reason}); refusing the artifact. Quantize the model again with this version.")
+    return Decision(True, "loaded from the artifact")

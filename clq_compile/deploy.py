@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 import torch
 
-from .artifact import (FORMAT, FORMAT_VERSION, to_json, fingerprint, fingerprint_differences, layer_manifest,
-                       layer_tensors, read_artifact, refuse_other_model, write_artifact)
+from clq_compile.passes.layer import QuantizedLinear
+
+from .artifact import (FORMAT, FORMAT_VERSION, ArtifactError, to_json, fingerprint, fingerprint_differences,
+                       layer_manifest, layer_tensors, read_artifact, refuse_other_model, write_artifact)
 from .calibration import model_state
 from .checks import nothing_selected
 from .options import parse_options
@@ -29,16 +31,45 @@ def _model_fingerprint(qt: torch.nn.Module, state: ModelState) -> dict[str, dict
     return state.fingerprint
 
 
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike naming the artifact; got {type(path).__name__}")
+
+
+def _check_linear_layers(module: torch.nn.Module, layers: Mapping[str, QuantizedLinear], source: str) -> None:
+    """Refuse layers that are not nn.Linear modules of `module` with the layer's shape.
+
+    An artifact names its layers by module path; before any weight of `module` is touched, each
+    path must lead to a linear layer whose weight is [out_features, in_features] of the packed one.
+    """
+    for path, layer in sorted(layers.items()):
+        try:
+            target = module.get_submodule(path)
+        except AttributeError:
+            target = None
+        shape = (layer.weight.qweight.shape[0], layer.weight.in_features)
+        if not isinstance(target, torch.nn.Linear) or (target.out_features, target.in_features) != shape:
+            found = "nothing" if target is None else (
+                f"a Linear {target.out_features}x{target.in_features}" if isinstance(target, torch.nn.Linear)
+                else f"a module of type {type(target).__name__}")
+            raise ArtifactError(
+                f"the artifact {source} holds a quantized layer {path} of {shape[0]}x{shape[1]}, "
+                f"but in this model {path} is {found}, not a linear layer of that shape; refusing it. "
+                f"Load it into the model it was quantized from.")
+
+
 def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write the quantized layers of `qt` (compiled with backend="clq", quantized) to `path`.
 
     A path ending in ".safetensors" becomes one file; any other path a directory (manifest.json
     and tensors.safetensors). The write is atomic: an existing artifact at `path` is replaced only
-    once the new one is complete. The same model, calibration inputs and options give a
-    byte-identical artifact. Returns the path written.
+    once the new one is complete (in a directory, file by file; the directory's other files stay).
+    The same model, calibration inputs and options give a byte-identical artifact. Returns the
+    path written.
     """
     from clq_compile import __version__
 
+    _check_path(path)
     state = model_state(qt)
     if not state.options.quantizes:
         raise ValueError(f"bits={state.options.bits} quantizes nothing, so there is nothing to save")
@@ -72,14 +103,23 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
     {"kernels": "triton"}; any other option must agree with the artifact's. release_weights:
     drop the model's full-precision weights of quantized layers (see `release_weights`), so that
     memory holds the packed weights only; pass False to keep `model` usable as the reference.
+
+    Nothing in the artifact is trusted: it is checked (see artifact.py) before `model` is touched.
     """
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError(f"load() takes the original, uncompiled model (the one that was quantized); got "
                         f"{type(model).__name__}")
+    _check_path(path)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict of run-time options such as {{'kernels': 'triton'}}; "
+                        f"got {type(options).__name__}")
+    if type(release_weights) is not bool:
+        raise TypeError(f"release_weights must be True or False; got {release_weights!r:.40}")
     opts = parse_options({**(options or {}), "load": path})
     artifact = read_artifact(path)
     refuse_other_model(path, fingerprint_differences(artifact.manifest["fingerprint"],
                                                      fingerprint(model.named_parameters())))
+    _check_linear_layers(model, artifact.layers(), os.fspath(path))
     state = state_for_module(model, opts, artifact)
     state.verified.update(name for name, _ in model.named_parameters())
     qt = torch.compile(model, backend="clq", options={**(options or {}), "load": opts.load})
@@ -89,6 +129,8 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
 
 
 def _release(module: torch.nn.Module, state: ModelState) -> int:
+    if state.options.load is not None:
+        _check_linear_layers(module, state.layers, state.options.load)
     released = 0
     for layer_path in sorted(state.layers):
         name = f"{layer_path}.weight"

@@ -22,8 +22,8 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clq_compile.artifact import (Artifact, fingerprint_differences, parameter_entry, read_artifact,
-                                  refuse_other_model)
+from clq_compile.artifact import (Artifact, fingerprint_differences, loaded_decision, parameter_entry,
+                                  read_artifact, refuse_other_model)
 from clq_compile.passes.capture import GraphAnalysis, LinearSite
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
@@ -157,7 +157,7 @@ class ModelState:
         if self.artifact is None:
             return decide(site, self.options)
         if site.path in self.layers:
-            return Decision(True, "loaded from the artifact")
+            return loaded_decision(site.path, decide(site, self.options), self.options.load)
         saved = self.artifact.manifest["decisions"].get(site.path)
         return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
 

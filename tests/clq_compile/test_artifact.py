@@ -21,20 +21,28 @@ def random_layer(g: torch.Generator, n: int, k: int, bits: int, group, symmetric
     w = torch.randn(n, k, generator=g, dtype=torch.float64).float()
     packed = pack_weight(quantize(w, bits, symmetric=symmetric, group=group))
     perm = torch.randperm(k, generator=g)
-    return QuantizedLinear(packed, 4, None, act_mul=torch.rand(k, generator=g) + 0.5, act_perm=perm,
+    return QuantizedLinear(packed, bits, None, act_mul=torch.rand(k, generator=g) + 0.5, act_perm=perm,
                            act_rotation=rotation, method="test", notes=["a note"], details={"clip": (0.9, 1.0)})
 
 
-def manifest(layers):
+def manifest(layers: dict, names: dict) -> dict:
+    """A manifest as save() writes it for `layers` (all made with the same options)."""
+    first = next(iter(layers.values()))
+    options = {"bits": f"w{first.weight.bits}a{first.a_bits}", "recipe": "rtn", "weight_group": first.weight.group,
+               "weight_symmetric": first.weight.zero is None}
+    decisions = {p: {"role": "attn_q", "out_features": l.weight.qweight.shape[0], "in_features": l.weight.in_features,
+                     "quantize": True, "reason": "token GEMM"} for p, l in layers.items()}
+    fingerprint = {f"{p}.weight": {"shape": [d["out_features"], d["in_features"]], "dtype": "float32",
+                                   "sha256": "0" * 64} for p, d in decisions.items()}
     return {"format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION, "package_version": "test",
-            "options": {"bits": "w4a4"}, "recipe": "rtn", "calibrated": True, "fingerprint": {},
-            "decisions": {}, "errors": {}, "layers": layers}
+            "options": options, "recipe": "rtn", "calibrated": True, "fingerprint": fingerprint,
+            "decisions": decisions, "errors": {},
+            "layers": {p: artifact.layer_manifest(layers[p], names[p]) for p in layers}}
 
 
 def save_layers(path, layers):
     tensors, names = artifact.layer_tensors(layers)
-    entries = {p: artifact.layer_manifest(layers[p], names[p]) for p in layers}
-    return write_artifact(path, manifest(entries), tensors)
+    return write_artifact(path, manifest(layers, names), tensors)
 
 
 def assert_same_layers(a: dict, b: dict):
@@ -101,7 +109,7 @@ def test_unknown_format_version_is_refused(tmp_path, saved):
     meta["format_version"] = 99
     other = tmp_path / "v99.safetensors"
     safetensors.torch.save_file(tensors, other, metadata={artifact.MANIFEST_KEY: json.dumps(meta)})
-    with pytest.raises(ArtifactError, match="format version 99.*reads version 1"):
+    with pytest.raises(ArtifactError, match="format version 99.*reads versions 1 and 2"):
         read_manifest(other)
 
 
@@ -138,6 +146,27 @@ def test_interrupted_write_keeps_the_previous_artifact(tmp_path, monkeypatch, na
     assert sorted(os.listdir(tmp_path)) == [name], "temporary files left behind"
     save_layers(path, second)
     assert_same_layers(second, read_artifact(path).layers())
+
+
+def test_a_directory_save_interrupted_between_its_two_files_is_refused_not_mixed(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    path = save_layers(tmp_path / "adir", {"blocks.0.proj": random_layer(g, 4, 32, 4, None, True)})
+    replace, renamed = os.replace, []
+
+    def second_fails(src, dst):
+        renamed.append(dst)
+        if len(renamed) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(artifact.os, "replace", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        save_layers(path, {"blocks.0.proj": random_layer(g, 4, 32, 8, None, False)})
+    monkeypatch.undo()
+    assert [os.path.basename(d) for d in renamed] == [artifact.TENSORS_FILE, artifact.MANIFEST_FILE]
+    assert sorted(os.listdir(path)) == [artifact.MANIFEST_FILE, artifact.TENSORS_FILE]
+    with pytest.raises(ArtifactError, match="truncated or corrupted"):
+        read_artifact(path)
 
 
 @pytest.mark.parametrize("name", ["a.safetensors", "adir"])

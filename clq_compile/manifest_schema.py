@@ -1,0 +1,255 @@
+"""The artifact manifest's schema, and the consistency of what it claims.
+
+An artifact comes from outside the process, so nothing in it is used before it is checked:
+
+1. *Shape of the JSON* (`check_manifest`): every key known, every value of the expected JSON type
+   and range, nothing missing. Explicit checker functions below, one per kind of value.
+2. *Agreement inside the manifest* (`check_manifest`): the options parse as backend options; every
+   quantized layer has a decision that says "quantize" with the same in_features, its bits, groups
+   and zero points are those the options give, its weight is a 2-D parameter [out, in] of the
+   fingerprinted model, and every tensor it names is stored.
+3. *Agreement with the tensors* (`check_tensors`): each layer's tensors have the dtype and shape its
+   scalars imply (4-bit qweight uint8 [N, K/2], 8-bit int8 [N, K], w_scale float32 [N, K/group or 1],
+   w_zero int8 like w_scale, bias [N], act_mul [K], act_perm a permutation of range(K), act_rotation
+   [b, b] with b dividing K), floating values are finite, and no stored tensor is unused.
+
+The model itself is checked in deploy.py (each layer is an nn.Linear of that shape) and when a
+graph is captured (the model's own policy would quantize it). Every failure is a `ManifestError`
+with the JSON path of the offending value, e.g. manifest["layers"]["blocks.0.proj"]["w_bits"].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields
+from typing import Any, Callable, Mapping
+
+import torch
+
+from clq_compile.passes.layer import TENSOR_ARGS
+
+Check = Callable[[Any, tuple], None]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name the fingerprint and the messages give a dtype: "float32" for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+class ManifestError(ValueError):
+    """A manifest value that is malformed or contradicts another: `where` is its JSON path."""
+
+    def __init__(self, keys: tuple, what: str):
+        self.where = "manifest" + "".join(f"[{json.dumps(k)}]" for k in keys)
+        super().__init__(f"{self.where} {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkers: each takes a value and its JSON path, and raises ManifestError when it does not fit.
+
+
+def _string(value: Any, keys: tuple) -> None:
+    if not isinstance(value, str):
+        raise ManifestError(keys, f"must be a string; got {value!r:.60}")
+
+
+def _boolean(value: Any, keys: tuple) -> None:
+    if type(value) is not bool:
+        raise ManifestError(keys, f"must be true or false; got {value!r:.60}")
+
+
+def _number(value: Any, keys: tuple) -> None:
+    if type(value) not in (int, float):
+        raise ManifestError(keys, f"must be a number; got {value!r:.60}")
+
+
+def _integer(minimum: int) -> Check:
+    def check(value: Any, keys: tuple) -> None:
+        if type(value) is not int or value < minimum:
+            raise ManifestError(keys, f"must be an integer >= {minimum}; got {value!r:.60}")
+    return check
+
+
+def _one_of(*choices: Any) -> Check:
+    def check(value: Any, keys: tuple) -> None:
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise ManifestError(keys, f"must be one of {', '.join(map(repr, choices))}; got {value!r:.60}")
+    return check
+
+
+def _optional(inner: Check) -> Check:
+    def check(value: Any, keys: tuple) -> None:
+        if value is not None:
+            inner(value, keys)
+    return check
+
+
+def _sha256(value: Any, keys: tuple) -> None:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ManifestError(keys, f"must be a SHA-256 in hexadecimal; got {value!r:.80}")
+
+
+def _list_of(item: Check) -> Check:
+    def check(value: Any, keys: tuple) -> None:
+        if not isinstance(value, list):
+            raise ManifestError(keys, f"must be a list; got {value!r:.60}")
+        for i, v in enumerate(value):
+            item(v, keys + (i,))
+    return check
+
+
+def _object(keys: tuple, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestError(keys, f"must be an object; got {value!r:.60}")
+    return value
+
+
+def _map_of(item: Check) -> Check:
+    """An object with any string keys, each value checked by `item`."""
+    def check(value: Any, keys: tuple) -> None:
+        for k, v in _object(keys, value).items():
+            item(v, keys + (k,))
+    return check
+
+
+def _record(required: Mapping[str, Check], optional: Mapping[str, Check] | None = None) -> Check:
+    """An object with exactly the `required` keys and any of the `optional` ones."""
+    optional = optional or {}
+
+    def check(value: Any, keys: tuple) -> None:
+        value = _object(keys, value)
+        for k in value:
+            if k not in required and k not in optional:
+                raise ManifestError(keys + (k,), f"is not a key this version knows (known: "
+                                                 f"{', '.join(sorted({**required, **optional}))})")
+        for k, item in required.items():
+            if k not in value:
+                raise ManifestError(keys + (k,), "is missing")
+            item(value[k], keys + (k,))
+        for k, item in optional.items():
+            if k in value:
+                item(value[k], keys + (k,))
+    return check
+
+
+def _details(value: Any, keys: tuple) -> None:
+    """A search's free-form record; only "fold" is read back: {"producers" or "consumers": [paths]}."""
+    if "fold" in _object(keys, value):
+        fold = _object(keys + ("fold",), value["fold"])
+        if len(fold) != 1 or next(iter(fold)) not in ("producers", "consumers"):
+            raise ManifestError(keys + ("fold",), f'must be {{"producers": [...]}} or {{"consumers": [...]}}; '
+                                                  f"got {fold!r:.80}")
+        _list_of(_string)(*fold.values(), keys + ("fold", *fold))
+
+
+def _options(value: Any, keys: tuple) -> None:
+    """The options that decided the layers: known keys whose values the backend accepts."""
+    from clq_compile.options import RUNTIME_KEYS, Options, parse_options
+
+    known = {f.name for f in fields(Options) if f.name not in RUNTIME_KEYS}
+    for k in _object(keys, value):
+        if k not in known:
+            raise ManifestError(keys + (k,), "is not an option this version knows")
+    try:
+        parse_options(value)
+    except (TypeError, ValueError) as error:
+        raise ManifestError(keys, f"are not valid options: {error}") from None
+
+
+_LAYER = _record(
+    {"w_bits": _one_of(4, 8), "in_features": _integer(1), "w_group": _optional(_integer(1)),
+     "a_bits": _one_of(4, 8, 16), "a_group": _optional(_integer(1)), "method": _string,
+     "notes": _list_of(_string), "details": _details,
+     "tensors": _record({"qweight": _string, "w_scale": _string},
+                        {a: _string for a in TENSOR_ARGS if a not in ("qweight", "w_scale")})})
+
+_FIELDS = {
+    "format": _string, "format_version": _integer(1), "package_version": _string, "options": _options,
+    "recipe": _string, "calibrated": _boolean,
+    "fingerprint": _map_of(_record({"shape": _list_of(_integer(0)), "dtype": _string, "sha256": _sha256})),
+    "decisions": _map_of(_record({"role": _string, "out_features": _integer(1), "in_features": _integer(1),
+                                  "quantize": _boolean, "reason": _string})),
+    "layers": _map_of(_LAYER), "errors": _map_of(_number), "tensor_sha256": _map_of(_sha256),
+}
+# Version 1 had no hash of the manifest itself.
+_SCHEMAS = {1: _record(_FIELDS), 2: _record({**_FIELDS, "manifest_sha256": _sha256})}
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+
+
+def check_manifest(manifest: dict[str, Any], version: int) -> None:
+    """Refuse a manifest of format `version` that is malformed or contradicts itself (steps 1-2)."""
+    from clq_compile.options import parse_options
+
+    _SCHEMAS[version](manifest, ())
+    options = parse_options(manifest["options"])
+    if manifest["recipe"] != options.recipe:
+        raise ManifestError(("recipe",), f"is {manifest['recipe']!r} but the options say {options.recipe!r}")
+    expected = {"w_bits": options.w_bits, "a_bits": options.a_bits, "w_group": options.weight_group,
+                "a_group": options.act_group}
+    for path, layer in manifest["layers"].items():
+        keys = ("layers", path)
+        for k, v in expected.items():
+            if layer[k] != v:
+                raise ManifestError(keys + (k,), f"is {layer[k]!r} but the artifact's options give {v!r}")
+        if ("w_zero" in layer["tensors"]) == options.weight_symmetric:
+            raise ManifestError(keys + ("tensors",), "has a w_zero only when weights are asymmetric "
+                                                     f"(weight_symmetric={options.weight_symmetric})")
+        decision = manifest["decisions"].get(path)
+        if decision is None or not decision["quantize"] or decision["in_features"] != layer["in_features"]:
+            raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
+                                      f"{layer['in_features']} (its decision: {decision!r:.200})")
+        weight = manifest["fingerprint"].get(f"{path}.weight")
+        shape = [decision["out_features"], layer["in_features"]]
+        if weight is None or weight["shape"] != shape:
+            raise ManifestError(keys, f"names no linear weight {shape} of the model: the model's "
+                                      f"{path}.weight is {weight['shape'] if weight else 'absent'}")
+        for arg, name in layer["tensors"].items():
+            if name not in manifest["tensor_sha256"]:
+                raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which is not stored")
+
+
+def _expected_tensors(layer: Mapping[str, Any], n: int) -> dict[str, tuple[tuple[torch.dtype, ...], tuple]]:
+    """{argument: (allowed dtypes, shape)} of a layer's tensors from its scalars."""
+    k, bits, group = layer["in_features"], layer["w_bits"], layer["w_group"]
+    floating = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    scale_shape = (n, k // group if group else 1)
+    return {"qweight": ((torch.uint8,), (n, k // 2)) if bits == 4 else ((torch.int8,), (n, k)),
+            "w_scale": ((torch.float32,), scale_shape), "w_zero": ((torch.int8,), scale_shape),
+            "bias": (floating, (n,)), "act_mul": (floating, (k,)), "act_perm": ((torch.int64,), (k,)),
+            "act_rotation": (floating, None)}
+
+
+def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse layers whose tensors are not what their scalars say (step 3)."""
+    used: set[str] = set()
+    for path, layer in manifest["layers"].items():
+        keys = ("layers", path)
+        k, n = layer["in_features"], manifest["decisions"][path]["out_features"]
+        for what, g in (("w_bits", 2 if layer["w_bits"] == 4 else 1), ("w_group", layer["w_group"]),
+                        ("a_group", layer["a_group"])):
+            if g and k % g:
+                raise ManifestError(keys + (what,), f"needs in_features divisible by {g}; it is {k}")
+        expected = _expected_tensors(layer, n)
+        for arg, name in layer["tensors"].items():
+            t, (dtypes, shape) = tensors[name], expected[arg]
+            used.add(name)
+            if shape is None:  # act_rotation: square blocks whose size divides K
+                fits = t.dim() == 2 and t.shape[0] == t.shape[1] > 0 and k % t.shape[0] == 0
+                want = f"[b, b] with b dividing {k}"
+            else:
+                fits, want = tuple(t.shape) == shape, str(list(shape))
+            if t.dtype not in dtypes or not fits:
+                raise ManifestError(keys + ("tensors", arg),
+                                    f"names {name!r}, a {dtype_name(t.dtype)}{list(t.shape)} tensor; the layer's "
+                                    f"scalars need {' or '.join(map(dtype_name, dtypes))}{want}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which holds Inf or NaN")
+            if arg == "act_perm" and not torch.equal(torch.sort(t).values, torch.arange(k)):
+                raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which is not a permutation of 0..{k - 1}")
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ManifestError(("tensor_sha256", unused[0]), f"is stored but no layer uses it ({len(unused)} unused)")

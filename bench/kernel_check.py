@@ -133,18 +133,17 @@ def _poison(*shapes_dtypes) -> None:
 
 
 def int_oracle(a, w):
-    """Exact a · wᵀ for int8 a [M, K], w [N, K] -> int32 [M, N], on their device."""
-    import torch
-    from clq_compile.kernels.reference import int_matmul
+    """Exact a · wᵀ for int8 a [M, K], w [N, K] -> int32 [M, N], with torch._int_mm on their device.
 
-    if not a.is_cuda:
-        return int_matmul(a, w)
-    # cuBLAS's int8 GEMM wants more than 16 rows: pad, then drop the padding.
+    cuBLAS's int8 GEMM wants more than 16 rows (and K, N multiples of 8): the rows are padded, then
+    dropped. w transposed is the column-major [K, N] operand it takes.
+    """
+    import torch
+
     m = a.shape[0]
-    rows = max(32, -(-m // 8) * 8)
-    padded = torch.zeros(rows, a.shape[1], dtype=torch.int8, device=a.device)
+    padded = torch.zeros(max(32, -(-m // 8) * 8), a.shape[1], dtype=torch.int8, device=a.device)
     padded[:m] = a
-    return torch._int_mm(padded, w.t().contiguous().t())[:m]
+    return torch._int_mm(padded, w.t())[:m]
 
 
 def _weights(case: Case, g, device):

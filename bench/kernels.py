@@ -130,7 +130,9 @@ def _tuned_configs() -> dict[str, dict[str, str]]:
     return found
 
 
-def time_row(m: int, n: int, k: int, peaks: dict) -> dict:
+def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
+    """One row of the plan (see the module docstring); `device` is "cpu" only in tests, under
+    Triton's interpreter."""
     import torch
     import torch.nn.functional as F
 
@@ -143,21 +145,21 @@ def time_row(m: int, n: int, k: int, peaks: dict) -> dict:
 
     g = torch.Generator().manual_seed(m * 7 + n * 3 + k)
     w = torch.randn(n, k, generator=g) / k**0.5
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w16 = w.to("cuda", torch.bfloat16)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w16 = w.to(device, torch.bfloat16)
     layers = {}
     for bits in (4, 8):
         quantized = quantize(w, bits)
         stored = pack_weight(quantized)
-        layers[bits] = (quantized, stored.qweight.cuda(), stored.scale.cuda())
-    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-    a_f8 = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
-    w_f8 = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
-    sa, sb = torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
-    mul = torch.rand(k, device="cuda") + 0.5
-    perm = torch.randperm(k, device="cuda")
-    rot = normalized_hadamard(ROTATION_BLOCK).cuda()
+        layers[bits] = (quantized, stored.qweight.to(device), stored.scale.to(device))
+    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    a_f8 = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+    w_f8 = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, 1, device=device) + 0.5, torch.rand(1, n, device=device) + 0.5
+    mul = torch.rand(k, device=device) + 0.5
+    perm = torch.randperm(k, device=device)
+    rot = normalized_hadamard(ROTATION_BLOCK).to(device)
 
     def layer(bits: int, transform: tuple = (None, None, None)):
         _, qweight, scale = layers[bits]
@@ -187,7 +189,7 @@ def time_row(m: int, n: int, k: int, peaks: dict) -> dict:
     # w4a4's output on the timed input, against float64 on its quantized operands
     out = fns["w4a4"]()[:CHECK_ROWS]
     xa = quantize_activation(x[:CHECK_ROWS].float(), 4)
-    ref = kernel_check._dequantize64(xa) @ kernel_check._dequantize64(layers[4][0]).cuda().t()
+    ref = kernel_check._dequantize64(xa) @ kernel_check._dequantize64(layers[4][0]).to(device).t()
     finite = bool(torch.isfinite(out).all())
     rel = kernel_check._rel(out, ref)
 

@@ -130,3 +130,27 @@ def test_without_cuda_the_scripts_say_so(modules, tmp_path, capsys):
     assert kernels.main(["--lease", "--out", str(tmp_path)]) == 2
     assert kernel_check.main(["--out", str(tmp_path)]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_kernels_row_runs_its_variants_and_its_check(modules, monkeypatch):
+    # Under Triton's interpreter on a tiny shape, with each timer replaced by one plain call: every
+    # variant's arguments and the row's check run as they will on the GPU.
+    _, _, kernels = modules
+    pytest.importorskip("triton")
+    from clq_compile.kernels import triton_quantize
+
+    if not triton_quantize.interpreted():
+        pytest.skip("the kernels were defined without TRITON_INTERPRET=1")
+
+    def once(fn):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(kernels, "median_ms", once)
+    monkeypatch.setattr(kernels, "graph_ms", once)
+    monkeypatch.setattr(kernels, "ROTATION_BLOCK", 32)
+    row = kernels.time_row(33, 32, 64, {"int8_tops": 1.0, "copy_gbps": 1.0}, device="cpu")
+    assert set(row["ms"]) | set(row["errors"]) == set(kernels.VARIANTS)
+    # The CPU build of torch may lack FP8 products; everything else must have run.
+    assert set(row["errors"]) <= {"fp8_rowwise"}, row["errors"]
+    assert row["check"]["finite"] and row["check"]["rel_error"] <= 1e-2

@@ -1,214 +1,275 @@
-"""Speed of the Triton W4A4 / W8A8 kernels against bfloat16 and int8 cuBLAS.
+"""Speed of the Triton W4A4 / W8A8 kernels against cuBLAS bf16, cuBLAS int8 and FP8, one row at a time.
 
-    python bench/kernels.py            # all shapes
-    python bench/kernels.py --quick    # M = 4096 and three (N, K) only
+    python bench/kernels.py --lease [--out DIR]   # the lease plan: fits a GPU lease (bench/README.md)
+    python bench/kernels.py [--out DIR]           # every DiT shape at M = 1024, 4096, 16384
+    python bench/kernels.py --lease --dry-run     # the plan, its compiles and minutes; needs no CUDA
 
-On a CUDA GPU, for every M in (1024, 4096, 16384) tokens and every (N, K) of the linears of
-PixArt / DiT-XL (width 1152) and Flux (width 3072), it times with triton.testing.do_bench (median):
+For each M x (N, K) of the plan, on one CUDA GPU, in the same process:
 
-- bf16:          F.linear on bfloat16 activations and weights (cuBLAS)
-- int8_mm:       torch._int_mm on int8 operands already quantized (cuBLAS, the integer ceiling)
-- w4a4, w8a8:    the whole quantized layer (activation-quantize kernel + integer GEMM)
-- w4a4_rot128:   the same with the online 128-channel block rotation of CLQ's smoothing
+- bf16:          F.linear, bfloat16 activations and weights (cuBLAS)
+- int8_mm:       torch._int_mm on int8 operands already quantized (cuBLAS, W8A8's GEMM alone)
+- fp8_rowwise:   torch._scaled_mm on e4m3 operands already quantized, per-row / per-column scales
+- w4a4, w8a8:    the whole quantized layer: activation-quantize kernel + integer GEMM
+- w4a4_rot128:   the same with CLQ's online transform (channel multiplier, gather, 128-block rotation)
 - w4a4_quantize, w4a4_gemm: the two kernels of w4a4 on their own
 
-and reports each time's ratio to bf16 and to int8_mm, measured in the same run, and the achieved
-integer TOPS (2·M·N·K per call) against an int8 peak measured here with torch._int_mm on a large
-square product. Before timing, the kernels are checked against the torch reference (on CPU) at a
-small M. Results go to bench/results/kernels-<gpu>.json with the machine they ran on.
+each timed with triton.testing.do_bench (median; it flushes L2 between runs) and as CUDA-graph
+replay (median), which hides launch gaps. Each row also gives ratios to bf16, int8_mm and
+fp8_rowwise, the quantize kernel's GB/s (bf16 x read once, packed x and scales written once)
+against a device-to-device copy measured at the start, the GEMM's integer TOPS (2·M·N·K) against
+torch._int_mm's on an 8192³ product measured at the start, the autotune configs chosen so far,
+and a check of w4a4's output against a float64 product of its quantized operands (relative error
+<= 1e-2, all finite) that fails the run when it fails.
 
-Without a GPU there is nothing to time: the script says so, runs the kernels under Triton's
-interpreter on a few tiny shapes against the reference, and writes nothing.
+Rows are JSON lines in <out>/kernels.jsonl, written as each finishes (bench/lease.py); `--lease`
+keeps the first two autotune configs of each list and stops before its time budget.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import re
 import sys
-from pathlib import Path
 
-import torch
+import kernel_check
+import lease
 
-if not torch.cuda.is_available():
-    # Must be set before the kernels are imported (triton.jit reads it when they are defined).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
-from clq_compile.kernels.hadamard import normalized_hadamard  # noqa: E402
-from clq_compile.kernels.packing import pack_weight  # noqa: E402
-from clq_compile.kernels.quantize import quantize  # noqa: E402
-from clq_compile.kernels.reference import quant_linear_reference  # noqa: E402
-from clq_compile.kernels.triton_gemm import quant_matmul  # noqa: E402
-from clq_compile.kernels.triton_linear import quant_linear_triton  # noqa: E402
-from clq_compile.kernels.triton_quantize import quantize_activation_triton  # noqa: E402
-
-TOKENS = (1024, 4096, 16384)
+LEASE_TOKENS = (4096, 16384)
+LEASE_SHAPES = ((1152, 1152), (3072, 3072), (12288, 3072))
 # (N, K): PixArt / DiT-XL attention q/k/v/out, fused qkv, MLP up (4x) and down; Flux attention,
 # MLP up and down.
-SHAPES = ((1152, 1152), (3456, 1152), (4608, 1152), (1152, 4608), (3072, 3072), (12288, 3072), (3072, 12288))
-QUICK_TOKENS = (4096,)
-QUICK_SHAPES = ((1152, 1152), (4608, 1152), (3072, 12288))
+FULL_TOKENS = (1024, 4096, 16384)
+FULL_SHAPES = ((1152, 1152), (3456, 1152), (4608, 1152), (1152, 4608), (3072, 3072), (12288, 3072),
+               (3072, 12288))
+VARIANTS = ("bf16", "int8_mm", "fp8_rowwise", "w4a4", "w8a8", "w4a4_rot128", "w4a4_quantize", "w4a4_gemm")
+LEASE_CONFIGS = 2
 PEAK_SIZE = 8192
-CHECK_TOKENS = 256
+COPY_BYTES = 2**30
 ROTATION_BLOCK = 128
-RESULTS = Path(__file__).resolve().parent / "results"
+CHECK_ROWS = 512
+# Planning figures for --dry-run (bench/kernel_check.py has the compile figure): one timing is
+# do_bench's 25 ms warm-up and 100 ms of runs plus the L2 flushes, twice (direct and graph).
+TIMING_SECONDS = 0.4
+PEAK_SECONDS = 5.0
 
 
-def quantized_layer(n: int, k: int, bits: int, device: str, seed: int = 0) -> dict:
-    """A random [n, k] weight quantized symmetric per channel, as the op's tensors."""
-    g = torch.Generator().manual_seed(seed)
-    stored = pack_weight(quantize(torch.randn(n, k, generator=g) / k**0.5, bits))
-    return {"qweight": stored.qweight.to(device), "w_scale": stored.scale.to(device), "w_zero": None}
+def plan(lease_plan: bool) -> list[tuple[int, int, int]]:
+    tokens, shapes = (LEASE_TOKENS, LEASE_SHAPES) if lease_plan else (FULL_TOKENS, FULL_SHAPES)
+    return [(m, n, k) for m in tokens for n, k in shapes]
 
 
-def linear_args(x: torch.Tensor, layer: dict, w_bits: int, a_bits: int,
-                rotation: torch.Tensor | None) -> tuple:
-    """The arguments of quant_linear_triton / quant_linear_reference: no bias, per-token scales."""
-    return (x, layer["qweight"], layer["w_scale"], layer["w_zero"], None, None, None, rotation, x.shape[-1],
-            w_bits, a_bits, 0, 0)
+def estimate(rows: list[tuple[int, int, int]], gemm_configs: int, quantize_configs: int) -> dict:
+    """Compiles and seconds, assuming kernels specialized on every K (the worst case)."""
+    ks = {k for _, _, k in rows}
+    # GEMM: w4a4 and w8a8 per K; quantize: 4-bit, 8-bit and 4-bit rotated per K.
+    compiles = len(ks) * (2 * gemm_configs + 3 * quantize_configs)
+    trials = len(rows) * 2 * gemm_configs + len({(m, k) for m, _, k in rows}) * 3 * quantize_configs
+    seconds = (compiles * kernel_check.COMPILE_SECONDS + trials * kernel_check.TRIAL_SECONDS
+               + len(rows) * len(VARIANTS) * TIMING_SECONDS + PEAK_SECONDS)
+    return {"rows": len(rows), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+def row_seconds(m: int, n: int, k: int) -> float:
+    """A row's timings, for the budget check (its compiles are not known before it runs)."""
+    return len(VARIANTS) * TIMING_SECONDS
 
 
-def check_against_reference(m: int, n: int, k: int, device: str) -> list[dict]:
-    """Kernel vs torch reference (computed on CPU, the oracle) for each bit width, at m tokens."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    rows = []
-    for name, w_bits, a_bits, block in (("w4a4", 4, 4, None), ("w4a4_rot128", 4, 4, ROTATION_BLOCK),
-                                        ("w4a8", 4, 8, None), ("w8a8", 8, 8, None)):
-        if block is not None and k % block:
-            continue
-        layer = quantized_layer(n, k, w_bits, "cpu")
-        rotation = normalized_hadamard(block) if block else None
-        ref = quant_linear_reference(*linear_args(x, layer, w_bits, a_bits, rotation))
-        on_device = {key: t.to(device) if t is not None else None for key, t in layer.items()}
-        out = quant_linear_triton(*linear_args(x.to(device), on_device, w_bits, a_bits,
-                                               rotation.to(device) if rotation is not None else None)).cpu()
-        rows.append({"M": m, "N": n, "K": k, "bits": name, "rel_error": rel_error(out, ref),
-                     "equal_fraction": float((out == ref).float().mean())})
-    return rows
-
-
-def interpreter_pass() -> int:
-    """The kernels under the interpreter against the reference on tiny shapes; 0 if they agree."""
-    print("no CUDA GPU: nothing to time. Checking the kernels under Triton's interpreter instead.")
-    worst = 0.0
-    for m, n, k in ((33, 40, 128), (17, 24, 256)):
-        for row in check_against_reference(m, n, k, "cpu"):
-            worst = max(worst, row["rel_error"])
-            print(f"  M={m:3d} N={n:3d} K={k:4d} {row['bits']:12s} relative error {row['rel_error']:.2e}, "
-                  f"{100 * row['equal_fraction']:.1f}% of outputs bit-equal")
-    # bfloat16 outputs: a last-bit difference of the online rotation may flip one rounding.
-    ok = worst <= 1e-2
-    print("kernels agree with the reference" if ok else f"MISMATCH: worst relative error {worst:.2e}")
-    return 0 if ok else 1
+# ---------------------------------------------------------------------------------------------
+# timing (CUDA only; torch and the kernels are imported by main)
 
 
 def median_ms(fn) -> float:
+    import triton.testing
+
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def graph_ms(fn) -> float:
+    """Median replay time of a CUDA graph holding one call of fn (already warm and tuned)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay)
+
+
 def measured_peaks() -> dict:
-    """int8 TOPS of torch._int_mm and bfloat16 TFLOPS of F.linear on a large square product."""
+    """int8 TOPS of torch._int_mm, bf16 TFLOP/s of F.linear (8192³), copy GB/s (read + write)."""
+    import torch
+    import torch.nn.functional as F
+
     s = PEAK_SIZE
-    a = torch.randint(-128, 128, (s, s), dtype=torch.int8, device="cuda")
-    b = torch.randint(-128, 128, (s, s), dtype=torch.int8, device="cuda")
-    xa, xb = torch.randn(s, s, device="cuda", dtype=torch.bfloat16), torch.randn(s, s, device="cuda",
-                                                                                  dtype=torch.bfloat16)
+    a, b = (torch.randint(-128, 128, (s, s), dtype=torch.int8, device="cuda") for _ in range(2))
+    xa, xb = (torch.randn(s, s, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    src = torch.randn(COPY_BYTES // 4, device="cuda")
+    dst = torch.empty_like(src)
     ops = 2 * s**3
     return {"int8_tops": ops / median_ms(lambda: torch._int_mm(a, b.t())) / 1e9,
             "bf16_tflops": ops / median_ms(lambda: F.linear(xa, xb)) / 1e9,
-            "measured_with": f"torch._int_mm and F.linear, {s}x{s}x{s}, median of do_bench"}
+            "copy_gbps": 2 * COPY_BYTES / median_ms(lambda: dst.copy_(src)) / 1e6,
+            "measured_with": f"torch._int_mm and F.linear {s}^3, a {COPY_BYTES >> 20} MiB float32 copy; "
+                             f"do_bench medians on random data"}
 
 
-def time_shape(m: int, n: int, k: int, peak_int8: float) -> dict:
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w16 = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
-    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
-    w4a4, w8a8 = quantized_layer(n, k, 4, "cuda"), quantized_layer(n, k, 8, "cuda")
-    rotation = normalized_hadamard(ROTATION_BLOCK).cuda()
+def _tuned_configs() -> dict[str, dict[str, str]]:
+    """{autotuned kernel: {key: chosen config}} of every autotuner in the kernel modules."""
+    from triton.runtime.autotuner import Autotuner
+
+    from clq_compile.kernels import triton_gemm, triton_quantize
+
+    found = {}
+    for module in (triton_gemm, triton_quantize):
+        for name, obj in vars(module).items():
+            if isinstance(obj, Autotuner) and obj.cache:
+                found[f"{module.__name__.rsplit('.', 1)[-1]}.{name}"] = {str(k): str(c) for k, c in obj.cache.items()}
+    return found
+
+
+def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
+    """One row of the plan (see the module docstring); `device` is "cpu" only in tests, under
+    Triton's interpreter."""
+    import torch
+    import torch.nn.functional as F
+
+    from clq_compile.kernels.hadamard import normalized_hadamard
+    from clq_compile.kernels.packing import pack_weight
+    from clq_compile.kernels.quantize import quantize, quantize_activation
+    from clq_compile.kernels.triton_gemm import quant_matmul
+    from clq_compile.kernels.triton_linear import quant_linear_triton
+    from clq_compile.kernels.triton_quantize import quantize_activation_triton
+
+    g = torch.Generator().manual_seed(m * 7 + n * 3 + k)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w16 = w.to(device, torch.bfloat16)
+    layers = {}
+    for bits in (4, 8):
+        quantized = quantize(w, bits)
+        stored = pack_weight(quantized)
+        layers[bits] = (quantized, stored.qweight.to(device), stored.scale.to(device))
+    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    a_f8 = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+    w_f8 = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, 1, device=device) + 0.5, torch.rand(1, n, device=device) + 0.5
+    mul = torch.rand(k, device=device) + 0.5
+    perm = torch.randperm(k, device=device)
+    rot = normalized_hadamard(ROTATION_BLOCK).to(device)
+
+    def layer(bits: int, transform: tuple = (None, None, None)):
+        _, qweight, scale = layers[bits]
+        return lambda: quant_linear_triton(x, qweight, scale, None, None, *transform, k, bits, bits, 0, 0)
+
     xq, x_scale = quantize_activation_triton(x, 4)
-
-    ms = {
-        "bf16": median_ms(lambda: F.linear(x, w16)),
+    fns = {
+        "bf16": lambda: F.linear(x, w16),
         # w8 [n, k] transposed is the column-major [k, n] operand cuBLAS's int8 path wants.
-        "int8_mm": median_ms(lambda: torch._int_mm(a8, w8.t())),
-        "w4a4": median_ms(lambda: quant_linear_triton(*linear_args(x, w4a4, 4, 4, None))),
-        "w4a4_rot128": median_ms(lambda: quant_linear_triton(*linear_args(x, w4a4, 4, 4, rotation))),
-        "w8a8": median_ms(lambda: quant_linear_triton(*linear_args(x, w8a8, 8, 8, None))),
-        "w4a4_quantize": median_ms(lambda: quantize_activation_triton(x, 4)),
-        "w4a4_gemm": median_ms(lambda: quant_matmul(xq, x_scale, w4a4["qweight"], w4a4["w_scale"], None, None,
-                                                    k, 4, 4, 0, 0, torch.bfloat16)),
+        "int8_mm": lambda: torch._int_mm(a8, w8.t()),
+        "fp8_rowwise": lambda: torch._scaled_mm(a_f8, w_f8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+        "w4a4": layer(4),
+        "w8a8": layer(8),
+        "w4a4_rot128": layer(4, (mul, perm, rot)),
+        "w4a4_quantize": lambda: quantize_activation_triton(x, 4),
+        "w4a4_gemm": lambda: quant_matmul(xq, x_scale, layers[4][1], layers[4][2], None, None, k, 4, 4, 0, 0,
+                                          torch.bfloat16),
     }
+    ms, graph, errors = {}, {}, {}
+    for name, fn in fns.items():
+        try:
+            ms[name] = median_ms(fn)
+            graph[name] = graph_ms(fn)
+        except Exception as error:  # one failing variant is reported, the others still run
+            errors[name] = f"{type(error).__name__}: {error}"
+
+    # w4a4's output on the timed input, against float64 on its quantized operands
+    out = fns["w4a4"]()[:CHECK_ROWS]
+    xa = quantize_activation(x[:CHECK_ROWS].float(), 4)
+    ref = kernel_check._dequantize64(xa) @ kernel_check._dequantize64(layers[4][0]).to(device).t()
+    finite = bool(torch.isfinite(out).all())
+    rel = kernel_check._rel(out, ref)
+
     ops = 2 * m * n * k
-    integer = ("int8_mm", "w4a4", "w4a4_rot128", "w8a8", "w4a4_gemm")
-    tops = {name: ops / ms[name] / 1e9 for name in integer}
+    quant_bytes = m * k * 2 + m * k // 2 + m * 4
+    best = {name: min(t, graph.get(name, t)) for name, t in ms.items()}
+
+    def ratio(base: str) -> dict:
+        return {name: best[base] / t for name, t in best.items() if name != base} if base in best else {}
+
+    tops = {name: ops / best[name] / 1e9 for name in ("int8_mm", "w4a4", "w8a8", "w4a4_gemm") if name in best}
     return {
-        "M": m, "N": n, "K": k, "ms": ms,
-        "speedup_vs_bf16": {name: ms["bf16"] / t for name, t in ms.items() if name != "bf16"},
-        "speedup_vs_int8_mm": {name: ms["int8_mm"] / ms[name] for name in integer if name != "int8_mm"},
-        "tops": tops,
-        "fraction_of_int8_peak": {name: t / peak_int8 for name, t in tops.items()},
+        "M": m, "N": n, "K": k, "ms": ms, "graph_ms": graph, "errors": errors,
+        "speedup_vs_bf16": ratio("bf16"), "speedup_vs_int8_mm": ratio("int8_mm"),
+        "speedup_vs_fp8_rowwise": ratio("fp8_rowwise"),
+        "tops": tops, "fraction_of_int8_peak": {name: t / peaks["int8_tops"] for name, t in tops.items()},
+        "quantize_gbps": quant_bytes / best["w4a4_quantize"] / 1e6 if "w4a4_quantize" in best else None,
+        "quantize_fraction_of_copy": (quant_bytes / best["w4a4_quantize"] / 1e6 / peaks["copy_gbps"]
+                                      if "w4a4_quantize" in best else None),
+        "check": {"ok": finite and rel <= kernel_check.TOL and not errors, "rel_error": rel, "finite": finite,
+                  "rows_checked": out.shape[0]},
+        "autotuned": _tuned_configs(),
     }
 
 
-def machine() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    return {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="M = 4096 and three (N, K) shapes only")
-    args = parser.parse_args()
+    parser.add_argument("--lease", action="store_true",
+                        help="M = 4096, 16384 on three shapes, two autotune configs per list, a time budget")
+    parser.add_argument("--dry-run", action="store_true", help="walk the plan and estimate it; needs no CUDA")
+    parser.add_argument("--out", help="folder for kernels.jsonl (default $OUT, else bench/results/lease)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting rows after this many seconds (default 300 with --lease)")
+    args = parser.parse_args(argv)
+    lease.import_project()
+    rows = lease.Rows(lease.out_dir(args.out), "kernels")
+
+    import torch
+    from clq_compile.kernels import triton_gemm, triton_quantize
+
+    keep = LEASE_CONFIGS if args.lease else None
+    kept_gemm = lease.limit_configs(triton_gemm, kernel_check.GEMM_LISTS, keep)
+    kept_quant = lease.limit_configs(triton_quantize, kernel_check.QUANTIZE_LISTS, keep)
+    shapes = plan(args.lease)
+    budget = lease.Budget(args.budget_s or (300.0 if args.lease else None))
+    rows.write("plan", dry_run=args.dry_run, lease=args.lease, configs={**kept_gemm, **kept_quant},
+               estimate=estimate(shapes, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=7)),
+               budget_s=budget.seconds, machine=lease.machine())
+    if args.dry_run:
+        for m, n, k in shapes:
+            rows.write("row", dry_run=True, M=m, N=n, K=k, variants=list(VARIANTS))
+        return 0
     if not torch.cuda.is_available():
-        return interpreter_pass()
-
-    tokens, shapes = (QUICK_TOKENS, QUICK_SHAPES) if args.quick else (TOKENS, SHAPES)
-    info = machine()
-    print(f"{info['gpu']} (sm_{info['capability'].replace('.', '')}), torch {info['torch']}, "
-          f"triton {info['triton']}")
-    correctness = [row for n, k in shapes for row in check_against_reference(CHECK_TOKENS, n, k, "cuda")]
-    for row in correctness:
-        print(f"  check N={row['N']:5d} K={row['K']:5d} {row['bits']:12s} relative error "
-              f"{row['rel_error']:.2e} vs the CPU reference")
+        print("kernels.py: no CUDA GPU here, nothing to time. --dry-run shows the plan; "
+              "python bench/kernel_check.py --interpret checks the kernels on the CPU.", file=sys.stderr)
+        return 2
     peaks = measured_peaks()
-    print(f"measured peaks: int8 {peaks['int8_tops']:.0f} TOPS, bf16 {peaks['bf16_tflops']:.0f} TFLOPS")
+    rows.write("peaks", **peaks)
+    failed = 0
+    for m, n, k in shapes:
+        if not budget.allows(row_seconds(m, n, k)):
+            rows.write("row", M=m, N=n, K=k, skipped=f"out of time after {budget.elapsed():.0f} s")
+            continue
+        try:
+            row = time_row(m, n, k, peaks)
+        except Exception as error:  # a crashed row is reported and the next one runs
+            row = {"M": m, "N": n, "K": k, "check": {"ok": False}, "errors": {"row": f"{type(error).__name__}: {error}"}}
+        failed += not row["check"]["ok"]
+        rows.write("row", **row)
+        _print_row(row)
+    rows.write("summary", failed=failed, seconds=round(budget.elapsed()))
+    rows.close()
+    return 1 if failed else 0
 
-    rows = []
-    print(f"{'M':>6} {'N':>6} {'K':>6} {'bf16 ms':>8} {'int8 ms':>8} {'w4a4 ms':>8} {'x bf16':>7} "
-          f"{'x int8':>7} {'TOPS':>6} {'rot128':>7} {'w8a8':>7}")
-    for m in tokens:
-        for n, k in shapes:
-            row = time_shape(m, n, k, peaks["int8_tops"])
-            rows.append(row)
-            ms, up = row["ms"], row["speedup_vs_bf16"]
-            print(f"{m:6d} {n:6d} {k:6d} {ms['bf16']:8.3f} {ms['int8_mm']:8.3f} {ms['w4a4']:8.3f} "
-                  f"{up['w4a4']:7.2f} {row['speedup_vs_int8_mm']['w4a4']:7.2f} {row['tops']['w4a4']:6.0f} "
-                  f"{up['w4a4_rot128']:7.2f} {up['w8a8']:7.2f}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", info["gpu"]).strip("-")
-    path = RESULTS / f"kernels-{name}.json"
-    path.write_text(json.dumps({"machine": info, "peaks": peaks, "correctness": correctness, "rows": rows},
-                               indent=2) + "\n")
-    print(f"wrote {path}")
-    return 0
+def _print_row(row: dict) -> None:
+    up = row.get("speedup_vs_bf16", {})
+    cells = " ".join(f"{name}={up[name]:.2f}x" for name in ("w4a4", "w8a8", "int8_mm", "fp8_rowwise") if name in up)
+    print(f"M={row['M']} N={row['N']} K={row['K']} vs bf16: {cells} check={'ok' if row['check']['ok'] else 'FAILED'}",
+          flush=True)
 
 
 if __name__ == "__main__":

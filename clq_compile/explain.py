@@ -26,6 +26,7 @@ class LayerRow:
     reason: str
     layer: dict | None
     error: float | None
+    merge: str = ""
 
 
 def _granularity(group: int | None, unit: str) -> str:
@@ -37,7 +38,7 @@ def _cells(row: LayerRow) -> tuple[str, ...]:
         info = row.layer
         bits = f"w{info['w_bits']}a{info['a_bits']}"
         gran = f"w:{_granularity(info['w_group'], 'channel')} a:{_granularity(info['a_group'], 'token')}"
-        method, status = info["method"], "; ".join(["quantized", *info["notes"]])
+        method, status = info["method"], "; ".join(["quantized", *info["notes"], *([row.merge] if row.merge else [])])
     else:
         bits, gran, method = "16", "-", "-"
         status = "quantized at first call" if row.quantize else f"kept: {row.reason}"
@@ -69,6 +70,33 @@ def table(title: str, rows: list[LayerRow]) -> str:
     return "\n".join([title, *aligned([HEADER, rule, *cells]), *legend])
 
 
+MERGED_SHOWN = 3
+
+
+def merge_notes(plans) -> dict[str, str]:
+    """{layer path: what merging did with it} from the lowered graphs' merge plans (passes/merging.py).
+
+    Graphs of one model (recompiles) merge the same layers; each note is said once.
+    """
+    merged: dict[str, list[str]] = {}
+    apart: dict[str, str] = {}
+    for plan in plans:
+        for m in plan.merges:
+            for path in m.paths:
+                merged.setdefault(path, [p for p in m.paths if p != path])
+        for path, why in plan.kept_apart.items():
+            apart.setdefault(path, why)
+    notes = {}
+    for path in {**merged, **apart}:
+        others = merged.get(path, [])
+        shown = ", ".join(others[:MERGED_SHOWN]) + (f" and {len(others) - MERGED_SHOWN} more"
+                                                    if len(others) > MERGED_SHOWN else "")
+        parts = [f"merged with {shown}: input quantized once, one GEMM" if others else "",
+                 f"not merged: {apart[path]}" if path in apart else ""]
+        notes[path] = "; ".join(p for p in parts if p)
+    return notes
+
+
 def explain(qt) -> str:
     """One row per linear layer of `qt`: path, role, shape, bits, granularity, decision, error.
 
@@ -77,7 +105,8 @@ def explain(qt) -> str:
     """
     state = model_state(qt)
     options = state.options
-    rows = {path: LayerRow(path, **d, error=state.errors.get(path),
+    merges = merge_notes(g.lowered.meta["clq_merges"] for g in state.graphs if g.lowered is not None)
+    rows = {path: LayerRow(path, **d, error=state.errors.get(path), merge=merges.get(path, ""),
                            layer=layer_manifest(state.layers[path], {}) if path in state.layers else None)
             for path, d in state.site_decisions().items()}
     quantized = sum(1 for r in rows.values() if r.layer is not None)

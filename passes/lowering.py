@@ -8,10 +8,18 @@ full-precision graph) with the same placeholders and outputs, in which every sel
 ("transformer_blocks_0_attn1_to_q") reading its packed weight and scales from attributes named
 "<layer>_qweight", "<layer>_w_scale", ... The full-precision weight placeholders stay in the
 signature, unused, so the graph is called exactly like the one Dynamo captured.
+
+With `merge` (passes/merging.py), the layers of each merge group become one call on their shared
+input, named after all of them ("transformer_blocks_0_attn1_to_q_to_k_to_v"), whose output each
+member's users read as a slice of the last axis; the members' outputs are unchanged bit for bit.
+The plan is kept in the new graph's `meta["clq_merges"]` for explain().
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import re
 
 import torch
@@ -20,6 +28,7 @@ from torch import fx
 from .capture import GraphAnalysis
 from .folding import check_folds
 from .layer import TENSOR_ARGS, QuantizedLinear
+from .merging import Merge, MergePlan, merged_weight, plan_merges
 
 
 def _attr_prefix(path: str) -> str:
@@ -28,7 +37,7 @@ def _attr_prefix(path: str) -> str:
 
 
 def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, QuantizedLinear],
-          quantize: set[str], kernels: str) -> fx.GraphModule:
+          quantize: set[str], kernels: str, merge: bool = True) -> fx.GraphModule:
     """The rewritten graph (see the module docstring).
 
     Raises ValueError when a layer's folded transform is not connected the same way in `gm`.
@@ -36,40 +45,119 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
     sites = [s for s in analysis.sites if s.node in quantize]
     check_folds(gm, analysis, {s.path: layers[s.path].details["fold"] for s in sites
                                if layers[s.path].details.get("fold")}, quantize)
+    plan = plan_merges(gm, analysis, layers, quantize) if merge else MergePlan((), {})
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, env)
     graph.output(output)
     attributes = {n.target: getattr(gm, n.target) for n in gm.graph.nodes
                   if n.op in ("get_attr", "call_module")}
-
     copies = {old.name: new for old, new in env.items()}
+
+    def constant(name: str, tensor: torch.Tensor, near: fx.Node) -> fx.Node:
+        attributes[name] = tensor
+        attr = graph.get_attr(name)
+        attr.meta["stack_trace"] = near.meta.get("stack_trace")
+        return attr
+
+    def quant_linear(linear: fx.Node, layer: QuantizedLinear, prefix: str, bias: fx.Node | None) -> fx.Node:
+        tensors = []
+        for name in TENSOR_ARGS:
+            tensor = layer.tensors()[name]
+            if name == "bias":
+                tensors.append(bias)
+            else:
+                tensors.append(None if tensor is None else constant(f"{prefix}_{name}", tensor, linear))
+        return graph.create_node("call_function", torch.ops.clq.quant_linear.default,
+                                 (linear.args[0], *tensors, *layer.scalars(kernels)), name=prefix)
+
+    def own_bias(linear: fx.Node, layer: QuantizedLinear, prefix: str) -> fx.Node | None:
+        if layer.bias is not None:
+            return constant(f"{prefix}_bias", layer.bias, linear)
+        return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
+    merged = {node for m in plan.merges for node in m.nodes}
     for site in analysis.sites:
-        if site.node not in quantize:
+        if site.node not in quantize or site.node in merged:
             continue
         linear = copies[site.node]
-        layer = layers[site.path]
         prefix = _attr_prefix(site.path)
-        x = linear.args[0]
-        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
         with graph.inserting_before(linear):
-            tensors = []
-            for name in TENSOR_ARGS:
-                tensor = layer.tensors()[name]
-                if tensor is None:
-                    tensors.append(bias if name == "bias" else None)
-                    continue
-                attributes[f"{prefix}_{name}"] = tensor
-                attr = graph.get_attr(f"{prefix}_{name}")
-                attr.meta["stack_trace"] = linear.meta.get("stack_trace")
-                tensors.append(attr)
-            call = graph.create_node("call_function", torch.ops.clq.quant_linear.default,
-                                     (x, *tensors, *layer.scalars(kernels)), name=prefix)
+            call = quant_linear(linear, layers[site.path], prefix, own_bias(linear, layers[site.path], prefix))
         call.meta = dict(linear.meta)
         linear.replace_all_uses_with(call)
         graph.erase_node(linear)
+    for m in plan.merges:
+        _lower_merge(graph, m, [copies[n] for n in m.nodes], [layers[p] for p in m.paths], quant_linear,
+                     own_bias, constant)
 
     graph.lint()
     lowered = fx.GraphModule(attributes, graph, class_name="ClqQuantizedGraph")
+    lowered.meta["clq_merges"] = plan
     lowered.recompile()
     return lowered
+
+
+MERGE_NAMES_SPELLED = 4
+
+
+def merge_name(paths: tuple[str, ...]) -> str:
+    """"transformer_blocks.0.attn1.to_q", "...to_k" -> "transformer_blocks_0_attn1_to_q_to_k";
+    past MERGE_NAMES_SPELLED members (cross-attention k/v of every block read one caption):
+    "<first>_and_<n - 1>_more"."""
+    if len(paths) > MERGE_NAMES_SPELLED:
+        return f"{_attr_prefix(paths[0])}_and_{len(paths) - 1}_more"
+    parts = [p.split(".") for p in paths]
+    common = os.path.commonprefix(parts)
+    return _attr_prefix(".".join([*common, *(".".join(p[len(common):]) for p in parts)]))
+
+
+def _lower_merge(graph: fx.Graph, m: Merge, linears: list[fx.Node], members: list[QuantizedLinear],
+                 quant_linear, own_bias, constant) -> None:
+    """One quant_linear for the members of `m`; each member's users read their slice of it."""
+    prefix = merge_name(m.paths)
+    first = linears[0]
+    widths = [layer.weight.qweight.shape[0] for layer in members]
+    weight = merged_weight(members)
+    layer = dataclasses.replace(members[0], weight=weight, bias=None)
+    with graph.inserting_before(first):
+        biases = [own_bias(linear, member, _attr_prefix(path))
+                  for linear, member, path in zip(linears, members, m.paths)]
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            # A member without a bias adds zeros: the same column values as adding nothing.
+            biases = [b if b is not None else constant(f"{_attr_prefix(path)}_bias", torch.zeros(n), linear)
+                      for b, n, linear, path in zip(biases, widths, linears, m.paths)]
+            bias = graph.call_function(torch.cat, (biases,))
+        call = quant_linear(first, layer, prefix, bias)
+        call.meta = {k: v for k, v in first.meta.items() if k not in ("example_value", "val", "tensor_meta")}
+        start = 0
+        for linear, n in zip(linears, widths):
+            part = graph.call_function(torch.narrow, (call, -1, start, n))
+            if _needs_dense(linear):
+                part = graph.call_method("contiguous", (part,))
+            part.meta = dict(linear.meta)
+            start += n
+            linear.replace_all_uses_with(part)
+    for linear in linears:
+        graph.erase_node(linear)
+
+
+def _needs_dense(linear: fx.Node) -> bool:
+    """Whether some user of the linear's output may need it dense in memory, which a slice of the
+    merged output is not: a `view` doing more than splitting the last axis (view cannot merge
+    axes of a sliced tensor). Other operations take any strides."""
+    before = linear.meta.get("example_value", linear.meta.get("val"))
+    for user in linear.users:
+        if not (user.op == "call_method" and user.target == "view" or user.target is torch.Tensor.view):
+            continue
+        after = user.meta.get("example_value", user.meta.get("val"))
+        try:
+            lead = tuple(before.shape[:-1])
+            if not (tuple(after.shape[:len(lead)]) == lead
+                    and math.prod(after.shape[len(lead):]) == before.shape[-1]):
+                return True
+        except Exception:  # noqa: BLE001  (no shapes, or symbolic ones: copy to be safe)
+            return True
+    return False

@@ -10,6 +10,7 @@ import torch
 import clq_compile
 from clq_compile import tiny_models
 from clq_compile.calibration import model_state
+from clq_compile.passes.lowering import merge_name
 from tests.helpers import rel_error
 
 
@@ -65,10 +66,16 @@ def test_quantized_errors_and_shapes(family_model):
     assert len(state.graphs) >= 2
     assert state.calibrations == 1
     assert all(g.lowered is not None for g in state.graphs)
-    # Recompiled graphs read the very same packed tensors.
+    # Recompiled graphs read the very same packed tensors (for merged layers, the one tensor whose
+    # rows their own qweights view).
     path = next(iter(state.layers))
-    qweights = [getattr(g.lowered, f"{path.replace('.', '_')}_qweight") for g in state.graphs]
-    assert all(t is state.layers[path].weight.qweight for t in qweights)
+    own = state.layers[path].weight.qweight
+    prefix = path.replace(".", "_")
+    qweights = [getattr(g.lowered, next(n.args[1].target for n in g.lowered.graph.nodes
+                                        if n.target is torch.ops.clq.quant_linear.default
+                                        and n.name.startswith(prefix)))
+                for g in state.graphs]
+    assert all(t is (own if own._base is None else own._base) for t in qweights)
 
     for n, p in model.named_parameters():
         assert torch.equal(p, params_before[n]), f"{n} was modified"
@@ -82,14 +89,18 @@ def test_graph_is_genuinely_quantized(family_model):
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.clq.quant_linear.default]
     state = model_state(qt)
     quantized = {p for p, layer in state.layers.items()}
-    assert len(calls) == len([s for s in state.graphs[0].analysis.sites if s.path in quantized])
+    merges = gm.meta["clq_merges"].merges
+    merged = {p for m in merges for p in m.paths}
+    assert merges  # q/k/v at least (tests/passes/test_merging.py)
+    assert len(calls) == len([s for s in state.graphs[0].analysis.sites if s.path in quantized]) - sum(
+        len(m.paths) - 1 for m in merges)
     for call in calls:
         qweight = getattr(gm, call.args[1].target)
         assert qweight.dtype == torch.uint8  # two int4 per byte
         assert call.args[8] == 2 * qweight.shape[1]
         assert call.args[9:11] == (4, 4)
-        # The node is named after the layer it replaces.
-        assert any(call.name == p.replace(".", "_") for p in quantized)
+        # The node is named after the layer (or the merged layers) it replaces.
+        assert call.name in {p.replace(".", "_") for p in quantized - merged} | {merge_name(m.paths) for m in merges}
     assert not any(n.target in (torch._C._nn.linear,) and n.name in {c.name for c in calls}
                    for n in gm.graph.nodes)
     assert "clq.quant_linear" in gm.print_readable(print_output=False)

@@ -288,6 +288,25 @@ def _output_path(tmp_path, kind: str):
     return Path("/proc/clq-test.safetensors"), "cannot write in /proc"  # unwritable, even for root
 
 
+def test_models_load_without_diffusers_warnings(capsys, tiny_dit, tmp_path, monkeypatch):
+    """diffusers warns at every load that `accelerate` would load faster: not for the CLI's loads."""
+    from diffusers.utils import logging as diffusers_logging
+
+    levels = []
+    load = workloads.load_model
+
+    def recording(path):
+        levels.append(diffusers_logging.get_verbosity())
+        return load(path)
+
+    monkeypatch.setattr(workloads, "load_model", recording)
+    before = diffusers_logging.get_verbosity()
+    assert main(["quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "a.safetensors"), "--recipe", "rtn",
+                 "--bits", "w8a8", *FAST]) == 0
+    assert levels == [diffusers_logging.ERROR]
+    assert diffusers_logging.get_verbosity() == before  # and the user's setting comes back
+
+
 @pytest.mark.parametrize("kind", ["folder without an artifact", "file named as a folder", "folder named as a file",
                                   "unwritable"])
 def test_quantize_checks_out_before_any_work(capsys, tiny_dit, tmp_path, no_model_loading, kind):

@@ -63,6 +63,7 @@ import copy
 import datetime
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -95,7 +96,10 @@ log = logging.getLogger("clq_compile.bench.quality")
 
 BENCH = Path(__file__).resolve().parent
 DEFAULT_MODEL = BENCH / "assets" / "digits-dit"
-DEFAULT_OUT = BENCH / "results"
+RESULTS = BENCH / "results"
+# Each cell's row is appended here as soon as the cell finishes, so a run stopped early keeps them.
+JOURNAL = "quality.jsonl"
+OUTPUTS = (JOURNAL, "quality.json", "quality-machine.json", "quality.md", "quality-grid.png", "obs-activation.png")
 DEFAULT_BITS = ("w8a8", "w4a8", "w4a4")
 GRID_BITS = "w4a4"
 # Float rounding of the scaled channels, measured on the digits DiT: 2e-5 after 25 DDIM steps,
@@ -163,14 +167,24 @@ def quantize_and_sample(model: nn.Module, task: Task, calls: list[dict[str, Any]
     return images, seconds
 
 
+def append_row(journal: Path, row: dict[str, Any]) -> None:
+    """Append `row` to the JSON-lines file `journal` (one object per line), flushed at once."""
+    with journal.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.Tensor, recipes: list[str],
                       bits: list[str], steps: int, calib_steps: int, grid_bits: str,
-                      progress: tqdm, options: dict[str, Any] | None = None) -> VariantResult:
-    """The fp row and one row per recipe x bits for one model variant; `reference` are its fp samples."""
+                      progress: tqdm, journal: Path, options: dict[str, Any] | None = None) -> VariantResult:
+    """The fp row and one row per recipe x bits for one model variant; `reference` are its fp samples.
+
+    Every row is appended to `journal` as soon as it is known.
+    """
     log.info("%s: calibration trajectory", name)
     calls = calibration_calls(task, model, steps, calib_steps)
     fp = {"model": name, "recipe": "fp", "bits": "fp32", **score(task, reference, reference),
           "quantize_seconds": None}
+    append_row(journal, fp)
     scale = task.display_scale(reference)
     result = VariantResult(name, [fp], reference, calls, [("fp", reference[task.grid_index] / scale)])
     for recipe in recipes:
@@ -191,6 +205,7 @@ def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.
                      row["psnr"], row["ssim"], row["accuracy"], row["quantize_seconds"],
                      time.perf_counter() - start)
             result.rows.append(row)
+            append_row(journal, row)
             progress.update()
     return result
 
@@ -236,10 +251,12 @@ def sample_grid(blocks: list[tuple[str, list[tuple[str, torch.Tensor]]]], zoom: 
 
 
 def _stem_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], values: torch.Tensor,
-                y_max: float, title: str, color: tuple[int, int, int], font) -> None:
+                y_max: float, title: list[str], color: tuple[int, int, int], font) -> None:
+    """A stem plot of `values` in `box`; `title`: lines drawn above it, each short enough for the panel."""
     left, top, right, bottom = box
-    x0, y0, x1, y1 = left + 70, top + 30, right - 15, bottom - 45
-    draw.text((x0, top + 6), title, fill="black", font=font)
+    x0, y0, x1, y1 = left + 70, top + 8 + 18 * len(title), right - 15, bottom - 45
+    for i, line in enumerate(title):
+        draw.text((x0, top + 4 + 18 * i), line, fill="black", font=font)
     n = len(values)
     width = max(1, int(0.6 * (x1 - x0) / n))
     for c, v in enumerate(values.tolist()):
@@ -312,14 +329,16 @@ def obs_activation_figure(model: nn.Module, calls: list[dict[str, Any]], block: 
         handle.remove()
 
     font = _font(14)
-    image = Image.new("RGB", (1200, 440), "white")
+    image = Image.new("RGB", (1200, 460), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), f"input of {path}: per-channel max |x| over all calibration tokens "
                        f"(same scale in both panels)", fill="black", font=font)
     y_max = float(before.max()) or 1.0
-    _stem_panel(draw, (0, 30, 600, 440), before, y_max, f"before OBS ({_summary(before)})", (31, 119, 180), font)
-    _stem_panel(draw, (600, 30, 1200, 440), after, y_max,
-                f"after OBS, x·G with G = {smoothing.note} ({_summary(after)})", (214, 96, 39), font)
+    g = ("S·" if smoothing.act_perm is not None else "") + f"H{smoothing.block}"
+    _stem_panel(draw, (0, 30, 600, 460), before, y_max, ["before OBS: x", _summary(before)],
+                (31, 119, 180), font)
+    _stem_panel(draw, (600, 30, 1200, 460), after, y_max, [f"after OBS: x·G, G = {g}", _summary(after)],
+                (214, 96, 39), font)
     return image, path
 
 
@@ -399,6 +418,24 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def output_folder_problem(out: Path) -> str | None:
+    """Why the benchmark cannot write its outputs to the folder `out`, or None when it can.
+
+    `out` must be new, or a folder holding none of the benchmark's outputs (results are never
+    overwritten), and the nearest existing folder on its path must be writable.
+    """
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if out.is_dir():
+        held = [name for name in OUTPUTS if (out / name).exists()]
+        if held:
+            return f"--out {out} already holds results ({', '.join(held)}); choose a new folder"
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot create or write in {existing}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     recipes = list(RECIPES)
     parser = argparse.ArgumentParser(
@@ -447,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the evaluation noise and the classifier; calibration uses seed + 1 (default 0)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"output folder (default {DEFAULT_OUT.relative_to(BENCH.parent)})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder, new or empty (default: a fresh "
+                             f"{RESULTS.relative_to(BENCH.parent)}/quality-YYYYMMDD-HHMMSS)")
     return parser
 
 
@@ -458,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.calib_steps < 0:
         parser.error(f"--calib-steps must be 0 (all steps) or more; got {args.calib_steps}")
+    if args.out is None:
+        args.out = RESULTS / datetime.datetime.now(datetime.timezone.utc).strftime("quality-%Y%m%d-%H%M%S")
+    problem = output_folder_problem(args.out)
+    if problem:
+        parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -479,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("benchmark of %s: %s", name, task.description)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    log.info("writing to %s (%s grows by one row per finished cell)", args.out, JOURNAL)
 
     results: list[VariantResult] = []
     checks = []
@@ -492,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append(outlier_check(variant, reference, results[0].name, results[0].reference))
             results.append(benchmark_variant(variant, module, task, reference, args.recipes, args.bits,
                                              args.steps, args.calib_steps, grid_bits, progress,
-                                             args.options))
+                                             args.out / JOURNAL, args.options))
 
     shown = results[-1]
     figure, layer = obs_activation_figure(variants[-1][1], shown.calls, Options().hadamard_block)

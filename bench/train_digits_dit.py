@@ -1,7 +1,8 @@
 """Train a small class-conditional DiT on scikit-learn's digits: the project's trained instrument.
 
-Random-init models are a poor stand-in for W4A4 studies (DESIGN.md, section 5): their
-uniform weights quantize unusually well and turn Gaussian under any rotation. This script
+Random-init models are a poor stand-in for W4A4 studies: freshly initialized linear weights
+are uniform, which 4-bit quantization handles unusually well and which any rotation turns
+Gaussian, so rotations look harmful on them; trained weights are bell-shaped with heavy tails. This script
 trains a real diffusers ``DiTTransformer2DModel`` (adaLN-Zero, patch 2, 4 blocks, width 96 =
 3 heads x 32) with the standard DDPM objective, so the benchmark can measure how far a
 quantized model's samples move from the full-precision ones on a model that actually learned

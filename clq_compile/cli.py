@@ -12,7 +12,9 @@ and evaluation samples from ``--seed``, so ``quantize`` and ``eval`` with the sa
 share a starting noise.
 
 Exit status: 0 done, 1 the run failed (e.g. non-finite quantized samples), 2 bad input (a missing
-folder or file, a bad option value): one line on stderr that names the problem.
+folder or file, a bad option value, an output path that cannot be written): one line on stderr
+that names the problem. Arguments and output paths are checked before any work, and torch and
+diffusers are imported only after that, so ``--help`` and a typo answer at once.
 """
 
 from __future__ import annotations
@@ -20,29 +22,47 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-import torch
-from tqdm import tqdm
+from clq_compile.choices import BITS, DEFAULT_SAMPLING_STEPS, KERNELS, RECIPE_NAMES
 
-import clq_compile
-from clq_compile import artifact, digits
-from clq_compile.calibration import model_state
-from clq_compile.explain import aligned, explain_artifact
-from clq_compile.options import BITS, KERNELS
-from clq_compile.passes.recipes import RECIPES
-from clq_compile.workloads import Task, calibration_calls, load_model, score, task_for
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+
+    from clq_compile.workloads import Task
 
 EXAMPLE_MODEL = "bench/assets/digits-dit"
 EXAMPLE_ARTIFACT = "digits-w4a4.safetensors"
 # w16a16 quantizes nothing, so there would be nothing to save.
 QUANTIZING_BITS = tuple(b for b in BITS if b != "w16a16")
+# The per-layer table is cut to this many columns unless --wide.
+TABLE_COLUMNS = 120
+# Measured for the three example commands together (README, Command line).
+EXAMPLE_SECONDS = "about 40 s for the three on an idle 2-core CPU"
 
 
 class InputError(Exception):
-    """Bad input found while running (a folder without config.json, an artifact of another model): status 2."""
+    """Bad input (a folder without config.json, an output path that cannot be written): status 2."""
+
+
+class UsageError(Exception):
+    """A command line argparse rejected: status 2, reported as one line by `main`."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: `main` prints them, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
 
 
 class RunError(Exception):
@@ -64,25 +84,72 @@ def _stepping(model: Callable[..., Any], bar: tqdm) -> Callable[..., Any]:
 
 
 def _sample(model: Callable[..., Any], task: Task, inputs: dict[str, Any], steps: int, what: str) -> torch.Tensor:
+    import torch
+    from tqdm import tqdm
+
     with torch.no_grad(), tqdm(total=steps, desc=what, unit="step", dynamic_ncols=True) as bar:
         return task.draw(_stepping(model, bar), inputs, steps)
 
 
 def _model_and_task(path: Path, samples: int, calib_samples: int, seed: int,
                     latent_size: int | None) -> tuple[torch.nn.Module, Task]:
+    from diffusers.utils import logging as diffusers_logging
+
+    from clq_compile.workloads import load_model, task_for
+
+    # diffusers warns on every load that `accelerate` would load faster; the CLI's models are small.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         model = load_model(path)
     except (OSError, ValueError) as error:
         raise InputError(f"--model {error}") from error
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     try:
         return model, task_for(model, samples, calib_samples, seed, latent_size)
     except ValueError as error:
         raise InputError(str(error)) from error
 
 
+def _probe(folder: Path, flag: str, path: Path) -> None:
+    """An InputError unless a file can be created in `folder` (file modes, read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot write in {folder} ({error.strerror or error})") from error
+
+
 def _writable(path: Path, flag: str) -> None:
+    """An InputError unless a file can be written at `path` (a new one, or one replaced)."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: that is a folder; give a file name")
     if not path.parent.is_dir():
         raise InputError(f"{flag} {path}: the folder {path.parent} does not exist")
+    _probe(path.parent, flag, path)
+
+
+def _artifact_target(path: Path) -> None:
+    """An InputError unless `clq_compile.save` can write an artifact at `path`, checked before any work.
+
+    A name ending in .safetensors is one file; any other name is a folder holding manifest.json and
+    tensors.safetensors, which may replace an artifact folder written before but nothing else.
+    """
+    if path.suffix == ".safetensors":
+        _writable(path, "--out")
+        return
+    if path.is_file():
+        raise InputError(f"--out {path}: that is a file, and a name without .safetensors is written as a "
+                         f"folder; name a new folder, or a .safetensors file")
+    if path.is_dir() and any(path.iterdir()) and not (path / "manifest.json").is_file():
+        raise InputError(f"--out {path}: that folder exists and holds no clq artifact; name a new folder, "
+                         f"or a .safetensors file")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {path}: the folder {path.parent} does not exist")
+    _probe(path.parent, "--out", path)
+    if path.is_dir():
+        _probe(path, "--out", path)
 
 
 def _existing(path: Path, label: str) -> None:
@@ -94,6 +161,8 @@ def _existing(path: Path, label: str) -> None:
 
 def _manifest(path: Path, label: str) -> dict[str, Any]:
     """The manifest of the artifact at `path`, or an InputError that starts with `label`."""
+    from clq_compile import artifact
+
     _existing(path, label)
     try:
         return artifact.read_manifest(path)
@@ -112,8 +181,15 @@ def _size(path: Path) -> int:
 
 def quantize(args: argparse.Namespace) -> int:
     """Calibrate `args.model` on its own samples, quantize it and save the artifact."""
-    _writable(args.out, "--out")
+    _artifact_target(args.out)
     model, task = _model_and_task(args.model, 1, args.calib_samples, args.seed, args.latent_size)
+    import torch
+    from tqdm import tqdm
+
+    import clq_compile
+    from clq_compile.calibration import model_state
+    from clq_compile.workloads import calibration_calls
+
     started = time.perf_counter()
     with tqdm(total=args.steps, desc="calibration trajectory", unit="step", dynamic_ncols=True) as bar:
         calls = calibration_calls(task, _stepping(model, bar), args.steps, args.calib_steps)
@@ -127,20 +203,23 @@ def quantize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     layers = len(model_state(qt).layers)
     batch = len(task.calibration["hidden_states"])
-    print(f"quantized {layers} linear layers of {args.model} ({type(model).__name__}) with recipe "
-          f"{args.recipe!r} at {args.bits} in {seconds:.1f} s, calibrated on {len(calls)} calls of "
-          f"{batch} samples (seed {args.seed + 1}, {args.steps} sampling steps)")
+    print(textwrap.fill(f"quantized {layers} linear layers of {args.model} ({type(model).__name__}) with recipe "
+                        f"{args.recipe!r} at {args.bits} in {seconds:.1f} s, calibrated on {len(calls)} calls of "
+                        f"{batch} samples (seed {args.seed + 1}, {args.steps} sampling steps)", TABLE_COLUMNS,
+                        subsequent_indent="    "))
     print(f"wrote {written} ({_size(written) / 2**20:.2f} MiB)")
     print()
-    print(clq_compile.explain(qt))
+    print(clq_compile.explain(qt, columns=None if args.wide else TABLE_COLUMNS))
     return 0
 
 
 def explain(args: argparse.Namespace) -> int:
     """Print the per-layer table of a saved artifact."""
+    from clq_compile.explain import explain_artifact
+
     _existing(args.artifact, str(args.artifact))
     try:
-        table = explain_artifact(args.artifact)
+        table = explain_artifact(args.artifact, columns=None if args.wide else TABLE_COLUMNS)
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from error
     print(table)
@@ -153,6 +232,11 @@ def evaluate(args: argparse.Namespace) -> int:
         _writable(args.json, "--json")
     manifest = _manifest(args.artifact, f"--artifact {args.artifact}")
     model, task = _model_and_task(args.model, args.samples, 1, args.seed, args.latent_size)
+    import torch
+
+    import clq_compile
+    from clq_compile.workloads import score
+
     torch._dynamo.reset()
     try:
         # The full-precision weights stay: `model` itself draws the reference samples.
@@ -182,6 +266,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _table(result: dict[str, Any]) -> str:
+    from clq_compile.explain import aligned
+
     def show(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -215,37 +301,39 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="FOLDER",
                         help="a diffusers transformer folder (config.json + weights: DiT, PixArt, SD3, Flux) "
                              f"or a pipeline folder (model_index.json; its transformer is used), e.g. {EXAMPLE_MODEL}")
-    parser.add_argument("--steps", type=positive_int, default=digits.DEFAULT_SAMPLING_STEPS, metavar="S",
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_SAMPLING_STEPS, metavar="S",
                         help="sampling steps: DDIM steps for a digits model, steps of the short loop x <- x - "
-                             f"model(x, t) / S otherwise (default {digits.DEFAULT_SAMPLING_STEPS})")
+                             f"model(x, t) / S otherwise (default {DEFAULT_SAMPLING_STEPS})")
     parser.add_argument("--latent-size", type=positive_int, default=None, metavar="N",
                         help="models other than the digits DiT: side of the random latents (default: the "
                              "config's sample_size; Flux 32)")
 
 
+def _add_wide(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wide", action="store_true",
+                        help=f"print the per-layer table's cells in full (default: cut to {TABLE_COLUMNS} columns)")
+
+
 def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
     """The argument parser of the `clq` program and its three subcommands."""
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, formatter_class=formatter,
         description=(
             "Quantize a diffusers diffusion transformer (DiT, PixArt, SD3, Flux) with the clq torch.compile\n"
-            "backend, save the quantized layers to one file, and check what it did and what it costs.\n\n"
-            "subcommands:\n"
-            "  quantize  calibrate on the model's own samples, quantize, write an artifact (.safetensors)\n"
-            "  explain   print an artifact's per-layer table: which layers are quantized, how, and their error\n"
-            "  eval      PSNR / SSIM / class accuracy of the artifact's samples against full precision\n\n"
+            "backend, save the quantized layers to one file, and check what it did and what it costs.\n"
             f"Run `{prog} SUBCOMMAND --help` for each one's options."),
         epilog=(
-            "example, on the bundled digits model (about two minutes on a 2-core CPU):\n"
+            f"example, on the bundled digits model ({EXAMPLE_SECONDS}):\n"
             f"  {prog} quantize --model {EXAMPLE_MODEL} --out {EXAMPLE_ARTIFACT}\n"
             f"  {prog} explain {EXAMPLE_ARTIFACT}\n"
             f"  {prog} eval --model {EXAMPLE_MODEL} --artifact {EXAMPLE_ARTIFACT}\n\n"
             "In Python: clq_compile.load(model, path) gives the quantized model back without calibrating."))
-    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True, title="subcommands")
 
     q = commands.add_parser(
-        "quantize", formatter_class=formatter, help="quantize a model and write an artifact",
+        "quantize", formatter_class=formatter,
+        help="calibrate on the model's own samples, quantize, write an artifact (.safetensors)",
         description=(
             "Quantize a diffusers transformer and write the result to one file.\n\n"
             "The model samples --calib-samples inputs of its own in full precision (DDIM over the ten\n"
@@ -261,9 +349,9 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
     _add_model(q)
     q.add_argument("--out", type=Path, required=True, metavar="FILE",
                    help="where to write the artifact, e.g. model-w4a4.safetensors")
-    q.add_argument("--recipe", choices=list(RECIPES), default="clq", metavar="R",
-                   help=f"how to quantize: one of {', '.join(RECIPES)} (default clq; see the README's Recipes)")
-    q.add_argument("--bits", choices=QUANTIZING_BITS, default="w4a4", metavar="B",
+    q.add_argument("--recipe", type=str.lower, choices=RECIPE_NAMES, default="clq", metavar="R",
+                   help=f"how to quantize: one of {', '.join(RECIPE_NAMES)} (default clq; see the README's Recipes)")
+    q.add_argument("--bits", type=str.lower, choices=QUANTIZING_BITS, default="w4a4", metavar="B",
                    help=f"weight and activation bits: one of {', '.join(QUANTIZING_BITS)} (default w4a4)")
     q.add_argument("--calib-samples", type=positive_int, default=10, metavar="N",
                    help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
@@ -271,23 +359,27 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
                    help="sampling steps recorded per calibration sample, evenly spaced; 0 = all (default 10)")
     q.add_argument("--seed", type=int, default=0, metavar="N",
                    help="calibration noise comes from seed + 1, so it differs from `eval --seed N`'s (default 0)")
-    q.add_argument("--kernels", choices=KERNELS, default="auto",
+    q.add_argument("--kernels", type=str.lower, choices=KERNELS, default="auto",
                    help="the quant_linear implementation: auto (Triton on CUDA, torch elsewhere), reference "
                         "(torch), triton (default auto)")
+    _add_wide(q)
     q.set_defaults(run=quantize)
 
     e = commands.add_parser(
-        "explain", formatter_class=formatter, help="print the per-layer table of an artifact",
+        "explain", formatter_class=formatter,
+        help="print an artifact's per-layer table: which layers are quantized, how, and their error",
         description=(
             "Print what an artifact holds: its options, and one row per linear layer with its role,\n"
             "shape, bits, granularity, method, decision (quantized, or kept in 16 bit and why) and\n"
             "relative output error on the calibration data. Reads the file only; no model needed."),
         epilog=f"example:\n  {prog} explain {EXAMPLE_ARTIFACT}")
     e.add_argument("artifact", type=Path, metavar="FILE", help="an artifact written by `quantize` (or clq_compile.save)")
+    _add_wide(e)
     e.set_defaults(run=explain)
 
     v = commands.add_parser(
-        "eval", formatter_class=formatter, help="measure an artifact's quality against full precision",
+        "eval", formatter_class=formatter,
+        help="PSNR / SSIM / class accuracy of the artifact's samples against full precision",
         description=(
             "Measure how far the quantized model's samples move from the full-precision model's.\n\n"
             "Both sample from the same noise and conditioning (seed --seed): for a digits-shaped DiT,\n"
@@ -319,8 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help, or a usage error argparse has already printed
+    except SystemExit as stop:  # --help, which argparse has printed
         return stop.code if isinstance(stop.code, int) else 0
+    except UsageError as error:
+        print(f"{error.prog}: error: {error}; see `{error.prog} --help`", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except (InputError, RunError) as error:

@@ -88,6 +88,8 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
         "calibrated": state.calibrations > 0 or bool(state.artifact and state.artifact.manifest["calibrated"]),
         "fingerprint": _model_fingerprint(qt, state),
         "decisions": state.site_decisions(),
+        # The JSON keeps its keys sorted; `explain_artifact` lists the layers in this, the model's, order.
+        "layer_order": list(state.site_decisions()),
         "layers": {p: layer_manifest(state.layers[p], names[p]) for p in sorted(state.layers)},
         "errors": {p: float(e) for p, e in sorted(state.errors.items())},
     }

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from clq_compile.choices import DEFAULT_SAMPLING_STEPS
+
 if TYPE_CHECKING:
     from PIL import Image
     from sklearn.linear_model import LogisticRegression
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
 TRAIN_TIMESTEPS = 1000
-DEFAULT_SAMPLING_STEPS = 25
 
 
 def _sklearn() -> Any:

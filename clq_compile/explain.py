@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 
 from torch import fx
@@ -61,13 +62,29 @@ LEGEND = (
 )
 
 
-def table(title: str, rows: list[LayerRow]) -> str:
-    """The title line, one aligned line per layer, then what the method column's terms mean."""
+def table(title: str, rows: list[LayerRow], columns: int | None = None) -> str:
+    """The title line, one aligned line per layer, then what the method column's terms mean.
+
+    columns: None prints one line per layer, every cell in full. A number keeps every line within
+    that many characters: each layer's short cells (path, role, shape, bits, granularity, error)
+    on one line, its method and decision wrapped on the lines below it, title and legend wrapped.
+    """
     cells = [_cells(r) for r in rows]
-    rule = tuple("-" * max(len(c[i]) for c in [HEADER, *cells]) for i in range(len(HEADER)))
     methods = [c[5] for c in cells]
     legend = [text for key, text in LEGEND if any(key in m for m in methods)]
-    return "\n".join([title, *aligned([HEADER, rule, *cells]), *legend])
+    if columns is None:
+        rule = tuple("-" * max(len(c[i]) for c in [HEADER, *cells]) for i in range(len(HEADER)))
+        return "\n".join([title, *aligned([HEADER, rule, *cells]), *legend])
+    short = (0, 1, 2, 3, 4, 7)
+    header = tuple(HEADER[i] for i in short)
+    lines = aligned([header, tuple("-" * len(h) for h in header), *(tuple(c[i] for i in short) for c in cells)])
+    out = [*textwrap.wrap(title, columns, subsequent_indent="    "), lines[0], "    method; decision", lines[1]]
+    for line, c in zip(lines[2:], cells):
+        more = c[6] if c[5] == "-" else f"{c[5]}; {c[6]}"
+        out += [line, *textwrap.wrap(more, columns, initial_indent="    ", subsequent_indent="    ")]
+    for text in legend:
+        out += textwrap.wrap(text, columns, subsequent_indent="    ")
+    return "\n".join(out)
 
 
 MERGED_SHOWN = 3
@@ -97,11 +114,11 @@ def merge_notes(plans) -> dict[str, str]:
     return notes
 
 
-def explain(qt) -> str:
+def explain(qt, columns: int | None = None) -> str:
     """One row per linear layer of `qt`: path, role, shape, bits, granularity, decision, error.
 
     The error column is the layer's relative output error ||Y - Ŷ|| / ||Y|| on the calibration
-    data (empty before calibration or for layers kept in full precision).
+    data (empty before calibration or for layers kept in full precision). columns: see `table`.
     """
     state = model_state(qt)
     options = state.options
@@ -113,7 +130,7 @@ def explain(qt) -> str:
     source = f" loaded from {options.load}" if options.load else ""
     title = (f"clq: bits={options.bits} recipe={options.recipe} state={state.phase}{source} "
              f"graphs={len(state.graphs)} layers={len(rows)} quantized={quantized}")
-    lines = [table(title, list(rows.values()))]
+    lines = [table(title, list(rows.values()), columns)]
     if state.phase != QUANTIZED and options.quantizes:
         lines.append("(not quantized yet: call the model, or calibrate it with clq_compile.calibrating(qt))")
     elif options.quantizes:
@@ -124,17 +141,21 @@ def explain(qt) -> str:
                      f"as bf16: {report['bf16_bytes'] / 2**20:.2f} MiB; full-precision copies "
                      f"{'released' if report['released'] else 'kept'} "
                      f"({report['resident_fp_bytes'] / 2**20:.2f} MiB resident)")
+    if columns is not None:
+        lines = [lines[0], *(textwrap.fill(line, columns, subsequent_indent="    ") for line in lines[1:])]
     return "\n".join(lines)
 
 
 def _artifact_rows(manifest: dict) -> list[LayerRow]:
-    layers, errors = manifest["layers"], manifest["errors"]
-    return [LayerRow(path, **d, layer=layers.get(path), error=errors.get(path))
-            for path, d in manifest["decisions"].items()]
+    """One row per linear layer, in the model's order (`layer_order`; sorted in artifacts without it)."""
+    layers, errors, decisions = manifest["layers"], manifest["errors"], manifest["decisions"]
+    order = [p for p in manifest.get("layer_order", []) if p in decisions]
+    order += [p for p in decisions if p not in order]
+    return [LayerRow(path, **decisions[path], layer=layers.get(path), error=errors.get(path)) for path in order]
 
 
-def explain_artifact(path: str | os.PathLike) -> str:
-    """The per-layer table of a saved artifact, from its manifest alone (no model needed)."""
+def explain_artifact(path: str | os.PathLike, columns: int | None = None) -> str:
+    """The per-layer table of a saved artifact, from its manifest alone (no model needed); columns: see `table`."""
     manifest = read_manifest(path)
     options = manifest["options"]
     rows = _artifact_rows(manifest)
@@ -142,7 +163,7 @@ def explain_artifact(path: str | os.PathLike) -> str:
              f"{manifest['package_version']}, bits={options['bits']} recipe={manifest['recipe']} "
              f"{'calibrated' if manifest['calibrated'] else 'data-free'}, layers={len(rows)} "
              f"quantized={len(manifest['layers'])}, model parameters={len(manifest['fingerprint'])}")
-    return table(title, rows)
+    return table(title, rows, columns)
 
 
 def memory_report(qt) -> dict:

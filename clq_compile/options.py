@@ -7,10 +7,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import read_manifest
+from clq_compile.choices import BITS, KERNELS
 from clq_compile.passes.recipes import RECIPES
 
-BITS = ("w4a4", "w4a8", "w8a8", "w16a16")
-KERNELS = ("auto", "reference", "triton")
 GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")
 HADAMARD_BLOCKS = (32, 64, 128, 256)

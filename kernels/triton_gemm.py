@@ -4,7 +4,7 @@ One template serves every bit width: each operand tile is loaded in its storage 
 packed two per byte along K, or int8) and unpacked in registers to int8 in true K order, so the
 product is always an int8 `tl.dot` accumulating in int32. GPUs have no 4-bit integer tensor cores
 past Ampere, and Hopper has none at all: the win of 4 bits is in the bytes moved, the math runs at
-the int8 rate (see DESIGN.md, section 4).
+the int8 rate (README, Kernels).
 
 Scales: K is split into chunks of gcd(a_group, w_group) channels, inside which one activation scale
 and one weight scale apply. Each chunk is accumulated exactly in int32, corrected for the weight's

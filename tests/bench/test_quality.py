@@ -88,17 +88,17 @@ def test_tiny_digits_run_writes_the_documented_outputs(quality, tmp_path):
     assert "| rtn |" in (out / "quality.md").read_text()
     for picture in ("quality-grid.png", "obs-activation.png"):
         assert (out / picture).stat().st_size > 0
+    journal = [json.loads(line) for line in (out / quality.JOURNAL).read_text().splitlines()]
+    assert journal == rows  # every cell was appended as it finished
 
 
-def test_other_models_take_the_random_inputs_path(quality, tmp_path):
-    folder = tmp_path / "tiny-pixart"
-    tiny_models.build("pixart").save_pretrained(folder)
+def test_results_are_never_overwritten(quality, tmp_path, capsys):
     out = tmp_path / "results"
-    status = quality.main(["--model", str(folder), "--recipes", "rtn", "--bits", "w8a8",
-                           "--samples-per-class", "2", "--steps", "2", "--calib-samples", "2",
-                           "--outlier-scale", "0", "--out", str(out)])
-    assert status == 0
-    rows = json.loads((out / "quality.json").read_text())
-    assert [(r["recipe"], r["bits"]) for r in rows] == [("fp", "fp32"), ("rtn", "w8a8")]
-    assert all(r["accuracy"] is None and r["model"] == "tiny-pixart" for r in rows)
-    assert 0 < rows[1]["psnr"] < metrics.PSNR_CAP_DB
+    out.mkdir()
+    (out / "quality.jsonl").write_text('{"model": "earlier run"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--model", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {out} already holds results (quality.jsonl); choose a new folder" in capsys.readouterr().err
+    assert (out / "quality.jsonl").read_text() == '{"model": "earlier run"}\n'
+

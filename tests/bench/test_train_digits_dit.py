@@ -1,5 +1,7 @@
 """Tests for bench/train_digits_dit.py and the model it shipped."""
 
+import re
+
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
@@ -60,3 +62,14 @@ def test_shipped_model_draws_the_requested_digits():
     assert images.min().item() >= -1.0 and images.max().item() <= 1.0
     accuracy = (digits.classify(digits.fit_digit_classifier(seed=0), images) == requested).float().mean().item()
     assert accuracy >= 0.8
+
+
+def test_the_sampling_snippet_of_the_assets_readme_runs(monkeypatch):
+    text = (BENCH / "assets" / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(snippets) == 1
+    monkeypatch.chdir(BENCH.parent)  # the snippet's paths are relative to the repository root
+    namespace: dict = {}
+    exec(compile(snippets[0], "bench/assets/README.md", "exec"), namespace)
+    images = namespace["images"]
+    assert images.shape == (10, 1, 16, 16) and images.min() >= -1 and images.max() <= 1

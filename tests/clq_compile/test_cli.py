@@ -2,16 +2,18 @@
 
 import json
 import math
-import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from clq_compile import metrics, tiny_models
+from clq_compile import choices, metrics, tiny_models, workloads
 from clq_compile.artifact import read_manifest
-from clq_compile.cli import main
+from clq_compile.cli import TABLE_COLUMNS, build_parser, main
+from clq_compile.passes.recipes import RECIPES
 
 # Small enough for a few seconds per command on a 2-core CPU.
 FAST = ["--calib-samples", "2", "--steps", "2", "--calib-steps", "2"]
@@ -38,26 +40,71 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
-def error_line(err: str) -> str:
-    """The message from the "clq SUBCOMMAND: error:" line on (argparse prints its usage above it)."""
-    assert "Traceback" not in err
-    found = re.search(r"^clq \w+: error: ", err, re.MULTILINE)
-    assert found, err
-    return err[found.start():].strip()
+def error_line(err: str, one_line: bool = True) -> str:
+    """stderr, which must be one line starting with "clq SUBCOMMAND: error:" (or "clq: error:").
+
+    one_line=False: an error that goes on to list what it found, one item per line.
+    """
+    assert "Traceback" not in err and "usage:" not in err, err
+    assert err.endswith("\n") and (err.count("\n") == 1 or not one_line), err
+    assert err.startswith(("clq: error: ", "clq quantize: error: ", "clq explain: error: ", "clq eval: error: ")), err
+    return err.strip()
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model fails the test: for errors that must come before any work."""
+    def refuse(path):
+        raise AssertionError(f"the command loaded {path} before checking its arguments")
+
+    monkeypatch.setattr(workloads, "load_model", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
 # Help
 
 
-def test_program_help_names_every_subcommand_with_an_example():
+def test_program_help_names_every_subcommand_once_with_an_example():
     done = subprocess.run([sys.executable, "-m", "clq_compile", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m clq_compile")
     for subcommand in ("quantize", "explain", "eval"):
         assert f"python -m clq_compile {subcommand} " in done.stdout  # each one in the example
+        listed = [line for line in done.stdout.splitlines() if line.strip().startswith(subcommand + " ")]
+        assert len(listed) == 1, done.stdout  # described once, in argparse's list
     assert "bench/assets/digits-dit" in done.stdout
+
+
+def _seconds(*argv: str) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+    return time.perf_counter() - start, done
+
+
+def test_help_and_typos_answer_without_importing_torch():
+    probe = ("import sys\n"
+             "from clq_compile.cli import main\n"
+             "for argv in (['--help'], ['quantize', '--help'], ['quantise'], ['quantize', '--bits', 'w3a4']):\n"
+             "    main(argv)\n"
+             "heavy = sorted({'torch', 'diffusers', 'numpy'} & set(sys.modules))\n"
+             "print('imported:', heavy)\n")
+    _, done = _seconds("-c", probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("imported: []"), done.stdout
+    # The time itself, against a generous bound: the bare interpreter's start plus one second
+    # (importing torch alone takes several seconds, more on a loaded machine).
+    bare, _ = _seconds("-c", "pass")
+    helped, done = _seconds("-m", "clq_compile", "--help")
+    assert done.returncode == 0
+    assert helped < bare + 1.0, f"--help took {helped:.2f} s, the bare interpreter {bare:.2f} s"
+
+
+def test_the_parser_reads_the_registries_names():
+    assert choices.RECIPE_NAMES == tuple(RECIPES)
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--bits", "W4A4",
+                                      "--recipe", "CLQ+GPTQ", "--kernels", "Reference"])
+    assert (args.bits, args.recipe, args.kernels) == ("w4a4", "clq+gptq", "reference")
 
 
 @pytest.mark.parametrize("subcommand", ["quantize", "explain", "eval"])
@@ -92,10 +139,30 @@ def test_quantize_prints_a_summary_and_the_table(capsys, tiny_dit, tmp_path):
     assert status == 0
     layers = read_manifest(out_dir)["layers"]
     assert (out_dir / "manifest.json").is_file()
-    assert f"quantized {len(layers)} linear layers" in out
-    assert "with recipe 'clq' at w4a4" in out and f"wrote {out_dir}" in out
+    words = " ".join(out.split())  # the summary is wrapped to the table's width
+    assert f"quantized {len(layers)} linear layers" in words
+    assert "with recipe 'clq' at w4a4" in words and f"wrote {out_dir}" in out
     assert "clq: bits=w4a4 recipe=clq state=quantized" in out  # the explain table follows
     assert "transformer_blocks.1.ff.net.2" in out
+    assert max(len(line) for line in out.splitlines()) <= TABLE_COLUMNS
+    assert "CLPS target" in out  # cut to the width by wrapping, not dropped
+    status, wide, _ = run(capsys, "explain", "--wide", str(out_dir))
+    assert status == 0 and max(len(line) for line in wide.splitlines()) > TABLE_COLUMNS
+
+
+def test_explain_lists_the_layers_in_model_order_as_quantize_does(capsys, rtn_artifact, tiny_dit, tmp_path):
+    status, from_file, _ = run(capsys, "explain", str(rtn_artifact))
+    assert status == 0
+    status, from_model, _ = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "a.safetensors"),
+                                "--recipe", "rtn", "--bits", "w8a8", *FAST)
+    assert status == 0
+
+    def paths(text):
+        return [line.split()[0] for line in text.splitlines() if line.startswith(("transformer_blocks", "proj_", "pos_"))]
+
+    assert paths(from_file) == paths(from_model)
+    blocks = [int(p.split(".")[1]) for p in paths(from_file) if p.startswith("transformer_blocks")]
+    assert blocks == sorted(blocks) and paths(from_file)[-1].startswith("proj_out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +235,14 @@ def test_bad_option_values(capsys, tiny_dit, tmp_path, flag, value):
     assert status == 2
     line = error_line(err)
     assert line.startswith("clq quantize: error: argument") and flag in line and value in line
+    assert line.endswith("see `clq quantize --help`")
+
+
+@pytest.mark.parametrize("argv", [["quantise"], ["quantize"], ["eval", "--model", "m"], []])
+def test_usage_errors_are_one_line(capsys, argv):
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and out == ""
+    error_line(err)
 
 
 def test_missing_artifact(capsys, tiny_dit, tmp_path):
@@ -193,9 +268,74 @@ def test_artifact_of_another_model(capsys, rtn_artifact, tmp_path):
     tiny_models.build("dit", seed=1).save_pretrained(other)
     status, out, err = run(capsys, "eval", "--model", str(other), "--artifact", str(rtn_artifact))
     assert status == 2 and out == ""
-    message = error_line(err)
+    message = error_line(err, one_line=False)
     assert message.startswith(f"clq eval: error: the artifact {rtn_artifact} was made from a different model")
     assert "transformer_blocks.0.attn1.to_q.weight" in message  # the differences are listed
+
+
+def _output_path(tmp_path, kind: str):
+    """An output path of the given kind, and what the error says about it."""
+    if kind == "folder without an artifact":
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "notes.txt").write_text("not an artifact")
+        return tmp_path / "busy", "that folder exists and holds no clq artifact"
+    if kind == "file named as a folder":
+        (tmp_path / "notes").write_text("a file")
+        return tmp_path / "notes", "that is a file, and a name without .safetensors is written as a folder"
+    if kind == "folder named as a file":
+        (tmp_path / "a.safetensors").mkdir()
+        return tmp_path / "a.safetensors", "that is a folder; give a file name"
+    return Path("/proc/clq-test.safetensors"), "cannot write in /proc"  # unwritable, even for root
+
+
+def test_models_load_without_diffusers_warnings(capsys, tiny_dit, tmp_path, monkeypatch):
+    """diffusers warns at every load that `accelerate` would load faster: not for the CLI's loads."""
+    from diffusers.utils import logging as diffusers_logging
+
+    levels = []
+    load = workloads.load_model
+
+    def recording(path):
+        levels.append(diffusers_logging.get_verbosity())
+        return load(path)
+
+    monkeypatch.setattr(workloads, "load_model", recording)
+    before = diffusers_logging.get_verbosity()
+    assert main(["quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "a.safetensors"), "--recipe", "rtn",
+                 "--bits", "w8a8", *FAST]) == 0
+    assert levels == [diffusers_logging.ERROR]
+    assert diffusers_logging.get_verbosity() == before  # and the user's setting comes back
+
+
+@pytest.mark.parametrize("kind", ["folder without an artifact", "file named as a folder", "folder named as a file",
+                                  "unwritable"])
+def test_quantize_checks_out_before_any_work(capsys, tiny_dit, tmp_path, no_model_loading, kind):
+    out, expected = _output_path(tmp_path, kind)
+    status, stdout, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(out), *FAST)
+    assert status == 2 and stdout == ""
+    line = error_line(err)
+    assert line.startswith(f"clq quantize: error: --out {out}: ") and expected in line
+    if kind == "folder without an artifact":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_quantize_may_replace_an_artifact_folder(capsys, tiny_dit, tmp_path):
+    out = tmp_path / "artifact"
+    for _ in range(2):
+        status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(out), "--recipe", "rtn",
+                             "--bits", "w8a8", *FAST)
+        assert status == 0, err
+    assert read_manifest(out)["recipe"] == "rtn"
+
+
+@pytest.mark.parametrize("kind", ["folder named as a file", "unwritable"])
+def test_eval_checks_json_before_any_work(capsys, tiny_dit, rtn_artifact, tmp_path, no_model_loading, kind):
+    out, expected = _output_path(tmp_path, kind)
+    status, stdout, err = run(capsys, "eval", "--model", str(tiny_dit), "--artifact", str(rtn_artifact),
+                              "--json", str(out))
+    assert status == 2 and stdout == ""
+    line = error_line(err)
+    assert line.startswith(f"clq eval: error: --json {out}: ") and expected in line
 
 
 def test_output_folder_must_exist(capsys, tiny_dit, tmp_path):

@@ -1,0 +1,14 @@
+"""The names the options and the command line accept, in a module that imports nothing.
+
+The command line parses its arguments, and answers ``--help`` or a typo, before it loads torch
+and diffusers (seconds): it reads its choices from here. ``clq_compile.options`` validates
+options against the same tuples; ``RECIPE_NAMES`` are the keys of the recipe registry
+``clq_compile.passes.recipes.RECIPES`` in its order (a test keeps the two equal).
+"""
+
+BITS = ("w4a4", "w4a8", "w8a8", "w16a16")
+KERNELS = ("auto", "reference", "triton")
+RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
+                "clq-no-clps", "clq+gptq")
+# DDIM steps of the digits sampler, the command line and the quality benchmark unless told otherwise.
+DEFAULT_SAMPLING_STEPS = 25

@@ -1,0 +1,62 @@
+"""Tests for bench/readme_tables.py: the README's result tables are the benchmark JSON's."""
+
+import json
+
+import pytest
+
+from tests.bench.bench_scripts import import_bench
+
+
+@pytest.fixture(scope="module")
+def tables():
+    (module,) = import_bench("readme_tables")
+    return module
+
+
+def test_readme_tables_agree_with_the_json(tables):
+    text = tables.README.read_text()
+    specs = [m["spec"] for m in tables.BLOCK.finditer(text)]
+    assert any(s.startswith("quality ") for s in specs) and any(s.startswith("recipes ") for s in specs), specs
+    _, changed = tables.updated(text)
+    assert changed == [], f"README tables differ from their JSON: {changed}; run python bench/readme_tables.py"
+
+
+def _quality_rows(psnr: float) -> list[dict]:
+    row = {"model": "m", "bits": "w4a4", "ssim": 0.9, "accuracy": 0.95, "quantize_seconds": 1.0}
+    return [{**row, "recipe": "fp", "psnr": 100.0, "ssim": 1.0}, {**row, "recipe": "rtn", "psnr": psnr},
+            {**row, "recipe": "clq", "psnr": 30.0, "accuracy": None}]
+
+
+def test_a_changed_number_is_found_and_rewritten(tables, tmp_path):
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps(_quality_rows(25.04)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n<!-- table: quality {results} -->\nold\n<!-- end of table -->\nafter\n")
+    assert tables.main(["--readme", str(readme), "--check"]) == 1
+    assert tables.main(["--readme", str(readme)]) == 0
+    assert readme.read_text() == (f"intro\n<!-- table: quality {results} -->\n| recipe | m w4a4 |\n|---|---|\n"
+                                  "| `rtn` | 25.0 / 0.900 / 0.95 |\n| `clq` | 30.0 / 0.900 / – |\n"
+                                  "<!-- end of table -->\nafter\n")
+    assert tables.main(["--readme", str(readme), "--check"]) == 0
+    results.write_text(json.dumps(_quality_rows(26.0)))
+    assert tables.main(["--readme", str(readme), "--check"]) == 1
+
+
+def test_recipes_tables_take_each_recipe_from_the_first_file_holding_it(tables, tmp_path):
+    def rows(recipe, errors):
+        return [{"model": f, "recipe": recipe, "bits": "w4a4", "error": sum(errors) / len(errors),
+                 "errors": errors, "quantize_seconds": 2.0} for f in ("dit", "sd3")]
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"rows": rows("clq", [0.1, 0.3])}))
+    second.write_text(json.dumps({"rows": rows("clq", [0.9, 0.9]) + rows("rtn", [0.5, 0.7])}))
+    text = tables.render(f"recipes w4a4 {first} {second}")
+    assert text.splitlines() == ["Mean over 2 seeds (min–max in brackets):", "",
+                                 "| recipe | dit | sd3 | quantize s (mean) |", "|---|---|---|---|",
+                                 "| clq | 0.2000 (0.100–0.300) | 0.2000 (0.100–0.300) | 2.0 |",
+                                 "| rtn | 0.6000 (0.500–0.700) | 0.6000 (0.500–0.700) | 2.0 |"]
+
+
+def test_an_unknown_marker_is_a_clear_error(tables):
+    with pytest.raises(ValueError, match="expected 'quality FILE' or 'recipes BITS FILE...'"):
+        tables.render("speed bench/results/kernels.json")

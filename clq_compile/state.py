@@ -173,8 +173,10 @@ class ModelState:
                 known.setdefault(site.path, saved.get(site.path) or {
                     "role": site.role, "out_features": site.out_features, "in_features": site.in_features,
                     "quantize": decision.quantize, "reason": decision.reason})
-        for path, d in saved.items():
-            known.setdefault(path, d)
+        order = self.artifact.manifest.get("layer_order", []) if self.artifact is not None else []
+        for path in [*order, *saved]:  # the saved model's order; artifacts without one: sorted
+            if path in saved:
+                known.setdefault(path, saved[path])
         return known
 
     def check_parameters(self, params: dict[str, torch.Tensor], path: str, complete: bool = False) -> None:

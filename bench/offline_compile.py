@@ -2,7 +2,7 @@
 
     binary = compile_kernel(kernel, args, "sm_90", config)
     binary.registers, binary.spill_bytes, binary.shared_bytes
-    sass = binary.sass()            # SassReport: the MMA instruction, the load kind, the loops
+    sass = binary.sass              # SassReport: the MMA instruction, the load kind, the loops
     sass.main_loop.count, sass.main_loop.int_alu_share
 
 Triton's wheel carries `ptxas`, `cuobjdump` and `nvdisasm`, so `triton.compile` of an `ASTSource`
@@ -24,14 +24,18 @@ rest from the SASS listing of `cuobjdump --dump-sass`.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import io
 import re
+import sys
 import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import triton
@@ -73,6 +77,28 @@ class Pointer:
 def have_toolchain() -> bool:
     """Whether this Triton wheel carries the tools an offline compile needs."""
     return all((NVIDIA_BIN / tool).exists() for tool in ("ptxas", "cuobjdump"))
+
+
+def compilable_module(module: ModuleType) -> ModuleType:
+    """`module` (one holding Triton kernels) with its kernels as a GPU would get them.
+
+    Under TRITON_INTERPRET=1 (the tests' setting on machines without a GPU) `@triton.jit` makes
+    interpreted functions, which cannot be compiled; the module is then imported a second time, as
+    part of a private copy of its package, with the interpreter switched off. Otherwise: `module`.
+    """
+    if not knobs.runtime.interpret:
+        return module
+    package, _, name = module.__name__.rpartition(".")
+    private = "_offline_compile." + package
+    if private not in sys.modules:
+        folder = Path(module.__file__).parent
+        spec = importlib.util.spec_from_file_location(private, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        sys.modules[private] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[private])
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = False
+        return importlib.import_module(f"{private}.{name}")
 
 
 def _innermost_jit(kernel: Any, args: dict[str, Any]) -> tuple[JITFunction, dict[str, Any]]:
@@ -132,11 +158,16 @@ _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores")
 
 
+_BINARIES: dict[tuple, Binary] = {}
+
+
 def compile_kernel(kernel: Any, args: dict[str, Any], target: str,
                    config: triton.Config | None = None) -> Binary:
     """Compile `kernel` for `target` ("sm_80", "sm_89", "sm_90") as a launch with `args` and `config`.
 
     config: the meta-parameters and num_warps / num_stages (an autotune config), merged into args.
+    Launches that specialize alike (say two shapes that differ only in runtime ints) share one
+    binary: each distinct one is compiled once per process.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}; got {target!r}")
@@ -151,7 +182,14 @@ def compile_kernel(kernel: Any, args: dict[str, Any], target: str,
             options["maxnreg"] = config.maxnreg
     fn, meta = _innermost_jit(kernel, meta)
     signature, constants, attrs = _specialize(fn, meta)
-    src = ASTSource(fn, signature, constants, attrs)
+    key = (fn.cache_key, target, tuple(signature.items()), tuple(constants.items()), tuple(attrs),
+           tuple(sorted(options.items())))
+    if key not in _BINARIES:
+        _BINARIES[key] = _compile(fn, ASTSource(fn, signature, constants, attrs), target, options)
+    return _BINARIES[key]
+
+
+def _compile(fn: JITFunction, src: ASTSource, target: str, options: dict[str, int]) -> Binary:
     log = io.StringIO()
     # Triton prints ptxas' report only when it runs ptxas, so its cache is bypassed.
     with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log), \
@@ -188,6 +226,7 @@ class Binary:
     def fits_shared(self) -> bool:
         return self.shared_bytes <= self.target.shared_limit
 
+    @cached_property
     def sass(self) -> SassReport:
         """The disassembly of the cubin, parsed."""
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -324,21 +363,30 @@ class SassReport:
         """Instructions (whose base opcode is in `names`, default all) one thread executes, each loop's
         body repeated trips(loop) times (nested loops multiply). Branches not taken are counted too:
         an upper bound for code with rarely taken paths, such as a division's slow path."""
-        return self._executed(trips, lambda ins: names is None or ins.base in names)
+        return self._executed(trips, lambda ins: int(names is None or ins.base in names))
 
     def divisions(self, trips: Callable[[Loop], int]) -> int:
         """Divisions one thread executes (see DIVISION), loops repeated as in `executed`."""
-        return self._executed(trips, lambda ins: ins.opcode.startswith(DIVISION))
+        return self._executed(trips, lambda ins: int(ins.opcode.startswith(DIVISION)))
 
-    def _executed(self, trips: Callable[[Loop], int], selected: Callable[[Instruction], bool]) -> int:
+    def mma_macs(self, trips: Callable[[Loop], int], num_warps: int) -> dict[str, int]:
+        """Multiply-accumulates the whole block of num_warps warps executes, by MMA opcode."""
+        macs: dict[str, int] = {}
+        for opcode in {ins.opcode for ins in self.instructions if ins.base in MMA_OPCODES}:
+            m, n, k = mma_shape(opcode)
+            per_issue = m * n * k * (num_warps // _WARPS_PER_MMA[opcode.split(".")[0]])
+            macs[opcode] = per_issue * self._executed(trips, lambda ins: int(ins.opcode == opcode))
+        return macs
+
+    def _executed(self, trips: Callable[[Loop], int], weight: Callable[[Instruction], int]) -> int:
         total = 0
         for ins in self.instructions:
-            if selected(ins):
-                times = 1
+            w = weight(ins)
+            if w:
                 for loop in self.loops:
                     if loop.start <= ins.address <= loop.end:
-                        times *= trips(loop)
-                total += times
+                        w *= trips(loop)
+                total += w
         return total
 
     @cached_property

@@ -40,13 +40,9 @@ from tqdm import tqdm
 
 from machine import machine_info
 from offline_compile import (CONVERSIONS, FP32, INT_ALU, Binary, Loop, Pointer, autotune_configs,
-                             compilable_module, compile_kernel)
+                             compile_kernel)
 
-from clq_compile.kernels import triton_gemm as _triton_gemm
-from clq_compile.kernels import triton_quantize as _triton_quantize
-
-triton_gemm = compilable_module(_triton_gemm)
-triton_quantize = compilable_module(_triton_quantize)
+from clq_compile.kernels import triton_gemm, triton_quantize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABEL = "MODEL: predicted from offline-compiled SASS and published peak rates; not a measurement"

@@ -24,18 +24,14 @@ rest from the SASS listing of `cuobjdump --dump-sass`.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import io
 import re
-import sys
 import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 import triton
@@ -77,28 +73,6 @@ class Pointer:
 def have_toolchain() -> bool:
     """Whether this Triton wheel carries the tools an offline compile needs."""
     return all((NVIDIA_BIN / tool).exists() for tool in ("ptxas", "cuobjdump"))
-
-
-def compilable_module(module: ModuleType) -> ModuleType:
-    """`module` (one holding Triton kernels) with its kernels as a GPU would get them.
-
-    Under TRITON_INTERPRET=1 (the tests' setting on machines without a GPU) `@triton.jit` makes
-    interpreted functions, which cannot be compiled; the module is then imported a second time, as
-    part of a private copy of its package, with the interpreter switched off. Otherwise: `module`.
-    """
-    if not knobs.runtime.interpret:
-        return module
-    package, _, name = module.__name__.rpartition(".")
-    private = "_offline_compile." + package
-    if private not in sys.modules:
-        folder = Path(module.__file__).parent
-        spec = importlib.util.spec_from_file_location(private, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        sys.modules[private] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[private])
-    with knobs.runtime.scope():
-        knobs.runtime.interpret = False
-        return importlib.import_module(f"{private}.{name}")
 
 
 def _innermost_jit(kernel: Any, args: dict[str, Any]) -> tuple[JITFunction, dict[str, Any]]:
@@ -174,6 +148,10 @@ def compile_kernel(kernel: Any, args: dict[str, Any], target: str,
     if not have_toolchain():
         raise RuntimeError(f"this Triton wheel has no ptxas/cuobjdump in {NVIDIA_BIN}; offline compiles "
                            "need Triton's NVIDIA backend")
+    if knobs.runtime.interpret:
+        raise RuntimeError("offline compiles need a process without TRITON_INTERPRET=1 (under it Triton's own "
+                           "library is interpreted and cannot be compiled): run them in a subprocess, as "
+                           "tests/kernels/test_sm90_build.py runs bench/kernel_model.py")
     options, meta = {}, dict(args)
     if config is not None:
         meta.update(config.kwargs)

@@ -39,14 +39,20 @@ from .triton_quantize import interpreted
 
 # int8 tl.dot on NVIDIA GPUs needs K tiles of at least 32.
 MIN_GPU_BLOCK_K = 32
+# Products of int8 values (or 16 x int4) are at most 2^14 in magnitude: int32 sums of fewer than
+# 2^17 of them are exact.
+MAX_K = 2**17
 
 _MIN_DOT_K = tl.constexpr(MIN_GPU_BLOCK_K)
+# Whether the kernels run in Triton's interpreter, where inline PTX does not exist and the
+# float32 -> bfloat16 cast truncates (a compile-time constant of the kernels below).
+_INTERPRET = tl.constexpr(interpreted())
 
 
 @triton.jit
-def _low_nibbles_times_16(p, INTERPRET: tl.constexpr):
+def _low_nibbles_times_16(p):
     """int8 p << 4 (16 · the low nibble of each byte), one shift and one mask per 32-bit word on GPUs."""
-    if INTERPRET:
+    if _INTERPRET:
         return p << 4
     else:
         # Triton shifts int8 tensors byte by byte; on a packed word the mask drops the bits that a
@@ -57,7 +63,7 @@ def _low_nibbles_times_16(p, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _load_halves(ptr, rows, stride_row, k0, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MASK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                 MASK_K: tl.constexpr):
     """Two int8 [len(rows), BLOCK_K // 2]: elements k0 + 2j and k0 + 2j + 1, times 16 for 4 bits.
 
     Elements at or past K are 0 when MASK_K.
@@ -70,7 +76,7 @@ def _load_halves(ptr, rows, stride_row, k0, K, BITS: tl.constexpr, BLOCK_K: tl.c
             p = tl.load(ptr + offsets, mask=(cols < K // 2)[None, :], other=0)
         else:
             p = tl.load(ptr + offsets)
-        return _low_nibbles_times_16(p, INTERPRET), p & -16
+        return _low_nibbles_times_16(p), p & -16
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         offsets = rows64[:, None] * stride_row + cols[None, :]
@@ -83,10 +89,10 @@ def _load_halves(ptr, rows, stride_row, k0, K, BITS: tl.constexpr, BLOCK_K: tl.c
 
 @triton.jit
 def _load_tile(ptr, rows, stride_row, k0, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-               MASK_K: tl.constexpr, INTERPRET: tl.constexpr):
+               MASK_K: tl.constexpr):
     """int8 [len(rows), BLOCK_K]: elements k0 .. k0 + BLOCK_K in K order, times 16 for 4 bits."""
     if BITS == 4:
-        even, odd = _load_halves(ptr, rows, stride_row, k0, K, BITS, BLOCK_K, MASK_K, INTERPRET)
+        even, odd = _load_halves(ptr, rows, stride_row, k0, K, BITS, BLOCK_K, MASK_K)
         return tl.reshape(tl.join(even, odd), [even.shape[0], BLOCK_K])
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -100,25 +106,48 @@ def _load_tile(ptr, rows, stride_row, k0, K, BITS: tl.constexpr, BLOCK_K: tl.con
 @triton.jit
 def _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k0, K,
                      A_BITS: tl.constexpr, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr,
-                     HAS_ZERO: tl.constexpr, INTERPRET: tl.constexpr):
+                     HAS_ZERO: tl.constexpr):
     """(prod + 2^SHIFT · a[rows, k0:k0 + BLOCK_K] · w[cols, k0:k0 + BLOCK_K]ᵀ, rowsum + 2^A_SHIFT · Σ_k a).
 
     Exact in int32; rowsum is updated only when HAS_ZERO (it serves the zero-point correction).
     """
     if (A_BITS == 8 and W_BITS == 8) or BLOCK_K < 2 * _MIN_DOT_K:
-        a = _load_tile(a_ptr, rows, stride_am, k0, K, A_BITS, BLOCK_K, MASK_K, INTERPRET)
-        w = _load_tile(w_ptr, cols, stride_wn, k0, K, W_BITS, BLOCK_K, MASK_K, INTERPRET)
+        a = _load_tile(a_ptr, rows, stride_am, k0, K, A_BITS, BLOCK_K, MASK_K)
+        w = _load_tile(w_ptr, cols, stride_wn, k0, K, W_BITS, BLOCK_K, MASK_K)
         prod = tl.dot(a, tl.trans(w), prod)
         if HAS_ZERO:
             rowsum += tl.sum(a.to(tl.int32), axis=1)
     else:
-        a_even, a_odd = _load_halves(a_ptr, rows, stride_am, k0, K, A_BITS, BLOCK_K, MASK_K, INTERPRET)
-        w_even, w_odd = _load_halves(w_ptr, cols, stride_wn, k0, K, W_BITS, BLOCK_K, MASK_K, INTERPRET)
+        a_even, a_odd = _load_halves(a_ptr, rows, stride_am, k0, K, A_BITS, BLOCK_K, MASK_K)
+        w_even, w_odd = _load_halves(w_ptr, cols, stride_wn, k0, K, W_BITS, BLOCK_K, MASK_K)
         prod = tl.dot(a_even, tl.trans(w_even), prod)
         prod = tl.dot(a_odd, tl.trans(w_odd), prod)
         if HAS_ZERO:
             rowsum += tl.sum(a_even.to(tl.int32), axis=1) + tl.sum(a_odd.to(tl.int32), axis=1)
     return prod, rowsum
+
+
+@triton.jit
+def _accumulate_k(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, K, A_BITS: tl.constexpr,
+                  W_BITS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """`_accumulate_tile` over all of K: unmasked full tiles, then one masked last tile if K needs one."""
+    # The loop over full tiles keeps the loads software-pipelined and unmasked; the same binary
+    # serves every K.
+    k_full = K - K % BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k0, K,
+                                        A_BITS, W_BITS, BLOCK_K, False, HAS_ZERO)
+    if k_full < K:
+        prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k_full, K,
+                                        A_BITS, W_BITS, BLOCK_K, True, HAS_ZERO)
+    return prod, rowsum
+
+
+@triton.jit
+def _unscaled(v, BITS_A: tl.constexpr, BITS_B: tl.constexpr):
+    """v / 16 per 4-bit operand among (BITS_A, BITS_B): an arithmetic shift, exact on `_accumulate_tile`'s sums."""
+    shift: tl.constexpr = (4 if BITS_A == 4 else 0) + (4 if BITS_B == 4 else 0)
+    return v >> shift
 
 
 @triton.jit
@@ -142,14 +171,11 @@ def _add_scaled_chunk(acc, prod, rowsum, c0, a_scale_ptr, w_scale_ptr, w_zero_pt
 
     prod and rowsum come scaled by 16 per 4-bit operand, as `_accumulate_tile` leaves them.
     """
-    a_shift: tl.constexpr = 4 if A_BITS == 4 else 0
-    w_shift: tl.constexpr = 4 if W_BITS == 4 else 0
-    # Arithmetic shifts of exact multiples of powers of two: exact.
-    prod = prod >> (a_shift + w_shift)
+    prod = _unscaled(prod, A_BITS, W_BITS)
     w_idx = cols.to(tl.int64) * stride_wsn + c0 // W_GROUP
     if HAS_ZERO:
         zero = tl.load(w_zero_ptr + w_idx).to(tl.int32)
-        prod = prod - (rowsum >> a_shift)[:, None] * zero[None, :]
+        prod = prod - _unscaled(rowsum, A_BITS, 8)[:, None] * zero[None, :]
     a_m, a_p = _scale_parts(tl.load(a_scale_ptr + rows.to(tl.int64) * stride_asm + c0 // A_GROUP))
     w_s = tl.load(w_scale_ptr + w_idx)
     return acc + prod.to(tl.float32) * a_m[:, None] * w_s[None, :] * a_p[:, None]
@@ -214,7 +240,7 @@ def _round_to_bfloat16(v):
 def _quant_matmul_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, out_ptr, M, N, K,
                          stride_am, stride_wn, stride_asm, stride_wsn, stride_om, A_GROUP, W_GROUP, CHUNK,
                          M_BUCKET, SINGLE_CHUNK: tl.constexpr, A_BITS: tl.constexpr, W_BITS: tl.constexpr,
-                         HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
     rows, cols, row_mask, col_mask = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -222,22 +248,16 @@ def _quant_matmul_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, bia
     prod = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if SINGLE_CHUNK:
-        # One flat loop over the full K tiles keeps the loads software-pipelined and unmasked; the
-        # float32 accumulator stays out of it, which halves the registers it holds.
-        k_full = K - K % BLOCK_K
-        for k0 in range(0, k_full, BLOCK_K):
-            prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k0, K,
-                                            A_BITS, W_BITS, BLOCK_K, False, HAS_ZERO, INTERPRET)
-        if k_full < K:
-            prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn,
-                                            k_full, K, A_BITS, W_BITS, BLOCK_K, True, HAS_ZERO, INTERPRET)
+        # The float32 accumulator stays out of the loop, which halves the registers it holds.
+        prod, rowsum = _accumulate_k(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, K, A_BITS,
+                                     W_BITS, BLOCK_K, HAS_ZERO)
         acc = _add_scaled_chunk(acc, prod, rowsum, 0, a_scale_ptr, w_scale_ptr, w_zero_ptr, rows, cols,
                                 stride_asm, stride_wsn, A_GROUP, W_GROUP, A_BITS, W_BITS, HAS_ZERO)
     else:
         # Each chunk's exact int32 product is folded into the float32 accumulator as the chunk ends.
         for k0 in range(0, K, BLOCK_K):
             prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k0, K,
-                                            A_BITS, W_BITS, BLOCK_K, False, HAS_ZERO, INTERPRET)
+                                            A_BITS, W_BITS, BLOCK_K, False, HAS_ZERO)
             if (k0 + BLOCK_K) % CHUNK == 0:
                 acc = _add_scaled_chunk(acc, prod, rowsum, k0 + BLOCK_K - CHUNK, a_scale_ptr, w_scale_ptr,
                                         w_zero_ptr, rows, cols, stride_asm, stride_wsn, A_GROUP, W_GROUP,
@@ -246,7 +266,7 @@ def _quant_matmul_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, bia
                 rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+    if _INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
         out = _round_to_bfloat16(acc)
     else:
         out = acc.to(out_ptr.dtype.element_ty)
@@ -258,20 +278,14 @@ def _quant_matmul_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, bia
 # The GEMM's inner loop alone, so that tests can compare accumulators bit for bit.
 @triton.jit
 def _int_matmul_kernel(a_ptr, w_ptr, out_ptr, M, N, K, stride_am, stride_wn, stride_om,
-                       A_BITS: tl.constexpr, W_BITS: tl.constexpr, INTERPRET: tl.constexpr,
+                       A_BITS: tl.constexpr, W_BITS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, cols, row_mask, col_mask = _tile_indices(M, N, BLOCK_M, BLOCK_N, 1)
     prod = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
-    k_full = K - K % BLOCK_K
-    for k0 in range(0, k_full, BLOCK_K):
-        prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k0, K,
-                                        A_BITS, W_BITS, BLOCK_K, False, False, INTERPRET)
-    if k_full < K:
-        prod, rowsum = _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, k_full, K,
-                                        A_BITS, W_BITS, BLOCK_K, True, False, INTERPRET)
-    shift: tl.constexpr = (4 if A_BITS == 4 else 0) + (4 if W_BITS == 4 else 0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], prod >> shift,
+    prod, rowsum = _accumulate_k(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_wn, K, A_BITS,
+                                 W_BITS, BLOCK_K, False)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], _unscaled(prod, A_BITS, W_BITS),
              mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -296,12 +310,13 @@ SM80_CONFIGS = [
 ]
 
 # Hopper (sm_90): int8 wgmma wants a warp group (4 warps) per 64 rows and deep pipelines.
+# 256 x 128 tiles spill at every bit width.
 SM90_CONFIGS = [
     _config(128, 256, 128, 8, 4),
-    _config(256, 128, 128, 8, 4),
     _config(128, 256, 256, 8, 3),
     _config(128, 128, 128, 4, 5),
     _config(128, 128, 256, 8, 4),
+    _config(128, 128, 128, 8, 5),
     _config(64, 256, 128, 4, 4),
     _config(64, 128, 128, 4, 5),
     _config(128, 64, 128, 4, 5),
@@ -312,12 +327,13 @@ SM90_CONFIGS = [
 # Programming Guide, technical specifications per compute capability).
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024}
 
-# The register estimate below that compiles without spills: measured offline for sm_90 on every
-# configuration listed here (tests/kernels/test_triton_gemm.py compiles the kept ones). A single
-# 128 x 256 int32 accumulator over 8 warps with its 4-bit operand tiles (152) fits; 64 x 256 over
-# 4 warps with an int8 activation tile split into halves (200) spills, and so do chunked products
-# over 128 x 128 tiles (192), whose scaling epilogue sits inside the loop.
-MAX_REGISTER_ESTIMATE = 180
+# Register estimates (below) that compile without spills, by warps per program: measured offline
+# for sm_90 with bench/offline_compile.py on every configuration listed here (and checked by
+# tests/kernels/test_sm90_build.py). With one warp group (4 warps), a 64 x 256 accumulator and its
+# 4-bit operand tiles (168) fit and an int8 activation tile split into halves beside them (200)
+# spills; with two warp groups a 128 x 256 int8 product (128) fits but its W4A4 form (152) spills,
+# as do chunked products over 128 x 128 tiles (192), whose scaling epilogue sits inside the loop.
+MAX_REGISTER_ESTIMATE = {4: 176, 8: 128}
 
 
 def shared_memory_bytes(cfg: triton.Config, a_bits: int, w_bits: int) -> int:
@@ -350,7 +366,8 @@ def fits(cfg: triton.Config, a_bits: int, w_bits: int, single_chunk: bool, capab
     """Whether the configuration fits the device's shared memory and compiles without spills."""
     smem = SHARED_MEMORY_LIMIT.get(capability, SHARED_MEMORY_LIMIT[89])
     return (shared_memory_bytes(cfg, a_bits, w_bits) <= smem
-            and register_estimate(cfg, a_bits, w_bits, single_chunk) <= MAX_REGISTER_ESTIMATE)
+            and register_estimate(cfg, a_bits, w_bits, single_chunk)
+            <= MAX_REGISTER_ESTIMATE.get(cfg.num_warps, min(MAX_REGISTER_ESTIMATE.values())))
 
 
 def _narrowed(cfg: triton.Config, chunk: int, single_chunk: bool) -> triton.Config:
@@ -443,6 +460,8 @@ def quant_matmul(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     k = in_features
     _check_operand("a", a, a_bits, k)
     _check_operand("w", w, w_bits, k)
+    if k >= MAX_K:
+        raise ValueError(f"in_features must be below {MAX_K} for the int32 accumulator to stay exact; got {k}")
     ag, wg = a_group or k, w_group or k
     if k % ag or k % wg:
         raise ValueError(f"the groups (activations {ag}, weights {wg}) must divide K = {k}")
@@ -477,7 +496,7 @@ def quant_matmul(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
             a.stride(0), w.stride(0), a_scale.stride(0), w_scale.stride(0), out.stride(0), ag, wg, chunk,
             m_bucket(m))
     meta = dict(SINGLE_CHUNK=chunk == k, A_BITS=a_bits, W_BITS=w_bits, HAS_ZERO=w_zero is not None,
-                HAS_BIAS=bias is not None, INTERPRET=interpret)
+                HAS_BIAS=bias is not None)
 
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -516,7 +535,7 @@ def int_matmul_triton(a: torch.Tensor, w: torch.Tensor, in_features: int, a_bits
         raise ValueError(f"block_k must be a power of two >= 2; got {block_k}")
     grid = (triton.cdiv(m, SMALL_BLOCK_M) * triton.cdiv(n, SMALL_BLOCK_N),)
     _int_matmul_kernel[grid](a.view(torch.int8), w.view(torch.int8), out, m, n, k, a.stride(0), w.stride(0),
-                             out.stride(0), A_BITS=a_bits, W_BITS=w_bits, INTERPRET=interpret,
+                             out.stride(0), A_BITS=a_bits, W_BITS=w_bits,
                              BLOCK_M=SMALL_BLOCK_M, BLOCK_N=SMALL_BLOCK_N, BLOCK_K=block_k)
     return out
 

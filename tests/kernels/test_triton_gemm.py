@@ -21,19 +21,13 @@ from hypothesis import strategies as st  # noqa: E402
 from clq_compile.kernels import triton_gemm, triton_quantize  # noqa: E402
 from clq_compile.kernels.packing import pack_int4  # noqa: E402
 from clq_compile.kernels.reference import int_matmul, scale_product  # noqa: E402
+from tests.kernels.test_triton_kernels import random_stored  # noqa: E402
 
 if not triton_quantize.interpreted():
     pytest.skip("the kernels were defined without TRITON_INTERPRET=1 (imported before this module)",
                 allow_module_level=True)
 
 BIT_PAIRS = [(4, 4), (8, 4), (8, 8), (4, 8)]  # (a_bits, w_bits)
-
-
-def random_stored(rows: int, k: int, bits: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integers int8 [rows, k] over the whole signed range, their stored form)."""
-    lim = 2 ** (bits - 1)
-    q = torch.randint(-lim, lim, (rows, k), generator=g, dtype=torch.int8)
-    return q, (pack_int4(q) if bits == 4 else q)
 
 
 @settings(max_examples=30, deadline=None)
@@ -164,7 +158,10 @@ def test_configs_are_pruned_to_the_device_before_compiling():
     big = triton_gemm._config(128, 256, 256, 8, 3)
     assert triton_gemm.shared_memory_bytes(big, 8, 8) > triton_gemm.SHARED_MEMORY_LIMIT[90]
     assert not triton_gemm.fits(big, 8, 8, True, 90)
-    assert triton_gemm.fits(big, 4, 4, True, 90)
+    assert triton_gemm.shared_memory_bytes(big, 4, 4) <= triton_gemm.SHARED_MEMORY_LIMIT[90]
+    # Registers: two warp groups hold a 128 x 256 int8 product, not its W4A4 form with unpacked tiles.
+    wide = triton_gemm._config(128, 256, 128, 8, 4)
+    assert triton_gemm.fits(wide, 8, 8, True, 90) and not triton_gemm.fits(wide, 4, 4, True, 90)
     with pytest.raises(ValueError, match="no GEMM configuration fits"):
         triton_gemm.prune_configs([big], 3072, True, 8, 8, 90)
 

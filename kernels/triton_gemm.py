@@ -307,6 +307,7 @@ SM80_CONFIGS = [
     _config(64, 64, 128, 4, 5),
     _config(128, 128, 64, 4, 4),
     _config(64, 64, 64, 2, 5),
+    _config(64, 64, 64, 4, 5),
 ]
 
 # Hopper (sm_90): int8 wgmma wants a warp group (4 warps) per 64 rows and deep pipelines.
@@ -327,13 +328,15 @@ SM90_CONFIGS = [
 # Programming Guide, technical specifications per compute capability).
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024}
 
-# Register estimates (below) that compile without spills, by warps per program: measured offline
-# for sm_90 with bench/offline_compile.py on every configuration listed here (and checked by
-# tests/kernels/test_sm90_build.py). With one warp group (4 warps), a 64 x 256 accumulator and its
-# 4-bit operand tiles (168) fit and an int8 activation tile split into halves beside them (200)
-# spills; with two warp groups a 128 x 256 int8 product (128) fits but its W4A4 form (152) spills,
-# as do chunked products over 128 x 128 tiles (192), whose scaling epilogue sits inside the loop.
-MAX_REGISTER_ESTIMATE = {4: 176, 8: 128}
+# Register estimates (below) that compile without spills, by architecture and warps per program:
+# measured offline with bench/offline_compile.py on every configuration listed here (sm_90 is
+# checked by tests/kernels/test_sm90_build.py). On sm_90 with one warp group (4 warps), a 64 x 256
+# accumulator and its 4-bit operand tiles (168) fit and an int8 activation tile split into halves
+# beside them (200) spills; with two warp groups a 128 x 256 int8 product (128) fits but its W4A4
+# form (152) spills, as do chunked products over 128 x 128 tiles (192), whose scaling epilogue sits
+# inside the loop. On sm_80/89 (mma.sync, all operands in registers) 128 accumulators per thread
+# spill at every bit width and 88 fit.
+MAX_REGISTER_ESTIMATE = {90: {4: 176, 8: 128}, 80: {2: 112, 4: 112, 8: 112}}
 
 
 def shared_memory_bytes(cfg: triton.Config, a_bits: int, w_bits: int) -> int:
@@ -365,9 +368,10 @@ def register_estimate(cfg: triton.Config, a_bits: int, w_bits: int, single_chunk
 def fits(cfg: triton.Config, a_bits: int, w_bits: int, single_chunk: bool, capability: int) -> bool:
     """Whether the configuration fits the device's shared memory and compiles without spills."""
     smem = SHARED_MEMORY_LIMIT.get(capability, SHARED_MEMORY_LIMIT[89])
+    registers = MAX_REGISTER_ESTIMATE[90 if capability >= 90 else 80]
     return (shared_memory_bytes(cfg, a_bits, w_bits) <= smem
             and register_estimate(cfg, a_bits, w_bits, single_chunk)
-            <= MAX_REGISTER_ESTIMATE.get(cfg.num_warps, min(MAX_REGISTER_ESTIMATE.values())))
+            <= registers.get(cfg.num_warps, min(registers.values())))
 
 
 def _narrowed(cfg: triton.Config, chunk: int, single_chunk: bool) -> triton.Config:

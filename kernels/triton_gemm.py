@@ -300,25 +300,21 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
 
 
 # Ampere / Ada (sm_80, sm_86, sm_89): int8 mma.sync m16n8k32, 164 KB (sm_80) or 100 KB (sm_86/89)
-# of shared memory per SM; 4-bit tiles take half the bytes of their int8 counterparts.
+# of shared memory per SM; 4-bit tiles take half the bytes of their int8 counterparts. Tiles of
+# 128 accumulators per thread spill (see MAX_REGISTER_ESTIMATE).
 SM80_CONFIGS = [
-    _config(128, 256, 128, 8, 3),
-    _config(256, 128, 128, 8, 3),
-    _config(128, 128, 128, 4, 4),
     _config(128, 128, 128, 8, 3),
     _config(64, 128, 128, 4, 4),
     _config(128, 64, 128, 4, 4),
     _config(64, 64, 128, 4, 5),
-    _config(128, 128, 64, 4, 4),
     _config(64, 64, 64, 2, 5),
     _config(64, 64, 64, 4, 5),
 ]
 
 # Hopper (sm_90): int8 wgmma wants a warp group (4 warps) per 64 rows and deep pipelines.
-# 256 x 128 tiles spill at every bit width.
+# 256 x 128 tiles spill at every bit width; 128 x 256 serves W8A8 only (see MAX_REGISTER_ESTIMATE).
 SM90_CONFIGS = [
     _config(128, 256, 128, 8, 4),
-    _config(128, 256, 256, 8, 3),
     _config(128, 128, 128, 4, 5),
     _config(128, 128, 256, 8, 4),
     _config(128, 128, 128, 8, 5),

@@ -282,13 +282,15 @@ _SIGNS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, torch.Tensor | Non
 def _signs(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """sign(rotation) [b, b] contiguous in dtype if the entries of rotation are all ±c (c > 0), else None."""
     key = (id(rotation), dtype)
+    # Inference tensors have no version counter; outside inference mode they cannot change.
+    version = -1 if rotation.is_inference() else rotation._version
     hit = _SIGNS.get(key)
-    if hit is not None and hit[0]() is rotation and hit[1] == rotation._version:
+    if hit is not None and hit[0]() is rotation and hit[1] == version:
         return hit[2]
     a = rotation.abs()
     plus_minus_c = bool((a == a[0, 0]).all()) and bool(a[0, 0] > 0)
     signs = torch.where(rotation > 0, 1.0, -1.0).to(dtype).contiguous() if plus_minus_c else None
-    _SIGNS[key] = (weakref.ref(rotation, lambda _, key=key: _SIGNS.pop(key, None)), rotation._version, signs)
+    _SIGNS[key] = (weakref.ref(rotation, lambda _, key=key: _SIGNS.pop(key, None)), version, signs)
     return signs
 
 

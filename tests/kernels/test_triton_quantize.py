@@ -28,6 +28,7 @@ from clq_compile.kernels.hadamard import normalized_hadamard, random_hadamard  #
 from tests.kernels.test_triton_kernels import (  # noqa: E402
     DTYPES,
     dyadic_activations,
+    dyadic_rotation,
     reference_quantized,
     stored_integers,
     transform_options,
@@ -138,6 +139,26 @@ def test_rotations_that_are_not_plus_minus_c_are_applied_by_the_reference_transf
     g = _generator(0)
     rotation = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0].float()
     x = torch.randn(9, 96, generator=g)
+    assert_equal_to_reference(x, 4, None, (None, None, rotation))
+
+
+@pytest.mark.parametrize("view", ["columns", "transposed"])
+def test_strided_activations(view):
+    g = _generator(1)
+    base = dyadic_activations(64, 96, 1, torch.bfloat16)
+    x = base[:, ::2] if view == "columns" else base[:48].t()
+    transform = (None, torch.randperm(x.shape[1], generator=g), dyadic_rotation(16))
+    assert_equal_to_reference(x, 4, None, transform)
+    assert_equal_to_reference(x, 8, 16, (None, None, None))
+
+
+def test_a_rotation_changed_in_place_is_seen():
+    x = dyadic_activations(5, 32, 2, torch.float32)
+    rotation = dyadic_rotation(16)
+    assert_equal_to_reference(x, 4, None, (None, None, rotation))
+    rotation[0] = -rotation[0]
+    assert_equal_to_reference(x, 4, None, (None, None, rotation))
+    rotation[1, 1] *= 0.5  # no longer ±c: the reference transform rotates
     assert_equal_to_reference(x, 4, None, (None, None, rotation))
 
 

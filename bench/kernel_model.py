@@ -124,7 +124,9 @@ def gemm_launch(m: int, n: int, k: int, a_bits: int, w_bits: int, target: str) -
                 w_scale_ptr=Pointer("fp32"), w_zero_ptr=None, bias_ptr=None, out_ptr=Pointer("bf16"),
                 M=m, N=n, K=k, stride_am=k * a_bits // 8, stride_wn=k * w_bits // 8, stride_asm=1,
                 stride_wsn=1, stride_om=n, A_GROUP=k, W_GROUP=k, CHUNK=k, SINGLE_CHUNK=True, A_BITS=a_bits,
-                W_BITS=w_bits, HAS_ZERO=False, HAS_BIAS=False)
+                W_BITS=w_bits, HAS_ZERO=False, HAS_BIAS=False, INTERPRET=False)
+    if hasattr(triton_gemm, "m_bucket"):  # the rewritten kernel keys its autotuner on a bucket of M
+        args["M_BUCKET"] = triton_gemm.m_bucket(m)
     autotuner = triton_gemm._quant_matmul_sm90 if target == "sm_90" else triton_gemm._quant_matmul_sm80
 
     def grid(cfg: triton.Config) -> int:

@@ -2,14 +2,15 @@
 
     binary = compile_kernel(kernel, args, "sm_90", config)
     binary.registers, binary.spill_bytes, binary.shared_bytes
-    sass = binary.sass()            # SassReport: the MMA instruction, the load kind, the loops
+    sass = binary.sass              # SassReport: the MMA instruction, the load kind, the loops
     sass.main_loop.count, sass.main_loop.int_alu_share
 
 Triton's wheel carries `ptxas`, `cuobjdump` and `nvdisasm`, so `triton.compile` of an `ASTSource`
 for a `GPUTarget` gives PTX and a cubin on any machine (DESIGN.md, section 6). This module mimics
 the JIT's specialization of a launch, so the binary is the one a GPU would run for those arguments:
 
-- `args` maps every kernel parameter to its value: `Pointer("bf16")` for a tensor (assumed 16-byte
+- `args` maps every kernel parameter to its value (other names are ignored, so one dict can serve
+  two versions of a kernel): `Pointer("bf16")` for a tensor (assumed 16-byte
   aligned, as torch allocations are), an int (a runtime i32; 1 becomes a constant and multiples of
   16 are marked divisible by 16, as the JIT does), a float (fp32), None (a constant None pointer),
   or the constant's value for a `tl.constexpr` parameter;
@@ -132,17 +133,26 @@ _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores")
 
 
+_BINARIES: dict[tuple, Binary] = {}
+
+
 def compile_kernel(kernel: Any, args: dict[str, Any], target: str,
                    config: triton.Config | None = None) -> Binary:
     """Compile `kernel` for `target` ("sm_80", "sm_89", "sm_90") as a launch with `args` and `config`.
 
     config: the meta-parameters and num_warps / num_stages (an autotune config), merged into args.
+    Launches that specialize alike (say two shapes that differ only in runtime ints) share one
+    binary: each distinct one is compiled once per process.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}; got {target!r}")
     if not have_toolchain():
         raise RuntimeError(f"this Triton wheel has no ptxas/cuobjdump in {NVIDIA_BIN}; offline compiles "
                            "need Triton's NVIDIA backend")
+    if knobs.runtime.interpret:
+        raise RuntimeError("offline compiles need a process without TRITON_INTERPRET=1 (under it Triton's own "
+                           "library is interpreted and cannot be compiled): run them in a subprocess, as "
+                           "tests/kernels/test_sm90_build.py runs bench/kernel_model.py")
     options, meta = {}, dict(args)
     if config is not None:
         meta.update(config.kwargs)
@@ -151,7 +161,14 @@ def compile_kernel(kernel: Any, args: dict[str, Any], target: str,
             options["maxnreg"] = config.maxnreg
     fn, meta = _innermost_jit(kernel, meta)
     signature, constants, attrs = _specialize(fn, meta)
-    src = ASTSource(fn, signature, constants, attrs)
+    key = (fn.cache_key, target, tuple(signature.items()), tuple(constants.items()), tuple(attrs),
+           tuple(sorted(options.items())))
+    if key not in _BINARIES:
+        _BINARIES[key] = _compile(fn, ASTSource(fn, signature, constants, attrs), target, options)
+    return _BINARIES[key]
+
+
+def _compile(fn: JITFunction, src: ASTSource, target: str, options: dict[str, int]) -> Binary:
     log = io.StringIO()
     # Triton prints ptxas' report only when it runs ptxas, so its cache is bypassed.
     with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log), \
@@ -188,6 +205,7 @@ class Binary:
     def fits_shared(self) -> bool:
         return self.shared_bytes <= self.target.shared_limit
 
+    @cached_property
     def sass(self) -> SassReport:
         """The disassembly of the cubin, parsed."""
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -324,21 +342,30 @@ class SassReport:
         """Instructions (whose base opcode is in `names`, default all) one thread executes, each loop's
         body repeated trips(loop) times (nested loops multiply). Branches not taken are counted too:
         an upper bound for code with rarely taken paths, such as a division's slow path."""
-        return self._executed(trips, lambda ins: names is None or ins.base in names)
+        return self._executed(trips, lambda ins: int(names is None or ins.base in names))
 
     def divisions(self, trips: Callable[[Loop], int]) -> int:
         """Divisions one thread executes (see DIVISION), loops repeated as in `executed`."""
-        return self._executed(trips, lambda ins: ins.opcode.startswith(DIVISION))
+        return self._executed(trips, lambda ins: int(ins.opcode.startswith(DIVISION)))
 
-    def _executed(self, trips: Callable[[Loop], int], selected: Callable[[Instruction], bool]) -> int:
+    def mma_macs(self, trips: Callable[[Loop], int], num_warps: int) -> dict[str, int]:
+        """Multiply-accumulates the whole block of num_warps warps executes, by MMA opcode."""
+        macs: dict[str, int] = {}
+        for opcode in {ins.opcode for ins in self.instructions if ins.base in MMA_OPCODES}:
+            m, n, k = mma_shape(opcode)
+            per_issue = m * n * k * (num_warps // _WARPS_PER_MMA[opcode.split(".")[0]])
+            macs[opcode] = per_issue * self._executed(trips, lambda ins: int(ins.opcode == opcode))
+        return macs
+
+    def _executed(self, trips: Callable[[Loop], int], weight: Callable[[Instruction], int]) -> int:
         total = 0
         for ins in self.instructions:
-            if selected(ins):
-                times = 1
+            w = weight(ins)
+            if w:
                 for loop in self.loops:
                     if loop.start <= ins.address <= loop.end:
-                        times *= trips(loop)
-                total += times
+                        w *= trips(loop)
+                total += w
         return total
 
     @cached_property

@@ -262,6 +262,19 @@ def _num_warps(elements: int) -> int:
     return min(max(elements // 2048, 4), 16)
 
 
+def launch_parameters(m: int, k: int, bits: int, group: int, rotation_block: int | None, has_mul: bool,
+                      has_perm: bool, split: int, sms: int) -> tuple[dict, int]:
+    """(the kernel's arguments other than tensors and strides, with num_warps and num_stages; the
+    number of programs) for x: [m, k] — what the wrapper launches, and what an offline compile of
+    the same launch needs. rotation_block: a fused rotation's block, else None; split: 1 or 3."""
+    p = plan(m, k, group, rotation_block, INTERPRETER_MAX_ELEMENTS if interpreted() else GPU_MAX_ELEMENTS, sms)
+    units = m * (k // p.unit)
+    meta = dict(units=units, NU=k // p.unit, U=p.unit, SEG=p.seg, NSUB=p.nsub, SPP=p.spp, SPP_PAD=p.spp_pad,
+                BR=p.br, BITS=bits, HAS_MUL=has_mul, HAS_PERM=has_perm, HAS_ROT=rotation_block is not None,
+                SPLIT=split, DOT_IN_FP32=interpreted(), num_warps=_num_warps(p.br * p.unit), num_stages=1)
+    return meta, triton.cdiv(units, p.units_per_program)
+
+
 def _multiprocessors(device: torch.device) -> int:
     """Programs that fill the device: its multiprocessor count (1 on the CPU, for the interpreter)."""
     if device.type != "cuda":
@@ -355,13 +368,8 @@ def quantize_activation_triton(x: torch.Tensor, bits: int, group: int | None = N
         else:
             # The reference rotates by R in float32: c is |R[0, 0]| in float32.
             act_rotation = act_rotation.to(torch.float32)
-    p = plan(m, k, g, None if signs is None else signs.shape[0],
-             INTERPRETER_MAX_ELEMENTS if interpreted() else GPU_MAX_ELEMENTS, _multiprocessors(x.device))
-    units = m * (k // p.unit)
-    grid = (triton.cdiv(units, p.units_per_program),)
-    _quantize_kernel[grid](x, act_mul, act_perm, act_rotation, signs, q, scale, units, x.stride(0), x.stride(1),
-                           NU=k // p.unit, U=p.unit, SEG=p.seg, NSUB=p.nsub, SPP=p.spp, SPP_PAD=p.spp_pad, BR=p.br,
-                           BITS=bits, HAS_MUL=act_mul is not None, HAS_PERM=act_perm is not None,
-                           HAS_ROT=signs is not None, SPLIT=split, DOT_IN_FP32=interpreted(),
-                           num_warps=_num_warps(p.br * p.unit), num_stages=1)
+    meta, programs = launch_parameters(m, k, bits, g, None if signs is None else signs.shape[0],
+                                       act_mul is not None, act_perm is not None, split, _multiprocessors(x.device))
+    _quantize_kernel[(programs,)](x, act_mul, act_perm, act_rotation, signs, q, scale, stride_xm=x.stride(0),
+                                  stride_xk=x.stride(1), **meta)
     return q, scale

@@ -229,31 +229,39 @@ class Plan:
         return triton.next_power_of_2(self.spp)
 
 
-def plan(m: int, k: int, group: int, rotation_block: int | None, max_elements: int, sms: int) -> Plan:
+def plan(m: int, k: int, group: int, rotation_block: int | None, min_elements: int, max_elements: int,
+         sms: int) -> Plan:
     """The tiling of x: [m, k] for groups of `group` channels and a fused rotation block (or None).
 
     The unit is the rotation block, or else the widest power of two dividing the group, up to 128.
-    BR (units per program, a power of two, at least one group and, with a rotation, the MIN_DOT rows
-    of a dot) holds at most max_elements values
-    where a group allows it. Among the BR that launch at least `sms` programs (all BR if none
-    does), the plan wastes the fewest padding units (to within 1/64) and, of those, takes the
-    largest BR.
+    BR (units per program, a power of two) holds at least one group, the MIN_DOT rows of a dot
+    with a rotation, at least min_elements values, and at most max_elements values where a group
+    allows it. The plan minimizes the units the busiest multiprocessor works through,
+    BR · ceil(programs / sms) (padding included: the kernel is issue-bound near its bandwidth
+    floor, and the programs on one multiprocessor share its issue slots); ties go to plans that
+    launch at least `sms` programs, then to the larger BR.
     """
     unit = rotation_block if rotation_block is not None else min(group & -group, 128)
     seg = max(group // unit, 1)
     nsub = max(unit // group, 1)
     units = m * (k // unit)
-    smallest = max(triton.next_power_of_2(seg), 1 if rotation_block is None else MIN_DOT)
+    smallest = max(triton.next_power_of_2(seg), triton.next_power_of_2(triton.cdiv(min_elements, unit)),
+                   1 if rotation_block is None else MIN_DOT)
     candidates = [Plan(unit, seg, nsub, br // seg, br)
                   for br in (smallest << i for i in range(32)) if br == smallest or br * unit <= max_elements]
-    filling = [c for c in candidates if triton.cdiv(units, c.units_per_program) >= sms] or candidates
-    least = min(c.waste for c in filling)
-    return max((c for c in filling if c.waste <= least + 1 / 64), key=lambda c: c.br)
+
+    def cost(c: Plan) -> tuple:
+        programs = triton.cdiv(units, c.units_per_program)
+        return triton.cdiv(programs, sms) * c.br, programs < sms, -c.br
+
+    return min(candidates, key=cost)
 
 
-# Values a program holds: 64 float32 registers per thread at 4 warps (the warp count grows with
-# the tile for wider groups). The interpreter runs every program in Python: small tiles, so the
-# tests' widths take several programs.
+# Values a program holds: 64 float32 registers per thread, 4 to 16 warps. Fewer values per thread
+# would repeat the per-row work (reductions, reciprocals) over fewer values; with 128-channel units
+# the minimum is also the 64 rows Hopper's wgmma takes per warp group (fewer fall back to mma.sync).
+# The interpreter runs every program in Python: small tiles, so the tests' widths take several.
+GPU_MIN_ELEMENTS = 8192
 GPU_MAX_ELEMENTS = 32768
 INTERPRETER_MAX_ELEMENTS = 256
 
@@ -267,7 +275,10 @@ def launch_parameters(m: int, k: int, bits: int, group: int, rotation_block: int
     """(the kernel's arguments other than tensors and strides, with num_warps and num_stages; the
     number of programs) for x: [m, k] — what the wrapper launches, and what an offline compile of
     the same launch needs. rotation_block: a fused rotation's block, else None; split: 1 or 3."""
-    p = plan(m, k, group, rotation_block, INTERPRETER_MAX_ELEMENTS if interpreted() else GPU_MAX_ELEMENTS, sms)
+    if interpreted():
+        p = plan(m, k, group, rotation_block, 1, INTERPRETER_MAX_ELEMENTS, sms)
+    else:
+        p = plan(m, k, group, rotation_block, GPU_MIN_ELEMENTS, GPU_MAX_ELEMENTS, sms)
     units = m * (k // p.unit)
     meta = dict(units=units, NU=k // p.unit, U=p.unit, SEG=p.seg, NSUB=p.nsub, SPP=p.spp, SPP_PAD=p.spp_pad,
                 BR=p.br, BITS=bits, HAS_MUL=has_mul, HAS_PERM=has_perm, HAS_ROT=rotation_block is not None,

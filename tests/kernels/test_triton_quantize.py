@@ -197,16 +197,18 @@ def test_plans_tile_whole_groups(m, k, group, rotation, sms):
     g = group or k
     if k % g or (rotation is not None and (k % rotation or (g % rotation and rotation % g))):
         return
-    p = triton_quantize.plan(m, k, g, rotation, triton_quantize.GPU_MAX_ELEMENTS, sms)
+    p = triton_quantize.plan(m, k, g, rotation, triton_quantize.GPU_MIN_ELEMENTS, triton_quantize.GPU_MAX_ELEMENTS, sms)
     assert p.unit & (p.unit - 1) == 0 and p.br & (p.br - 1) == 0
     assert (p.seg == 1 or p.nsub == 1) and p.seg * p.unit // p.nsub == g
     assert 1 <= p.spp and p.spp * p.seg <= p.br
     assert p.br * p.unit <= triton_quantize.GPU_MAX_ELEMENTS or p.spp == 1
+    assert p.br * p.unit >= triton_quantize.GPU_MIN_ELEMENTS
 
 
 @pytest.mark.parametrize("k, group", [(1152, None), (3072, None), (1152, 128)])
 def test_a_thousand_tokens_fill_an_h100(k, group):
-    p = triton_quantize.plan(1024, k, group or k, 128, triton_quantize.GPU_MAX_ELEMENTS, 132)
+    p = triton_quantize.plan(1024, k, group or k, 128, triton_quantize.GPU_MIN_ELEMENTS,
+                             triton_quantize.GPU_MAX_ELEMENTS, 132)
     assert -(-1024 * (k // p.unit) // p.units_per_program) >= 132
     assert p.waste <= 1 / 16
 

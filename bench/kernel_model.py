@@ -124,7 +124,9 @@ def gemm_launch(m: int, n: int, k: int, a_bits: int, w_bits: int, target: str) -
                 w_scale_ptr=Pointer("fp32"), w_zero_ptr=None, bias_ptr=None, out_ptr=Pointer("bf16"),
                 M=m, N=n, K=k, stride_am=k * a_bits // 8, stride_wn=k * w_bits // 8, stride_asm=1,
                 stride_wsn=1, stride_om=n, A_GROUP=k, W_GROUP=k, CHUNK=k, SINGLE_CHUNK=True, A_BITS=a_bits,
-                W_BITS=w_bits, HAS_ZERO=False, HAS_BIAS=False)
+                W_BITS=w_bits, HAS_ZERO=False, HAS_BIAS=False, INTERPRET=False)
+    if hasattr(triton_gemm, "m_bucket"):  # the rewritten kernel keys its autotuner on a bucket of M
+        args["M_BUCKET"] = triton_gemm.m_bucket(m)
     autotuner = triton_gemm._quant_matmul_sm90 if target == "sm_90" else triton_gemm._quant_matmul_sm80
 
     def grid(cfg: triton.Config) -> int:
@@ -288,6 +290,10 @@ def run(shapes: list[tuple[int, int, int]], targets: tuple[str, ...], variants: 
             for m, n, k in (shapes if target == "sm_90" else [OTHER_TARGETS_SHAPE])
             for launch in launches(m, n, k, target, variants)
             for cfg in autotune_configs(launch.autotuner, launch.args)[:1 if quick else None]]
+    # A quantize launch does not depend on N: shapes sharing M and K share it.
+    unique = {(target, launch.variant, launch.shape, json.dumps(_config_dict(cfg), sort_keys=True)): (target, launch, cfg)
+              for target, launch, cfg in jobs}
+    jobs = list(unique.values())
     binaries: dict[tuple, dict] = {}
     predictions = []
     compile_seconds: list[tuple[float, str]] = []
@@ -307,8 +313,8 @@ def run(shapes: list[tuple[int, int, int]], targets: tuple[str, ...], variants: 
                                     "M": launch.shape[0], "N": launch.shape[1], "K": launch.shape[2],
                                     "config": row["config"], "fits_shared": binary.fits_shared,
                                     **predict(launch, binary, cfg, gpu)})
-    return {"binaries": list(binaries.values()), "predictions": predictions,
-            "summary": summarize(predictions, shapes), "compile_seconds": sorted(compile_seconds, reverse=True)}
+    return {"binaries": list(binaries.values()), "summary": summarize(predictions, shapes),
+            "rankings": rankings(predictions), "compile_seconds": sorted(compile_seconds, reverse=True)}
 
 
 def summarize(predictions: list[dict], shapes: list[tuple[int, int, int]]) -> list[dict]:
@@ -325,6 +331,7 @@ def summarize(predictions: list[dict], shapes: list[tuple[int, int, int]]) -> li
             row = {"gpu": gpu.name, "M": m, "N": n, "K": k, "bf16_us": bf16,
                    "bf16_measured_rate_us": bf16_us(m, n, k, gpu, gpu.bf16_measured) if gpu.bf16_measured else None,
                    "kernels": {v: {"us": p["us"], "bound": p["bound"], "config": p["config"],
+                                   "clocks_per_program": p["clocks_per_program"], "programs": p["programs"],
                                    **{f: p[f] for f in ("fraction_of_int8_peak", "fraction_of_bandwidth_floor")
                                       if f in p}}
                                for v, p in best.items()}}
@@ -412,6 +419,70 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def build_facts(binaries: list[dict]) -> dict[str, str]:
+    """The sm_90 binaries in a few numbers: what tests/kernels/test_sm90_build.py checks, as ranges."""
+    sm90 = [b for b in binaries if b["target"] == "sm_90"]
+
+    def spread(values: list[float]) -> str:
+        return f"{min(values):g}–{max(values):g}" if values else "n/a"
+
+    gemm = {v: [b for b in sm90 if b["variant"] == v] for v in ("w4a4", "w8a8")}
+    rot = [b for b in sm90 if b["variant"] == "a4_rot128"]
+    plain = [b for b in sm90 if b["variant"] == "a4"]
+    return {
+        "GEMM W4A4 main loop, SASS instructions per 128 of K": spread(
+            [b["main_loop_instructions_per_k128"] for b in gemm["w4a4"] if "main_loop_instructions_per_k128" in b]),
+        "GEMM W8A8 main loop, SASS instructions per 128 of K": spread(
+            [b["main_loop_instructions_per_k128"] for b in gemm["w8a8"] if "main_loop_instructions_per_k128" in b]),
+        "GEMM configs that spill / compiled": f"{sum(1 for v in gemm.values() for b in v if b['spill_bytes'])} / "
+                                              f"{sum(len(v) for v in gemm.values())}",
+        "GEMM configs over 227 KB shared memory": str(sum(1 for v in gemm.values() for b in v if not b["fits_shared"])),
+        "quantize A4: instructions / divisions per element": f"{spread([b['instructions_per_element'] for b in plain])} / "
+                                                             f"{spread([b['divisions_per_element'] for b in plain])}",
+        "quantize A4 rot128: instructions / FFMA per element, MMA": (
+            f"{spread([b['instructions_per_element'] for b in rot])} / {spread([b['ffma_per_element'] for b in rot])}, "
+            + ", ".join(sorted({b["mma"] for b in rot}))),
+    }
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A markdown table of two results side by side: the headline per GPU and the sm_90 build facts."""
+    lines = ["| MODEL (not measured) | before | after |", "|---|---|---|"]
+    names = {"gemm_w4a4": "GEMM W4A4 × bf16", "gemm_w8a8": "GEMM W8A8 × bf16", "pair_w4a4": "quantize + GEMM W4A4 × bf16",
+             "pair_w4a4_rot128": "the same with rotation 128 × bf16",
+             "quantize_a4_vs_floor": "quantize A4: share of its bandwidth floor"}
+    for old, new in zip(before["headline"], after["headline"]):
+        for key, name in names.items():
+            lines.append(f"| {old['gpu']}: {name} | {old[key]} | {new[key]} |")
+    old_facts, new_facts = build_facts(before["binaries"]), build_facts(after["binaries"])
+    for name in old_facts:
+        lines.append(f"| sm_90: {name} | {old_facts[name]} | {new_facts[name]} |")
+    return "\n".join(lines) + "\n"
+
+
+def rankings(predictions: list[dict]) -> list[dict]:
+    """Per GPU, variant and shape: every config's predicted µs and limiter, fastest first."""
+    groups: dict[tuple, list] = {}
+    for p in predictions:
+        key = (p["gpu"], p["variant"], p["M"], p["N"], p["K"])
+        groups.setdefault(key, []).append([_config_text(p["config"]), p["us"], p["bound"]]
+                                          + ([] if p["fits_shared"] else ["does not fit"]))
+    return [{"gpu": g, "variant": v, "M": m, "N": n, "K": k, "configs": sorted(rows, key=lambda r: r[1])}
+            for (g, v, m, n, k), rows in groups.items()]
+
+
+def json_text(result: dict[str, Any]) -> str:
+    """The result as JSON, one list item per line."""
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, list):
+            items = ",\n  ".join(json.dumps(item, ensure_ascii=False) for item in value)
+            parts.append(f" {json.dumps(key)}: [\n  {items}\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def _shapes(text: str) -> list[tuple[int, int, int]]:
     try:
         shapes = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
@@ -430,7 +501,13 @@ def main() -> int:
     parser.add_argument("--shapes", type=_shapes, help="M,N,K;M,N,K... instead of the DiT shape set")
     parser.add_argument("--output", default="kernel-model", help="results name in bench/results (no suffix)")
     parser.add_argument("--json", type=Path, help="write only the JSON, to this path (for tests)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                        help="print a markdown table of two results (JSON files) and exit")
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(path.read_text()) for path in args.compare)
+        print(compare(before, after), end="")
+        return 0
     targets = tuple(t.strip() for t in args.targets.split(","))
     variants = tuple(v.strip() for v in args.variants.split(","))
     if "sm_90" not in targets or any(t not in TARGETS for t in targets):
@@ -446,10 +523,10 @@ def main() -> int:
               "triton": triton.__version__, "machine": machine_info(), "constants": constants(),
               "headline": headline(result["summary"]), **result, "seconds": round(elapsed, 1)}
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.write_text(json_text(result))
         return 0
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.output}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.output}.json").write_text(json_text(result))
     (RESULTS / f"{args.output}.md").write_text(markdown(result))
     for h in result["headline"]:
         print(f"{h['gpu']}: GEMM W4A4 {h['gemm_w4a4']} bf16, quantize+GEMM {h['pair_w4a4']}, "

@@ -9,7 +9,8 @@ Triton's wheel carries `ptxas`, `cuobjdump` and `nvdisasm`, so `triton.compile` 
 for a `GPUTarget` gives PTX and a cubin on any machine (DESIGN.md, section 6). This module mimics
 the JIT's specialization of a launch, so the binary is the one a GPU would run for those arguments:
 
-- `args` maps every kernel parameter to its value: `Pointer("bf16")` for a tensor (assumed 16-byte
+- `args` maps every kernel parameter to its value (other names are ignored, so one dict can serve
+  two versions of a kernel): `Pointer("bf16")` for a tensor (assumed 16-byte
   aligned, as torch allocations are), an int (a runtime i32; 1 becomes a constant and multiples of
   16 are marked divisible by 16, as the JIT does), a float (fp32), None (a constant None pointer),
   or the constant's value for a `tl.constexpr` parameter;

@@ -4,15 +4,15 @@
     python bench/kernel_model.py --quick         # one config per kernel, two shapes
     python bench/kernel_model.py --output kernel-model-before
 
-Every shipped autotune configuration of the activation-quantize kernel and of the integer GEMM (the
-configs each kernel module lists, after its own pruning, for each launch) is compiled for sm_90 at
-every shape, and for sm_80 and sm_89 at one (K = 3072), with Triton's bundled ptxas
-(bench/offline_compile.py: no GPU needed); each distinct binary once. From each binary:
-registers, spills, shared memory, the MMA instruction, the load kind, and the main loop's instruction
-count and integer share. For sm_90 a roofline-plus-issue-rate model (`predict`) turns the binary and
-the launch into a predicted time on an H100 and an H200 from published rates (constants below, each
-with its source), compared with bf16 at the same shape. The configuration the model ranks first
-stands for what autotuning would pick.
+Every shipped configuration of the integer GEMM (the autotune list of kernels/triton_gemm.py after its
+own pruning, for each launch) and the tiling kernels/triton_quantize.py plans for each quantize launch
+(`launch_parameters`) is compiled with Triton's bundled ptxas (bench/offline_compile.py: no GPU
+needed), for sm_90 at every shape and for sm_80 and sm_89 at one (K = 3072); each distinct binary
+once. From each binary: registers, spills, shared memory, the MMA instruction, the load kind, and the
+main loop's instruction count and integer share. For sm_90 a roofline-plus-issue-rate model
+(`predict`) turns the binary and the launch into a predicted time on an H100 and an H200 from
+published rates (constants below, each with its source), compared with bf16 at the same shape. The
+configuration the model ranks first stands for what autotuning would pick.
 
 Shapes: M in {1024, 4096, 16384} tokens x (N, K) of PixArt / DiT-XL (width 1152: attention, fused
 qkv, MLP up and down) and Flux (width 3072: attention, MLP up and down).
@@ -99,22 +99,23 @@ WARP = 32
 class Launch:
     """One kernel launch the model compiles: the arguments its Python wrapper would pass.
 
-    kernel: the @triton.jit kernel compiled (heuristics included); autotuner: the autotuned kernel
-    whose configs (after its pruning) are shipped for this launch; grid(config): programs launched;
-    trips(loop, binary, config): how often one program runs a loop of its SASS; elements: the
-    activations one program quantizes (quantize kernels, for per-element figures; else 0).
+    jit: the @triton.jit kernel compiled (heuristics included); configs: those the kernel module
+    ships for this launch (an autotuner's list after its own pruning, or the one tiling a launch
+    plan picks); grid(config): programs launched; trips(loop, binary, config): how often one program
+    runs a loop of its SASS; elements(config): the activations one program quantizes (quantize
+    kernels, for per-element figures; 0 for GEMMs).
     """
 
     kernel: str  # "quantize" or "gemm"
     variant: str
     shape: tuple[int, int, int]  # M, N, K
     jit: Any
-    autotuner: Any
+    configs: list[triton.Config]
     args: dict[str, Any]
     grid: Callable[[triton.Config], int]
     trips: Callable[[Loop, Binary, triton.Config], int]
     hbm_bytes: int
-    elements: Callable[[triton.Config], int]
+    elements: Callable[[triton.Config], float]
 
 
 def gemm_launch(m: int, n: int, k: int, a_bits: int, w_bits: int, target: str) -> Launch:
@@ -124,9 +125,7 @@ def gemm_launch(m: int, n: int, k: int, a_bits: int, w_bits: int, target: str) -
                 w_scale_ptr=Pointer("fp32"), w_zero_ptr=None, bias_ptr=None, out_ptr=Pointer("bf16"),
                 M=m, N=n, K=k, stride_am=k * a_bits // 8, stride_wn=k * w_bits // 8, stride_asm=1,
                 stride_wsn=1, stride_om=n, A_GROUP=k, W_GROUP=k, CHUNK=k, SINGLE_CHUNK=True, A_BITS=a_bits,
-                W_BITS=w_bits, HAS_ZERO=False, HAS_BIAS=False, INTERPRET=False)
-    if hasattr(triton_gemm, "m_bucket"):  # the rewritten kernel keys its autotuner on a bucket of M
-        args["M_BUCKET"] = triton_gemm.m_bucket(m)
+                W_BITS=w_bits, HAS_ZERO=False, HAS_BIAS=False, M_BUCKET=triton_gemm.m_bucket(m))
     autotuner = triton_gemm._quant_matmul_sm90 if target == "sm_90" else triton_gemm._quant_matmul_sm80
 
     def grid(cfg: triton.Config) -> int:
@@ -140,40 +139,46 @@ def gemm_launch(m: int, n: int, k: int, a_bits: int, w_bits: int, target: str) -
         return math.ceil(k / (macs // (cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])))
 
     hbm = m * k * a_bits // 8 + n * k * w_bits // 8 + 2 * m * n + 4 * (m + n)
-    return Launch("gemm", f"w{w_bits}a{a_bits}", (m, n, k), triton_gemm._quant_matmul_kernel, autotuner, args,
-                  grid, trips, hbm, lambda cfg: 0)
+    return Launch("gemm", f"w{w_bits}a{a_bits}", (m, n, k), triton_gemm._quant_matmul_kernel,
+                  autotune_configs(autotuner, args), args, grid, trips, hbm, lambda cfg: 0)
 
 
-def quantize_launch(m: int, k: int, bits: int, rotation: int | None) -> Launch:
+# Multiprocessors the quantize kernel's launch plan fills: 132 on H100 / H200, 108 on A100 (A100
+# whitepaper), 142 on L40S (L40S datasheet: 18,176 CUDA cores, 128 per SM).
+PLAN_SMS = {"sm_90": 132, "sm_80": 108, "sm_89": 142}
+# Arguments of the quantize launch that say what is computed rather than how it is tiled.
+_QUANTIZE_CHOICES = ("units", "BITS", "HAS_MUL", "HAS_PERM", "HAS_ROT", "SPLIT", "DOT_IN_FP32")
+
+
+def quantize_launch(m: int, k: int, bits: int, rotation: int | None, target: str) -> Launch:
     """quantize_activation_triton of kernels/triton_quantize.py on bf16 x [m, k], per-token scales,
-    optionally the block rotation of `rotation` channels. HBM: x read once, q and scales written once."""
-    r = rotation or k
+    optionally the block rotation of `rotation` channels. The kernel module's `launch_parameters`
+    gives the one tiling it ships for the launch (its config). HBM: x read once, q and scales
+    written once."""
+    meta, programs = triton_quantize.launch_parameters(m, k, bits, k, rotation, False, False, 1, PLAN_SMS[target])
+    tiling = {key: value for key, value in meta.items()
+              if key not in _QUANTIZE_CHOICES and key not in ("num_warps", "num_stages")}
+    cfg = triton.Config(tiling, num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     args = dict(x_ptr=Pointer("bf16"), mul_ptr=None, perm_ptr=None,
-                rot_ptr=Pointer("fp32") if rotation else None, q_ptr=Pointer("u8" if bits == 4 else "i8"),
-                scale_ptr=Pointer("fp32"), M=m, K=k, R=r, stride_xm=k, stride_xk=1, GROUP=k, BITS=bits,
-                HAS_MUL=False, HAS_PERM=False, HAS_ROT=rotation is not None,
-                ROT_PRECISION=triton_quantize.ROT_PRECISION,
-                BLOCK_R=max(triton.next_power_of_2(r), 16) if rotation else 16)
-
-    def grid(cfg: triton.Config) -> int:
-        return triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * (k // args["GROUP"])
+                rot_ptr=Pointer("fp32") if rotation else None, signs_ptr=Pointer("bf16") if rotation else None,
+                q_ptr=Pointer("u8" if bits == 4 else "i8"), scale_ptr=Pointer("fp32"), stride_xm=k, stride_xk=1,
+                **{key: meta[key] for key in _QUANTIZE_CHOICES if key in meta})
 
     def trips(loop: Loop, binary: Binary, cfg: triton.Config) -> int:
-        # Each loop of the kernel walks one group in BLOCK_K-wide tiles (one pass, or two).
-        return max(args["GROUP"] // cfg.kwargs["BLOCK_K"], 1)
+        # A program holds its whole tile in registers: no loop runs more than once per element.
+        return 1
 
     variant = f"a{bits}" + (f"_rot{rotation}" if rotation else "")
-    hbm = 2 * m * k + m * k * bits // 8 + 4 * m * (k // args["GROUP"])
-    return Launch("quantize", variant, (m, 0, k), triton_quantize._quantize_kernel,
-                  triton_quantize._quantize_autotuned, args, grid, trips, hbm,
-                  lambda cfg: cfg.kwargs["BLOCK_M"] * args["GROUP"])
+    hbm = 2 * m * k + m * k * bits // 8 + 4 * m
+    return Launch("quantize", variant, (m, 0, k), triton_quantize._quantize_kernel, [cfg], args,
+                  lambda cfg: programs, trips, hbm, lambda cfg: m * k / programs)
 
 
 def launches(m: int, n: int, k: int, target: str, variants: tuple[str, ...] = VARIANTS) -> list[Launch]:
     """The kernels of a W4A4 layer (quantize with and without CLQ's online rotation, GEMM) and the
     W8A8 GEMM of the same template for comparison, those named in `variants`."""
-    build = {"a4": lambda: quantize_launch(m, k, 4, None),
-             "a4_rot128": lambda: quantize_launch(m, k, 4, ROTATION_BLOCK),
+    build = {"a4": lambda: quantize_launch(m, k, 4, None, target),
+             "a4_rot128": lambda: quantize_launch(m, k, 4, ROTATION_BLOCK, target),
              "w4a4": lambda: gemm_launch(m, n, k, 4, 4, target), "w8a8": lambda: gemm_launch(m, n, k, 8, 8, target)}
     return [build[v]() for v in variants]
 
@@ -289,7 +294,7 @@ def run(shapes: list[tuple[int, int, int]], targets: tuple[str, ...], variants: 
     jobs = [(target, launch, cfg) for target in targets
             for m, n, k in (shapes if target == "sm_90" else [OTHER_TARGETS_SHAPE])
             for launch in launches(m, n, k, target, variants)
-            for cfg in autotune_configs(launch.autotuner, launch.args)[:1 if quick else None]]
+            for cfg in launch.configs[:1 if quick else None]]
     # A quantize launch does not depend on N: shapes sharing M and K share it.
     unique = {(target, launch.variant, launch.shape, json.dumps(_config_dict(cfg), sort_keys=True)): (target, launch, cfg)
               for target, launch, cfg in jobs}
@@ -434,9 +439,9 @@ def build_facts(binaries: list[dict]) -> dict[str, str]:
             [b["main_loop_instructions_per_k128"] for b in gemm["w4a4"] if "main_loop_instructions_per_k128" in b]),
         "GEMM W8A8 main loop, SASS instructions per 128 of K": spread(
             [b["main_loop_instructions_per_k128"] for b in gemm["w8a8"] if "main_loop_instructions_per_k128" in b]),
-        "GEMM configs that spill / compiled": f"{sum(1 for v in gemm.values() for b in v if b['spill_bytes'])} / "
+        "GEMM (config, K) builds that spill / all": f"{sum(1 for v in gemm.values() for b in v if b['spill_bytes'])} / "
                                               f"{sum(len(v) for v in gemm.values())}",
-        "GEMM configs over 227 KB shared memory": str(sum(1 for v in gemm.values() for b in v if not b["fits_shared"])),
+        "GEMM (config, K) builds over 227 KB shared memory": str(sum(1 for v in gemm.values() for b in v if not b["fits_shared"])),
         "quantize A4: instructions / divisions per element": f"{spread([b['instructions_per_element'] for b in plain])} / "
                                                              f"{spread([b['divisions_per_element'] for b in plain])}",
         "quantize A4 rot128: instructions / FFMA per element, MMA": (

@@ -296,8 +296,8 @@ def run(shapes: list[tuple[int, int, int]], targets: tuple[str, ...], variants: 
             for launch in launches(m, n, k, target, variants)
             for cfg in launch.configs[:1 if quick else None]]
     # A quantize launch does not depend on N: shapes sharing M and K share it.
-    unique = {(target, launch.variant, launch.shape, json.dumps(_config_dict(cfg), sort_keys=True)): (target, launch, cfg)
-              for target, launch, cfg in jobs}
+    unique = {(target, launch.variant, launch.shape, json.dumps(_config_dict(cfg), sort_keys=True)):
+              (target, launch, cfg) for target, launch, cfg in jobs}
     jobs = list(unique.values())
     binaries: dict[tuple, dict] = {}
     predictions = []
@@ -385,7 +385,8 @@ def markdown(result: dict[str, Any]) -> str:
              "the roofline-plus-issue-rate model of `predict` in bench/kernel_model.py from published rates; "
              "measurements from `bench/kernels.py` on a GPU replace them wherever they exist.", "",
              "## Headline: predicted ratio to bf16 (higher is faster; range over shapes; best config that fits)", "",
-             "| GPU | GEMM W4A4 | GEMM W8A8 | quantize+GEMM W4A4 | W4A4 + rotation 128 | quantize A4: share of bandwidth floor |",
+             "| GPU | GEMM W4A4 | GEMM W8A8 | quantize+GEMM W4A4 | W4A4 + rotation 128 | "
+             "quantize A4: share of bandwidth floor |",
              "|---|---|---|---|---|---|"]
     for h in result["headline"]:
         lines.append(f"| {h['gpu']} | {h['gemm_w4a4']} | {h['gemm_w8a8']} | {h['pair_w4a4']} | {h['pair_w4a4_rot128']} "
@@ -405,7 +406,8 @@ def markdown(result: dict[str, Any]) -> str:
             gemm = (f"{ks['w4a4']['us']:.1f} ({100 * ks['w4a4']['fraction_of_int8_peak']:.0f} %, "
                     f"{ks['w4a4']['bound']})" if "w4a4" in ks else "—")
             lines.append(f"| {r['M']} | {r['N']} | {r['K']} | {r['bf16_us']:.1f} | {us('a4')} | {us('a4_rot128')} | "
-                         f"{gemm} | {us('w8a8')} | " + " | ".join(f"{pr[p]:.2f}" if p in pr else "—" for p in PAIRS) + " |")
+                         f"{gemm} | {us('w8a8')} | "
+                         + " | ".join(f"{pr[p]:.2f}" if p in pr else "—" for p in PAIRS) + " |")
     lines += ["", "## Binaries (offline compile)", "",
               "Main loop: the innermost SASS loop holding the MMAs (GEMM) or the longest one; per K128: its "
               "instructions per 128 channels of K. Per element (quantize): instructions, FFMAs and divisions "
@@ -441,9 +443,11 @@ def build_facts(binaries: list[dict]) -> dict[str, str]:
             [b["main_loop_instructions_per_k128"] for b in gemm["w8a8"] if "main_loop_instructions_per_k128" in b]),
         "GEMM (config, K) builds that spill / all": f"{sum(1 for v in gemm.values() for b in v if b['spill_bytes'])} / "
                                               f"{sum(len(v) for v in gemm.values())}",
-        "GEMM (config, K) builds over 227 KB shared memory": str(sum(1 for v in gemm.values() for b in v if not b["fits_shared"])),
-        "quantize A4: instructions / divisions per element": f"{spread([b['instructions_per_element'] for b in plain])} / "
-                                                             f"{spread([b['divisions_per_element'] for b in plain])}",
+        "GEMM (config, K) builds over 227 KB shared memory": str(
+            sum(1 for v in gemm.values() for b in v if not b["fits_shared"])),
+        "quantize A4: instructions / divisions per element": (
+            f"{spread([b['instructions_per_element'] for b in plain])} / "
+            f"{spread([b['divisions_per_element'] for b in plain])}"),
         "quantize A4 rot128: instructions / FFMA per element, MMA": (
             f"{spread([b['instructions_per_element'] for b in rot])} / {spread([b['ffma_per_element'] for b in rot])}, "
             + ", ".join(sorted({b["mma"] for b in rot}))),
@@ -453,7 +457,8 @@ def build_facts(binaries: list[dict]) -> dict[str, str]:
 def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
     """A markdown table of two results side by side: the headline per GPU and the sm_90 build facts."""
     lines = ["| MODEL (not measured) | before | after |", "|---|---|---|"]
-    names = {"gemm_w4a4": "GEMM W4A4 × bf16", "gemm_w8a8": "GEMM W8A8 × bf16", "pair_w4a4": "quantize + GEMM W4A4 × bf16",
+    names = {"gemm_w4a4": "GEMM W4A4 × bf16", "gemm_w8a8": "GEMM W8A8 × bf16",
+             "pair_w4a4": "quantize + GEMM W4A4 × bf16",
              "pair_w4a4_rot128": "the same with rotation 128 × bf16",
              "quantize_a4_vs_floor": "quantize A4: share of its bandwidth floor"}
     for old, new in zip(before["headline"], after["headline"]):

@@ -67,11 +67,13 @@ def test_instruction_kinds():
     assert sass.mma == "IGMMA.64x128x32.S8.S8"
     assert sass.mma_family == "IGMMA"
     assert sass.load_kind == "cp.async"
-    assert SassReport.parse(listing((0x0, "UTMALDG.2D [UR8], [UR4]"), (0x10, "LDGSTS [R1], [R2.64]"))).load_kind == "TMA"
+    tma = listing((0x0, "UTMALDG.2D [UR8], [UR4]"), (0x10, "LDGSTS [R1], [R2.64]"))
+    assert SassReport.parse(tma).load_kind == "TMA"
     assert SassReport.parse(listing((0x0, "LDG.E.128 R4, desc[UR4][R2.64]"))).load_kind == "plain"
 
 
-@pytest.mark.parametrize("opcode, shape", [("IGMMA.64x128x32.S8.S8", (64, 128, 32)), ("IMMA.16832.S8.S8.SAT", (16, 8, 32)),
+@pytest.mark.parametrize("opcode, shape", [("IGMMA.64x128x32.S8.S8", (64, 128, 32)),
+                                           ("IMMA.16832.S8.S8.SAT", (16, 8, 32)),
                                            ("HMMA.16816.F32.BF16", (16, 8, 16)), ("HMMA.1688.F32.TF32", (16, 8, 8))])
 def test_mma_shape(opcode, shape):
     assert offline_compile.mma_shape(opcode) == shape

@@ -4,7 +4,7 @@ y = Q(T(x)) · Ŵᵀ + bias, where T is the layer's online activation transform 
 multiplier, channel permutation, block rotation; each optional), Q dynamic symmetric quantization
 per token or per group, and Ŵ the stored quantized weight. The integer product is accumulated
 exactly in int32, chunk by chunk where groups need separate scales; scales and zero-point
-corrections are applied in float32 afterwards.
+corrections are applied in float32 afterwards (`scale_product`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,24 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), b.t().contiguous())
 
 
+def scale_product(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """float32 [M, N] = acc · a_scale[:, None] · w_scale[None, :], with no overflow on the way.
+
+    acc: int32 [M, N]; a_scale: float32 [M]; w_scale: float32 [N]. Activations near the float32
+    limit have scales near 1e37 / qmax, so acc · a_scale can overflow where the product with the
+    (small) weight scale is finite. a_scale = m · p is split exactly into m in [1, 2) and its
+    power of two p, and ((acc · m) · w_scale) · p is computed: scaling by a power of two commutes
+    with rounding, so this equals (acc · a_scale) · w_scale bit for bit wherever that has no
+    overflow or underflow. Zero, subnormal and non-finite scales are used as they are (p = 1).
+    """
+    bits = a_scale.view(torch.int32)
+    exponent = bits & 0x7F800000
+    normal = (exponent != 0) & (exponent != 0x7F800000)
+    m = torch.where(normal, ((bits & -0x7F800001) | 0x3F800000).view(torch.float32), a_scale)
+    p = torch.where(normal, exponent.view(torch.float32), torch.ones_like(a_scale))
+    return acc.float() * m[:, None] * w_scale[None, :] * p[:, None]
+
+
 def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                            w_zero: torch.Tensor | None, bias: torch.Tensor | None,
                            act_mul: torch.Tensor | None, act_perm: torch.Tensor | None,
@@ -75,7 +93,7 @@ def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torc
             if w_zero is not None:
                 rowsum = xc.sum(dim=1, dtype=torch.int32)
                 acc = acc - rowsum[:, None] * w_zero[:, c0 // wg].to(torch.int32)[None, :]
-            out += acc.float() * xa.scale[:, c0 // ag, None] * w_scale[None, :, c0 // wg]
+            out += scale_product(acc, xa.scale[:, c0 // ag], w_scale[:, c0 // wg])
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*lead, n)

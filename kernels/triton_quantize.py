@@ -1,16 +1,38 @@
 """Triton kernel for dynamic activation quantization with the online transform fused in.
 
-One pass over x computes T(x) = (x * act_mul)[:, act_perm] @ blockdiag(act_rotation, ...) (each part
-optional, see `transform_activation` in kernels/reference.py), a symmetric scale per token or per
-`group` channels, and the rounded integers, packed two per byte for 4 bits (the nibble layout of
-kernels/packing.py). The arithmetic follows `quantize_activation` operation by operation in float32
-(correctly rounded divisions, ties to even), so the integers and scales equal the reference's
-whenever T(x) does; T(x) itself can differ in the last bit where a rotation sums in another order.
+The kernel reads x once and writes the integers and scales once. It sees x: [M, K] as M·K/U *units*:
+U consecutive channels of one token (U a power of two; unit r is token r // (K/U), channels
+(r mod K/U)·U ...). A program holds a run of whole units in registers: SPP quantization groups of
+SEG units each (a group wider than a unit, e.g. a per-token scale over K = 1152 = 9·128), or units
+of NSUB groups each (a group narrower than a unit). Per unit it computes
+
+    T(x) = (x * act_mul)[:, act_perm] @ blockdiag(R, ...)          (each part optional)
+
+(`transform_activation` in kernels/reference.py), a symmetric scale per group, and the rounded
+integers, packed two per byte for 4 bits (the nibble layout of kernels/packing.py).
+
+The fused rotation is a block R of U = b channels whose entries are all ±c (every Hadamard
+rotation, normalized or randomized): T(x) = c · (x @ sign(R)). sign(R) is exact in bfloat16/float16,
+so x @ sign(R) runs on tensor cores with float32 accumulation; x is split into one (bfloat16/float16
+input) or three (float32 input or a multiplier) bfloat16 parts whose sum is exactly x, so every
+product is exact. Other rotations (not ±c, blocks that are not powers of two from 16 to
+MAX_FUSED_ROTATION channels, or blocks that neither hold whole groups nor lie inside one) are
+applied by `transform_activation` first, and the kernel quantizes T(x).
+
+The quantization follows `quantize_activation` bit for bit on T(x), without a division per value:
+scale = max(absmax / qmax, MIN_SCALE), where absmax / qmax is a multiplication by RN(1 / qmax)
+and one exact-residual correction (two fmas: Markstein's theorem makes the result the correctly
+rounded quotient); one correctly rounded division per group gives 1 / scale; per value,
+y = v · (1 / scale) corrected the same way is RN(v / scale), and adding 1.5·2^23 rounds it to the
+nearest integer, ties to even. T(x) itself can differ from the reference in the last bit where a
+rotation sums in another order. A NaN in a group makes its scale NaN (GPU min/max drop NaN, so
+the maximum propagates it explicitly).
 """
 
 from __future__ import annotations
 
-import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -18,178 +40,290 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from .quantize import MIN_SCALE
+from .reference import transform_activation
 
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
+# 1.5 · 2^23: for |y| < 2^22, y + ROUNDER rounds y to an integer n (ties to even) and holds it in
+# the low mantissa bits: the float's bits are 0x4B400000 + n.
+_ROUNDER = tl.constexpr(12582912.0)
+
+# Largest rotation block fused in the kernel: the ±1 matrix of a 128-channel block is 32 KiB of
+# shared memory in bfloat16.
+MAX_FUSED_ROTATION = 128
+# tl.dot multiplies matrices of at least 16 rows and columns.
+MIN_DOT = 16
 
 
 @triton.jit
-def _round_half_even(y):
-    """Round float32 y to the nearest integer, ties to even (torch.round), as int32.
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
-    libdevice's rint is not available in the interpreter, so it is built from floor: for
-    a = |y| < 2^24, a - floor(a) is exact, which makes the tie test exact too.
+
+@triton.jit
+def _split_bfloat16(v):
+    """Three float32 tensors, each exactly a bfloat16, that sum to v exactly (truncated significands).
+
+    An infinite v is its own hi, with rest 0 (not inf - inf); a NaN stays NaN.
     """
-    # Anything past 2^24 is clamped to the quantizer's range afterwards anyway; the cap keeps the
-    # int32 conversion defined.
-    a = tl.minimum(tl.abs(y), 16777216.0)
-    f = tl.floor(a)
-    frac = a - f
-    fi = f.to(tl.int32)
-    up = (frac > 0.5) | ((frac == 0.5) & ((fi & 1) == 1))
-    r = fi + up.to(tl.int32)
-    return tl.where(y < 0, -r, r)
+    hi = (v.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    rest = tl.where(hi == v, 0.0, v - hi)
+    mid = (rest.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return hi, mid, rest - mid
 
 
 @triton.jit
-def _load_channels(x_ptr, mul_ptr, perm_ptr, rows, row_mask, chans, chan_mask, stride_xm, stride_xk,
-                   HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr):
-    """float32 [rows, chans] of (x * act_mul)[:, act_perm] at output channels `chans`; 0 where masked."""
-    if HAS_PERM:
-        src = tl.load(perm_ptr + chans, mask=chan_mask, other=0)
+def _rotate(v, rot_ptr, signs_ptr, U: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """float32 [BR, U]: v @ R for a rotation block R [U, U] whose entries are all ±c, as c · (v @ sign(R)).
+
+    v: [BR, U] in x's dtype (SPLIT 1: bfloat16/float16, the dot's operand type) or float32 (SPLIT 3).
+    signs: sign(R) [U, U], contiguous, in the dot's operand type (float32 when DOT_IN_FP32).
+    """
+    i = tl.arange(0, U)
+    signs = tl.load(signs_ptr + i[:, None] * U + i[None, :])
+    c = tl.abs(tl.load(rot_ptr))
+    if SPLIT == 1:
+        acc = tl.dot(v.to(signs.dtype), signs, input_precision="ieee" if DOT_IN_FP32 else None)
     else:
-        src = chans
-    offsets = rows.to(tl.int64)[:, None] * stride_xm + src[None, :] * stride_xk
-    v = tl.load(x_ptr + offsets, mask=row_mask[:, None] & chan_mask[None, :], other=0.0).to(tl.float32)
+        parts = _split_bfloat16(v)
+        acc = tl.zeros([v.shape[0], U], tl.float32)
+        for p in tl.static_range(3):
+            acc = tl.dot(parts[p].to(signs.dtype), signs, acc, input_precision="ieee" if DOT_IN_FP32 else None)
+    return acc * c
+
+
+@triton.jit
+def _load_units(x_ptr, mul_ptr, perm_ptr, token, unit, valid, stride_xm, stride_xk, U: tl.constexpr,
+                HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr):
+    """[BR, U] of (x * act_mul)[:, act_perm] at units (token, unit): x's dtype, or float32 with
+    a multiplier or SPLIT 3; 0 where not valid."""
+    chans = unit[:, None] * U + tl.arange(0, U)[None, :]
+    if HAS_PERM:
+        chans = tl.load(perm_ptr + chans, mask=valid[:, None], other=0)
+    v = tl.load(x_ptr + token.to(tl.int64)[:, None] * stride_xm + chans * stride_xk, mask=valid[:, None],
+                other=0.0)
     if HAS_MUL:
-        v = v * tl.load(mul_ptr + src, mask=chan_mask, other=0.0).to(tl.float32)[None, :]
+        v = v.to(tl.float32) * tl.load(mul_ptr + chans, mask=valid[:, None], other=0.0).to(tl.float32)
+    elif SPLIT != 1:
+        v = v.to(tl.float32)
     return v
 
 
 @triton.jit
-def _transformed_tile(x_ptr, mul_ptr, perm_ptr, rot_ptr, rows, row_mask, k0, K, R, stride_xm, stride_xk,
-                      HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr,
-                      ROT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """float32 [rows, BLOCK_K]: columns k0 .. k0 + BLOCK_K of T(x), inside one rotation block."""
-    if HAS_ROT:
-        # An output column of a rotation block depends on all R input channels of that block, so the
-        # whole block is loaded (padded to a power of two) and multiplied by the tile's columns of R.
-        r0 = (k0 // R) * R
-        i = tl.arange(0, BLOCK_R)
-        v = _load_channels(x_ptr, mul_ptr, perm_ptr, rows, row_mask, r0 + i, i < R, stride_xm, stride_xk,
-                           HAS_MUL, HAS_PERM)
-        c = (k0 - r0) + tl.arange(0, BLOCK_K)
-        rot = tl.load(rot_ptr + i[:, None] * R + c[None, :], mask=(i < R)[:, None], other=0.0)
-        return tl.dot(v, rot, input_precision=ROT_PRECISION)
-    else:
-        c = k0 + tl.arange(0, BLOCK_K)
-        return _load_channels(x_ptr, mul_ptr, perm_ptr, rows, row_mask, c, c < K, stride_xm, stride_xk,
-                              HAS_MUL, HAS_PERM)
+def _group_absmax(a, BR: tl.constexpr, U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr,
+                  SPP_PAD: tl.constexpr):
+    """|T(x)| a: [BR, U] -> [BR, NSUB], the maximum over each unit's group (NaN if the group has one).
+
+    SEG > 1: a group is SEG consecutive units (local units s·SEG ... (s+1)·SEG - 1 form group s).
+    """
+    m = tl.reduce(tl.reshape(a, [BR, NSUB, U // NSUB]), 2, _max_keeping_nan)
+    if SEG > 1:
+        # Group s gathers its units into row s of [SPP_PAD, SEG_PAD] (indices past its end repeat
+        # a unit of the program, which leaves a maximum unchanged), then each unit gathers its
+        # group's maximum back. Padding units read a group of their own that is never stored.
+        SEG_PAD: tl.constexpr = triton.next_power_of_2(SEG)
+        s = tl.arange(0, SPP_PAD)[:, None]
+        t = tl.arange(0, SEG_PAD)[None, :]
+        members = tl.reshape(tl.minimum(s * SEG + tl.minimum(t, SEG - 1), BR - 1), [SPP_PAD * SEG_PAD])
+        gathered = tl.reshape(tl.gather(tl.reshape(m, [BR]), members, 0), [SPP_PAD, SEG_PAD])
+        per_group = tl.reduce(gathered, 1, _max_keeping_nan)
+        m = tl.gather(per_group, tl.minimum(tl.arange(0, BR) // SEG, SPP_PAD - 1), 0)[:, None]
+    return m
 
 
 @triton.jit
-def _store_quantized(v, scale, q_ptr, rows, row_mask, k0, K, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """Quantize the tile v [BLOCK_M, BLOCK_K] with per-row `scale`; store it at columns k0 .. k0 + BLOCK_K."""
-    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-    q = _round_half_even(tl.math.div_rn(v, scale[:, None]))
-    q = tl.minimum(tl.maximum(q, -QMAX - 1), QMAX)
-    rows64 = rows.to(tl.int64)
-    if BITS == 4:
-        even, odd = tl.split(tl.reshape(q, [BLOCK_M, BLOCK_K // 2, 2]))
-        byte = (even & 0xF) | ((odd & 0xF) << 4)
-        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        tl.store(q_ptr + rows64[:, None] * (K // 2) + cols[None, :], byte.to(tl.uint8),
-                 mask=row_mask[:, None])
-    else:
-        cols = k0 + tl.arange(0, BLOCK_K)
-        tl.store(q_ptr + rows64[:, None] * K + cols[None, :], q.to(tl.int8), mask=row_mask[:, None])
+def _quantized_integers(v, scale, recip):
+    """round(v / scale) in the low 8 bits of an int32 (two's complement), given recip = 1 / scale
+    (both correctly rounded), for |v| <= absmax.
+
+    The reference then clamps to [-qmax - 1, qmax]; that never binds: scale >= RN(absmax / qmax)
+    gives |v / scale| <= qmax · (1 + 2^-23) < qmax + 1/2.
+    """
+    y = v * recip
+    y = tl.fma(tl.fma(-y, scale, v), recip, y)
+    # ROUNDER's own bits are 0 below bit 22, so the low byte is the integer's.
+    return (y + _ROUNDER).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _scale_from_absmax(absmax, BITS: tl.constexpr):
-    """float32 scale = max(absmax / qmax, MIN_SCALE), the reference's operations in its order."""
+def _divide_by_qmax(a, BITS: tl.constexpr):
+    """RN(a / qmax) for a >= 2^-126 (smaller a end below MIN_SCALE anyway) with one multiplication by
+    RN(1 / qmax) and the exact-residual correction, instead of a division."""
     QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-    return tl.maximum(tl.math.div_rn(absmax, QMAX), _MIN_SCALE)
+    RECIP: tl.constexpr = 1.0 / QMAX
+    q = a * RECIP
+    # An infinite a leaves q infinite, and its residual would be inf - inf.
+    return tl.where(q == float("inf"), q, tl.fma(tl.fma(q, -1.0 * QMAX, a), RECIP, q))
+
+
+@triton.jit
+def _per_channel(s, BR: tl.constexpr, U: tl.constexpr, NSUB: tl.constexpr):
+    """[BR, NSUB] per-group values -> [BR, U], each repeated over its group's channels."""
+    return tl.reshape(tl.broadcast_to(s[:, :, None], [BR, NSUB, U // NSUB]), [BR, U])
 
 
 # Contract:
 #   x:     [M, K] float32/float16/bfloat16, any strides
 #   mul:   [K] float (HAS_MUL), indexed by input channel
 #   perm:  int64 [K] (HAS_PERM), output channel j reads input channel perm[j]
-#   rot:   float32 [R, R] contiguous (HAS_ROT), applied to each of the K // R blocks of channels
+#   rot:   [U, U] (HAS_ROT), entries all ±c, applied to every unit; only |rot[0, 0]| = c is read
+#   signs: sign(rot) [U, U] contiguous, the dot's operand type
 #   q:     uint8 [M, K // 2] (BITS 4, element 2j in the low nibble) or int8 [M, K] (BITS 8), contiguous
-#   scale: float32 [M, K // GROUP], contiguous
-# Grid: (cdiv(M, BLOCK_M), K // GROUP). BLOCK_K divides GROUP and, with a rotation, R; BLOCK_R is
-# the next power of two >= R.
+#   scale: float32 [M, K // group], contiguous
+# Grid: (cdiv(units, SPP·SEG),) with units = M·NU, NU = K // U. A program takes the SPP·SEG units
+# from pid·SPP·SEG (BR >= SPP·SEG, a power of two). Group width: U // NSUB (SEG = 1) or SEG·U.
 @triton.jit
-def _quantize_kernel(x_ptr, mul_ptr, perm_ptr, rot_ptr, q_ptr, scale_ptr, M, K, R, stride_xm, stride_xk,
-                     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr,
-                     HAS_ROT: tl.constexpr, ROT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    g = tl.program_id(1)
-    g0 = g * GROUP
-    if GROUP == BLOCK_K:
-        v = _transformed_tile(x_ptr, mul_ptr, perm_ptr, rot_ptr, rows, row_mask, g0, K, R, stride_xm,
-                              stride_xk, HAS_MUL, HAS_PERM, HAS_ROT, ROT_PRECISION, BLOCK_K, BLOCK_R)
-        scale = _scale_from_absmax(tl.max(tl.abs(v), axis=1), BITS)
-        _store_quantized(v, scale, q_ptr, rows, row_mask, g0, K, BITS, BLOCK_M, BLOCK_K)
+def _quantize_kernel(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, q_ptr, scale_ptr, units, stride_xm,
+                     stride_xk, NU: tl.constexpr, U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr,
+                     SPP: tl.constexpr, SPP_PAD: tl.constexpr, BR: tl.constexpr, BITS: tl.constexpr,
+                     HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr, SPLIT: tl.constexpr,
+                     DOT_IN_FP32: tl.constexpr):
+    local = tl.arange(0, BR)
+    r = tl.program_id(0) * (SPP * SEG) + local
+    valid = (local < SPP * SEG) & (r < units)
+    token = r // NU
+    v = _load_units(x_ptr, mul_ptr, perm_ptr, token, r - token * NU, valid, stride_xm, stride_xk, U,
+                    HAS_MUL, HAS_PERM, SPLIT)
+    if HAS_ROT:
+        v = _rotate(v, rot_ptr, signs_ptr, U, SPLIT, DOT_IN_FP32)
     else:
-        # The group is wider than what fits in registers: one pass for the scale, a second one that
-        # recomputes the transform (cheaper than a round trip of T(x) through global memory).
-        absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(g0, g0 + GROUP, BLOCK_K):
-            v = _transformed_tile(x_ptr, mul_ptr, perm_ptr, rot_ptr, rows, row_mask, k0, K, R, stride_xm,
-                                  stride_xk, HAS_MUL, HAS_PERM, HAS_ROT, ROT_PRECISION, BLOCK_K, BLOCK_R)
-            absmax = tl.maximum(absmax, tl.max(tl.abs(v), axis=1))
-        scale = _scale_from_absmax(absmax, BITS)
-        for k0 in range(g0, g0 + GROUP, BLOCK_K):
-            v = _transformed_tile(x_ptr, mul_ptr, perm_ptr, rot_ptr, rows, row_mask, k0, K, R, stride_xm,
-                                  stride_xk, HAS_MUL, HAS_PERM, HAS_ROT, ROT_PRECISION, BLOCK_K, BLOCK_R)
-            _store_quantized(v, scale, q_ptr, rows, row_mask, k0, K, BITS, BLOCK_M, BLOCK_K)
-    tl.store(scale_ptr + rows.to(tl.int64) * (K // GROUP) + g, scale, mask=row_mask)
+        v = v.to(tl.float32)
+    absmax = _group_absmax(tl.abs(v), BR, U, SEG, NSUB, SPP_PAD)
+    scale = tl.maximum(_divide_by_qmax(absmax, BITS), _MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    q = _quantized_integers(v, _per_channel(scale, BR, U, NSUB), _per_channel(recip, BR, U, NSUB))
+    r64 = r.to(tl.int64)
+    if BITS == 4:
+        even, odd = tl.split(tl.reshape(q, [BR, U // 2, 2]))
+        packed = ((even & 0xF) | ((odd & 0xF) << 4)).to(tl.uint8)
+        tl.store(q_ptr + r64[:, None] * (U // 2) + tl.arange(0, U // 2)[None, :], packed, mask=valid[:, None])
+    else:
+        tl.store(q_ptr + r64[:, None] * U + tl.arange(0, U)[None, :], q.to(tl.int8), mask=valid[:, None])
+    if SEG > 1:
+        first = valid & (local % SEG == 0)
+        tl.store(scale_ptr + r64[:, None] // SEG, scale, mask=first[:, None])
+    else:
+        tl.store(scale_ptr + r64[:, None] * NSUB + tl.arange(0, NSUB)[None, :], scale, mask=valid[:, None])
 
 
-def _config(block_m: int, block_k: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=warps, num_stages=1)
+@dataclass(frozen=True)
+class Plan:
+    """How the kernel tiles x: [M, K] for one group width (see the kernel's contract)."""
+
+    unit: int
+    seg: int
+    nsub: int
+    spp: int
+    br: int
+
+    @property
+    def units_per_program(self) -> int:
+        return self.spp * self.seg
+
+    @property
+    def waste(self) -> float:
+        """The share of the BR units that pad."""
+        return 1 - self.units_per_program / self.br
+
+    @property
+    def spp_pad(self) -> int:
+        return triton.next_power_of_2(self.spp)
 
 
-# GPU configurations, chosen among those that compile without register spills for sm_80, sm_89 and
-# sm_90 (per-token groups of 1152 and 3072 channels; compiled, not yet timed). With a rotation every
-# program holds an R x BLOCK_K slice of it besides the activations, so tiles are narrower.
-ROTATION_CONFIGS = [_config(8, 32, 4), _config(16, 32, 4), _config(16, 32, 8), _config(8, 64, 8),
-                    _config(32, 64, 8)]
-PLAIN_CONFIGS = [_config(8, 128, 4), _config(16, 128, 4), _config(16, 128, 8), _config(32, 128, 8),
-                 _config(32, 64, 4), _config(64, 64, 8), _config(64, 32, 4)]
+def plan(m: int, k: int, group: int, rotation_block: int | None, min_elements: int, max_elements: int,
+         sms: int) -> Plan:
+    """The tiling of x: [m, k] for groups of `group` channels and a fused rotation block (or None).
+
+    The unit is the rotation block, or else the widest power of two dividing the group, up to 128.
+    BR (units per program, a power of two) holds at least one group, the MIN_DOT rows of a dot
+    with a rotation, at least min_elements values, and at most max_elements values where a group
+    allows it. The plan minimizes the units the busiest multiprocessor works through,
+    BR · ceil(programs / sms) (padding included: the kernel is issue-bound near its bandwidth
+    floor, and the programs on one multiprocessor share its issue slots); ties go to plans that
+    launch at least `sms` programs, then to the larger BR.
+    """
+    unit = rotation_block if rotation_block is not None else min(group & -group, 128)
+    seg = max(group // unit, 1)
+    nsub = max(unit // group, 1)
+    units = m * (k // unit)
+    smallest = max(triton.next_power_of_2(seg), triton.next_power_of_2(triton.cdiv(min_elements, unit)),
+                   1 if rotation_block is None else MIN_DOT)
+    candidates = [Plan(unit, seg, nsub, br // seg, br)
+                  for br in (smallest << i for i in range(32)) if br == smallest or br * unit <= max_elements]
+
+    def cost(c: Plan) -> tuple:
+        programs = triton.cdiv(units, c.units_per_program)
+        return triton.cdiv(programs, sms) * c.br, programs < sms, -c.br
+
+    return min(candidates, key=cost)
 
 
-def _widest_tile(group: int, rotation_block: int | None) -> int:
-    """The widest power of two a tile can span: it lies inside one group and one rotation block."""
-    span = group if rotation_block is None else math.gcd(group, rotation_block)
-    return span & -span
+# Values a program holds: 64 float32 registers per thread, 4 to 16 warps. Fewer values per thread
+# would repeat the per-row work (reductions, reciprocals) over fewer values; with 128-channel units
+# the minimum is also the 64 rows Hopper's wgmma takes per warp group (fewer fall back to mma.sync).
+# The interpreter runs every program in Python: small tiles, so the tests' widths take several.
+GPU_MIN_ELEMENTS = 8192
+GPU_MAX_ELEMENTS = 32768
+INTERPRETER_MAX_ELEMENTS = 256
 
 
-def _fit_to_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configurations for this transform, with BLOCK_K narrowed to the widest tile it allows."""
-    widest = _widest_tile(kwargs["GROUP"], named_args["R"] if kwargs["HAS_ROT"] else None)
-    fitted, seen = [], set()
-    for cfg in ROTATION_CONFIGS if kwargs["HAS_ROT"] else PLAIN_CONFIGS:
-        kw = dict(cfg.kwargs, BLOCK_K=min(cfg.kwargs["BLOCK_K"], widest))
-        key = (tuple(sorted(kw.items())), cfg.num_warps)
-        if key not in seen:
-            seen.add(key)
-            fitted.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return fitted
+def _num_warps(elements: int) -> int:
+    return min(max(elements // 2048, 4), 16)
 
 
-_quantize_autotuned = triton.autotune(
-    ROTATION_CONFIGS + PLAIN_CONFIGS, key=["M", "K", "R", "GROUP", "BITS", "HAS_ROT", "HAS_PERM"],
-    prune_configs_by={"early_config_prune": _fit_to_tile})(_quantize_kernel)
+def launch_parameters(m: int, k: int, bits: int, group: int, rotation_block: int | None, has_mul: bool,
+                      has_perm: bool, split: int, sms: int) -> tuple[dict, int]:
+    """(the kernel's arguments other than tensors and strides, with num_warps and num_stages; the
+    number of programs) for x: [m, k] — what the wrapper launches, and what an offline compile of
+    the same launch needs. rotation_block: a fused rotation's block, else None; split: 1 or 3."""
+    if interpreted():
+        p = plan(m, k, group, rotation_block, 1, INTERPRETER_MAX_ELEMENTS, sms)
+    else:
+        p = plan(m, k, group, rotation_block, GPU_MIN_ELEMENTS, GPU_MAX_ELEMENTS, sms)
+    units = m * (k // p.unit)
+    meta = dict(units=units, NU=k // p.unit, U=p.unit, SEG=p.seg, NSUB=p.nsub, SPP=p.spp, SPP_PAD=p.spp_pad,
+                BR=p.br, BITS=bits, HAS_MUL=has_mul, HAS_PERM=has_perm, HAS_ROT=rotation_block is not None,
+                SPLIT=split, DOT_IN_FP32=interpreted(), num_warps=_num_warps(p.br * p.unit), num_stages=1)
+    return meta, triton.cdiv(units, p.units_per_program)
 
-# The interpreter runs every program in Python: one small configuration, with tiles narrow enough
-# that the tests' widths take several of them per group.
-INTERPRETER_BLOCK_M = 32
-INTERPRETER_MAX_BLOCK_K = 32
 
-# Float32 rotation on GPUs: "ieee" multiplies exactly as the reference does; "tf32x3" would be faster
-# and is a tuning candidate once measured against the reference.
-ROT_PRECISION = "ieee"
+def _multiprocessors(device: torch.device) -> int:
+    """Programs that fill the device: its multiprocessor count (1 on the CPU, for the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def interpreted() -> bool:
     """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
     return isinstance(_quantize_kernel, InterpretedFunction)
+
+
+# sign(R) of the fused rotations, per rotation tensor, its version and the dot's operand type: the
+# check that R's entries are all ±c synchronizes with the device, so it runs once per rotation.
+_SIGNS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, torch.Tensor | None]] = {}
+
+
+def _signs(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """sign(rotation) [b, b] contiguous in dtype if the entries of rotation are all ±c (c > 0), else None."""
+    key = (id(rotation), dtype)
+    # Inference tensors have no version counter; outside inference mode they cannot change.
+    version = -1 if rotation.is_inference() else rotation._version
+    hit = _SIGNS.get(key)
+    if hit is not None and hit[0]() is rotation and hit[1] == version:
+        return hit[2]
+    a = rotation.abs()
+    plus_minus_c = bool((a == a[0, 0]).all()) and bool(a[0, 0] > 0)
+    signs = torch.where(rotation > 0, 1.0, -1.0).to(dtype).contiguous() if plus_minus_c else None
+    _SIGNS[key] = (weakref.ref(rotation, lambda _, key=key: _SIGNS.pop(key, None)), version, signs)
+    return signs
+
+
+def _fused_signs(act_rotation: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """sign(act_rotation) when the kernel applies act_rotation [b, b] itself, else None."""
+    b = act_rotation.shape[0]
+    if MIN_DOT <= b <= MAX_FUSED_ROTATION and b & (b - 1) == 0 and (group % b == 0 or b % group == 0):
+        return _signs(act_rotation, dtype)
+    return None
 
 
 def quantize_activation_triton(x: torch.Tensor, bits: int, group: int | None = None,
@@ -220,36 +354,33 @@ def quantize_activation_triton(x: torch.Tensor, bits: int, group: int | None = N
             raise ValueError(f"{name} must have shape [{k}]; got {tuple(t.shape)}")
     if act_perm is not None and act_perm.dtype != torch.int64:
         raise ValueError(f"act_perm must be int64; got {act_perm.dtype}")
-    r = k
     if act_rotation is not None:
         r = act_rotation.shape[0]
         if act_rotation.dim() != 2 or act_rotation.shape[1] != r or k % r:
             raise ValueError(f"act_rotation must be square [b, b] with b dividing {k}; got "
                              f"{tuple(act_rotation.shape)}")
-        act_rotation = act_rotation.to(torch.float32).contiguous()
     tensors = [t for t in (x, act_mul, act_perm, act_rotation) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError("x, act_mul, act_perm and act_rotation must be on the same device")
 
-    tile = _widest_tile(g, r if act_rotation is not None else None)
-    if bits == 4 and tile < 2:
-        raise ValueError(f"4-bit packing needs tiles of an even width; the group {g} and rotation "
-                         f"block {r} have no common even divisor")
     q = torch.empty(m, k // 2 if bits == 4 else k, dtype=torch.uint8 if bits == 4 else torch.int8,
                     device=x.device)
     scale = torch.empty(m, k // g, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    args = (x, act_mul, act_perm, act_rotation, q, scale, m, k, r, x.stride(0), x.stride(1))
-    # Rotation blocks above 256 channels work, but their padded [BLOCK_M, BLOCK_R] tile spills
-    # registers on GPUs.
-    meta = dict(GROUP=g, BITS=bits, HAS_MUL=act_mul is not None, HAS_PERM=act_perm is not None,
-                HAS_ROT=act_rotation is not None, ROT_PRECISION=ROT_PRECISION,
-                BLOCK_R=max(triton.next_power_of_2(r), 16) if act_rotation is not None else 16)
-    if interpreted():
-        grid = (triton.cdiv(m, INTERPRETER_BLOCK_M), k // g)
-        _quantize_kernel[grid](*args, **meta, BLOCK_M=INTERPRETER_BLOCK_M,
-                               BLOCK_K=min(tile, INTERPRETER_MAX_BLOCK_K))
-    else:
-        _quantize_autotuned[lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), k // g)](*args, **meta)
+    split = 1 if act_mul is None and x.dtype != torch.float32 else 3
+    signs = None
+    if act_rotation is not None:
+        operand = torch.float32 if interpreted() else x.dtype if split == 1 else torch.bfloat16
+        signs = _fused_signs(act_rotation, g, operand)
+        if signs is None:
+            x = transform_activation(x.float(), act_mul, act_perm, act_rotation)
+            act_mul = act_perm = act_rotation = None
+        else:
+            # The reference rotates by R in float32: c is |R[0, 0]| in float32.
+            act_rotation = act_rotation.to(torch.float32)
+    meta, programs = launch_parameters(m, k, bits, g, None if signs is None else signs.shape[0],
+                                       act_mul is not None, act_perm is not None, split, _multiprocessors(x.device))
+    _quantize_kernel[(programs,)](x, act_mul, act_perm, act_rotation, signs, q, scale, stride_xm=x.stride(0),
+                                  stride_xk=x.stride(1), **meta)
     return q, scale

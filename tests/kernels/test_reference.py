@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from clq_compile.kernels.hadamard import normalized_hadamard
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize, quantize_activation
-from clq_compile.kernels.reference import int_matmul, transform_activation
+from clq_compile.kernels.reference import int_matmul, scale_product, transform_activation
 
 
 @st.composite
@@ -90,3 +90,41 @@ def test_unknown_kernel_choice_is_refused():
     with pytest.raises(ValueError, match="kernels must be one of"):
         torch.ops.clq.quant_linear(torch.randn(2, 8), p.qweight, p.scale, None, None, None, None,
                                    None, 8, 8, 8, 0, 0, "cuda-magic")
+
+
+def test_activations_near_the_float32_limit_give_finite_outputs():
+    # x·w is finite, but the int32 accumulator times the activation scale (~1e37 / 127) is not.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=g) * 1e37
+    w = torch.randn(8, 64, generator=g) / 8
+    for bits in (4, 8):
+        case = dict(x=x, w=w, bias=None, w_group=None, a_group=None, transform={}, w_bits=bits, a_bits=bits,
+                    symmetric=True)
+        out, wq = run_op(case)
+        assert torch.isfinite(out).all()
+        xq = quantize_activation(x, bits).dequantize().double()
+        expected = xq @ wq.dequantize().double().t()
+        magnitude = xq.abs() @ wq.dequantize().double().abs().t()
+        assert ((out.double() - expected).abs() <= 1e-5 * magnitude).all()
+
+
+def float32_between(lo: float, hi: float):
+    return st.floats(torch.tensor(lo).item(), torch.tensor(hi).item(), width=32)
+
+
+@given(st.integers(-2**31 + 1, 2**31 - 1), float32_between(1e-12, 1e37), float32_between(1e-12, 1e3))
+def test_scale_product_equals_the_plain_product_wherever_that_is_finite(acc, a_scale, w_scale):
+    # Bit for bit: the fix for the overflow changes no result that did not overflow.
+    acc_t = torch.tensor([[acc]], dtype=torch.int32)
+    a_t, w_t = torch.tensor([a_scale]), torch.tensor([w_scale])
+    plain = acc_t.float() * a_t[:, None] * w_t[None, :]
+    if torch.isfinite(acc_t.float() * a_t[:, None]).all():
+        assert torch.equal(scale_product(acc_t, a_t, w_t), plain)
+
+
+@pytest.mark.parametrize("a_scale", [float("nan"), float("inf"), 0.0, 1e-40])
+def test_scale_product_of_special_scales_is_the_plain_product(a_scale):
+    acc_t = torch.tensor([[3, 0, -5]], dtype=torch.int32)
+    a_t, w_t = torch.tensor([a_scale]), torch.tensor([0.5, 2.0, 1e-3])
+    expected = acc_t.float() * a_t[:, None] * w_t[None, :]
+    torch.testing.assert_close(scale_product(acc_t, a_t, w_t), expected, equal_nan=True, rtol=0, atol=0)

@@ -54,7 +54,7 @@ OTHER_TARGETS_SHAPE = (4096, 3072, 3072)
 TARGETS = ("sm_90", "sm_80", "sm_89")
 # a4: the W4A4 activation quantize; a4_rot128: with CLQ's online block rotation; w4a4 / w8a8: GEMMs.
 VARIANTS = ("a4", "a4_rot128", "w4a4", "w8a8")
-ROTATION_BLOCK = 128  # CLQ's default block Hadamard (DESIGN.md, section 3.5)
+ROTATION_BLOCK = 128  # CLQ's default block Hadamard (README, Options: hadamard_block)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Gpu:
 # 1979 with sparsity), HBM3 3.35 TB/s (H100) and HBM3e 4.8 TB/s (H200); 132 SMs (H100 whitepaper,
 # SXM5). The clock is the one both tensor rates imply: 989.4e12 / (132 SMs x 4096 dense bf16 flop per
 # SM per clock) = 1.83 GHz. bf16 measured: 790 TFLOP/s for an 8192^3 bf16 matmul on this project's
-# H200 (DESIGN.md, section 6). TF32 runs at half the bf16 rate (datasheet: 495 TFLOP/s dense).
+# H200 in an earlier GPU session. TF32 runs at half the bf16 rate (datasheet: 495 TFLOP/s dense).
 H100 = Gpu("H100 SXM", 132, 1.83e9, 1979e12, 989e12, None, 3.35e12)
 H200 = Gpu("H200 SXM", 132, 1.83e9, 1979e12, 989e12, 790e12, 4.8e12)
 GPUS = (H100, H200)
@@ -353,7 +353,7 @@ def constants() -> dict[str, Any]:
             "sfu_lanes_per_sm": SFU_LANES, "warp_issue_per_clock_per_sm": WARP_ISSUE_PER_CLOCK,
             "sources": "H100 SXM5 / H200 SXM datasheets (dense tensor rates, HBM bandwidth), H100 "
                        "whitepaper (132 SMs), CUDA C++ Programming Guide throughput table (cc 9.0), "
-                       "DESIGN.md section 6 (790 TFLOP/s bf16 measured on an H200); see bench/kernel_model.py"}
+                       "790 TFLOP/s bf16 measured on this project's H200 (8192^3 matmul); see bench/kernel_model.py"}
 
 
 def _range(values: list[float]) -> str:

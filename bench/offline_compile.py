@@ -6,7 +6,7 @@
     sass.main_loop.count, sass.main_loop.int_alu_share
 
 Triton's wheel carries `ptxas`, `cuobjdump` and `nvdisasm`, so `triton.compile` of an `ASTSource`
-for a `GPUTarget` gives PTX and a cubin on any machine (DESIGN.md, section 6). This module mimics
+for a `GPUTarget` gives PTX and a cubin on any machine, no GPU needed. This module mimics
 the JIT's specialization of a launch, so the binary is the one a GPU would run for those arguments:
 
 - `args` maps every kernel parameter to its value (other names are ignored, so one dict can serve

@@ -4,9 +4,15 @@ Precondition: `gm` is the FX graph Dynamo hands a backend, with every parameter 
 user's module lifted to a placeholder (`node.meta["grapharg"]`), and `example_inputs` the matching
 live tensors.
 Postcondition: a `GraphAnalysis` listing the placeholders (parameter, buffer or input, with the
-module path of each parameter), every `F.linear` whose weight is a parameter (its module path,
+model-absolute path of each parameter), every `F.linear` whose weight is a parameter (its module path,
 role and transformer block), and a networkx view of which linear feeds which. The graph itself
 is not changed.
+
+Paths come from tensor identity, not from the frame's source names: after a graph break inside a
+submodule Dynamo resumes in a frame whose `self` is that submodule, and its sources read
+`L['self']._modules['attn1']...` — relative to the block, the same for every block. The caller
+passes `names` ({id(tensor): path} from the user's root module); a source name is used only for
+a tensor the root does not hold.
 """
 
 from __future__ import annotations
@@ -160,16 +166,24 @@ class GraphAnalysis:
         return next(s for s in self.sites if s.node == node)
 
 
-def _placeholders(gm: fx.GraphModule, example_inputs: list) -> list[Placeholder]:
+def module_names(module: torch.nn.Module) -> dict[int, str]:
+    """{id(tensor): dotted path} of every parameter and buffer of `module` (first name of a tied one)."""
+    names: dict[int, str] = {}
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        names.setdefault(id(t), name)
+    return names
+
+
+def _placeholders(gm: fx.GraphModule, example_inputs: list, names: dict[int, str]) -> list[Placeholder]:
     found = []
     for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         grapharg = node.meta.get("grapharg")
         source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
-        path = source_path(source)
         example = example_inputs[index] if index < len(example_inputs) else None
+        path = names.get(id(example), source_path(source)) if isinstance(example, torch.Tensor) else None
         if isinstance(example, torch.nn.Parameter) and path is not None:
             kind = "parameter"
-        elif path is not None and "_buffers" in source:
+        elif path is not None and (id(example) in names or "_buffers" in source):
             kind = "buffer"
         else:
             kind, path = "input", None
@@ -197,9 +211,30 @@ def _dataflow(gm: fx.GraphModule, site_nodes: dict[str, LinearSite]) -> nx.DiGra
     return graph
 
 
-def capture(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
-    """Describe `gm` (see the module docstring). Pure: `gm` is not modified."""
-    placeholders = _placeholders(gm, example_inputs)
+def capture(gm: fx.GraphModule, example_inputs: list, names: dict[int, str] | None = None) -> GraphAnalysis:
+    """Describe `gm` (see the module docstring). Pure: `gm` is not modified.
+
+    names: {id(tensor): path} of the user's root module (`module_names`); without it, paths are
+    read from the sources, which is right only when Dynamo traced the root's own forward.
+    """
+    return _analyse(gm, _placeholders(gm, example_inputs, names or {}), example_inputs)
+
+
+def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: dict[int, str]) -> GraphAnalysis:
+    """The analysis of `gm` called with other parameters and buffers (`tensors`, in graph input order).
+
+    Dynamo passes parameters as graph inputs and guards on shapes, not on identity, so one graph
+    traced in block 0's frame also runs block 1 with block 1's parameters. Each binding is a
+    different set of layers: the paths are read again, by identity, from `names`. Dynamo's
+    source metadata is gone by now, which identity does not need.
+    """
+    placeholders = [p if p.kind == "input" else Placeholder(p.name, p.index, p.kind, path, path)
+                    for p in analysis.placeholders
+                    for path in [names.get(id(tensors[p.index]), p.path)]]
+    return _analyse(gm, placeholders, tensors)
+
+
+def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs: list) -> GraphAnalysis:
     by_name = {p.name: p for p in placeholders}
     sites: list[LinearSite] = []
     blocks: list[str] = []

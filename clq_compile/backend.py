@@ -15,9 +15,11 @@ import warnings
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from clq_compile.passes.capture import GraphAnalysis, capture, rebind
+from clq_compile.passes.structure import GraphContext
 
 from .options import Options, parse_options
 from .state import CompiledGraph, ModelState, state_for_graph, state_for_module
@@ -28,10 +30,15 @@ log = logging.getLogger("clq_compile")
 def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None):
     """Dynamo backend entry point (registered as "clq" through the torch_dynamo_backends entry point)."""
     opts = parse_options(options)
-    module = calling_module() or traced_module(gm)
+    root, call_inputs, batch = compiled_call()
+    frame_module = traced_module(gm)
+    module = root or frame_module
     state = (state_for_module(module, opts) if module is not None else
              state_for_graph([t for t in example_inputs if isinstance(t, torch.nn.Parameter)], opts))
-    analysis = capture(gm, example_inputs, state.parameter_names())
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    returns = (frame_module is not None and frame_module is (state.root() if state.root else None)
+               and reason is not None and not reason.graph_break)
+    analysis = capture(gm, example_inputs, state.parameter_names(), GraphContext(call_inputs, returns, batch))
     if not analysis.sites:
         warnings.warn(
             "clq: this graph has no linear layers with parameter weights; it runs unquantized.",
@@ -83,21 +90,26 @@ class BoundGraphs:
         return graph(*args)
 
 
-def calling_module() -> torch.nn.Module | None:
-    """The user's module behind the `torch.compile` call being traced, or None.
+def compiled_call() -> tuple[torch.nn.Module | None, frozenset[int], int | None]:
+    """The user's module behind the `torch.compile` call being traced, the ids of the tensors it
+    was called with and the call's batch size (their smallest leading dimension); (None, empty,
+    None) when not found.
 
     After a graph break inside a submodule Dynamo traces that submodule's frame on its own, so the
     traced frame's `self` is not the model. The compiled module (`OptimizedModule`) is still on
-    the Python stack below the frame being traced; its `_orig_mod` is the model the paths are
-    relative to.
+    the Python stack below the frame being traced: its `_orig_mod` is the model the paths are
+    relative to, and its call's arguments tell the model's inputs from intermediate values.
     """
     frame = sys._getframe(1)
     while frame is not None:
         value = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(value, torch._dynamo.eval_frame.OptimizedModule):
-            return value._orig_mod
+            leaves = [t for t in pytree.tree_leaves((frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})))
+                      if isinstance(t, torch.Tensor)]
+            batch = min((t.shape[0] for t in leaves if t.dim() >= 1), default=None)
+            return value._orig_mod, frozenset(id(t) for t in leaves), batch
         frame = frame.f_back
-    return None
+    return None, frozenset(), None
 
 
 def traced_module(gm: fx.GraphModule) -> torch.nn.Module | None:

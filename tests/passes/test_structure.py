@@ -93,3 +93,36 @@ def test_roles_come_from_the_graph_structure():
         assert roles[f"blocks.{b}.modulation"] == "adaln"
         for name in ("qkv", "out", "gated_up", "down", "expert"):
             assert found[f"blocks.{b}.{name}"] == ("token", True), name
+
+
+class RoutedExpert(nn.Module):
+    """A mixture-of-experts layer whose experts run in their own graph (a graph break, as a
+    data-dependent router causes) on [tokens, C] inputs: no batch dimension left to see."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(width, width), nn.Linear(width, width)])
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        torch._dynamo.graph_break()
+        routed = [expert(flat[i::2]) for i, expert in enumerate(self.experts)]
+        return torch.stack(routed, 1).reshape(x.shape)
+
+
+class MoEModel(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.time_in = nn.Linear(1, width)
+        self.blocks = nn.ModuleList([RoutedExpert(width)])
+
+    def forward(self, x, timestep):
+        x = x + self.time_in(timestep[:, None, None])
+        return self.blocks[0](x)
+
+
+def test_routed_experts_on_token_rows_are_token_gemms_in_a_graph_of_their_own():
+    torch.manual_seed(0)
+    found = decisions(MoEModel().eval(), torch.randn(1, 16, 32), torch.rand(1))
+    assert found["time_in"] == ("conditioning", False)
+    assert found["blocks.0.experts.0"] == ("token", True) and found["blocks.0.experts.1"] == ("token", True)

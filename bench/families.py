@@ -61,6 +61,21 @@ def _steps(batch: int = 1) -> torch.Tensor:
     return torch.full((batch,), 500.0)
 
 
+def _flux_ids(side: int = 4) -> torch.Tensor:
+    """Flux-style image position ids [side * side, 3]: (0, row, column)."""
+    return torch.cat([torch.zeros(side * side, 1), _ids(side, side)], 1)
+
+
+# Wan 2.1 and SkyReels-V2 share their structure and this tiny config.
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def _wan_inputs(randn) -> dict[str, Any]:
+    return dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16), timestep=_steps())
+
+
 def _tiny(family: str) -> Spec:
     """The four families of clq_compile/tiny_models.py, built as there."""
     from clq_compile import tiny_models
@@ -84,11 +99,8 @@ SPECS: dict[str, Spec] = {
                            timestep=_steps())),
     "WanTransformer3DModel": Spec(
         "WanTransformer3DModel",
-        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-             out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16),
-                           timestep=_steps())),
+        _WAN,
+        _wan_inputs),
     "HunyuanVideoTransformer3DModel": Spec(
         "HunyuanVideoTransformer3DModel",
         dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
@@ -119,7 +131,7 @@ SPECS: dict[str, Spec] = {
              num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
              approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
-                           img_ids=torch.cat([torch.zeros(16, 1), _ids(4, 4)], 1), txt_ids=torch.zeros(8, 3),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000)),
     "Flux2Transformer2DModel": Spec(
         "Flux2Transformer2DModel",
@@ -198,11 +210,8 @@ SPECS: dict[str, Spec] = {
                            timestep=_steps() / 1000, encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool))),
     "SkyReelsV2Transformer3DModel": Spec(
         "SkyReelsV2Transformer3DModel",
-        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-             text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16),
-                           timestep=_steps())),
+        _WAN,
+        _wan_inputs),
     "LatteTransformer3DModel": Spec(
         "LatteTransformer3DModel",
         dict(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=16, num_attention_heads=2,
@@ -223,21 +232,21 @@ SPECS: dict[str, Spec] = {
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 8, 8]),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
-                           img_ids=torch.cat([torch.zeros(16, 1), _ids(4, 4)], 1), txt_ids=torch.zeros(8, 3),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000)),
     "OvisImageTransformer2DModel": Spec(
         "OvisImageTransformer2DModel",
         dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
-                           img_ids=torch.cat([torch.zeros(16, 1), _ids(4, 4)], 1), txt_ids=torch.zeros(8, 3),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000)),
     "LongCatImageTransformer2DModel": Spec(
         "LongCatImageTransformer2DModel",
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
-                           img_ids=torch.cat([torch.zeros(16, 1), _ids(4, 4)], 1), txt_ids=torch.zeros(8, 3),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000, guidance=torch.full((1,), 3.5))),
     "WanVACETransformer3DModel": Spec(
         "WanVACETransformer3DModel",
@@ -252,8 +261,7 @@ SPECS: dict[str, Spec] = {
              num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
              mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
              norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16),
-                           timestep=_steps())),
+        _wan_inputs),
     "ChronoEditTransformer3DModel": Spec(
         "ChronoEditTransformer3DModel",
         dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,

@@ -101,6 +101,22 @@ def rows(node) -> int | None:
     return numel // width if numel is not None and width else None
 
 
+# Ops whose tensor arguments after the first give only a dtype, device or shape (`x.type_as(y)`),
+# and ops that read nothing but a dtype and shape from any argument (`torch.zeros_like(x)`).
+_LIKE_METHODS = {"type_as", "to", "expand_as", "view_as", "reshape_as"}
+_NO_VALUE = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.randn_like,
+             torch.rand_like, "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values flow into `node`'s value (not those read for a dtype or shape)."""
+    if node.target in _NO_VALUE:
+        return []
+    if node.op == "call_method" and node.target in _LIKE_METHODS and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
+
+
 def _is(node: fx.Node, methods: set, functions: set) -> bool:
     return (node.op == "call_method" and node.target in methods) or \
         (node.op == "call_function" and node.target in functions)
@@ -110,7 +126,7 @@ def _passes_through(node: fx.Node, source: fx.Node, constant) -> bool:
     """`node` carries `source` on: a reshape or cast, or an add / multiply with a constant or a
     parameter (`constant(arg)` says which)."""
     if _is(node, _SHAPE_METHODS, _SHAPE_FUNCTIONS):
-        return node.args and node.args[0] is source
+        return bool(node.args) and node.args[0] is source
     if node.op == "call_function" and node.target is operator.getitem and node.args[0] is source:
         return not isinstance(node.args[1], int)  # slicing / indexing for broadcast, not a split piece
     if (node.target in _ARITHMETIC) and node.op in ("call_function", "call_method"):
@@ -134,7 +150,7 @@ class Structure:
         self.token_derived: set[fx.Node] = set()
         self.constants: set[fx.Node] = set()
         for node in self.nodes:
-            inputs = node.all_input_nodes
+            inputs = value_inputs(node)
             if node.name in token_inputs or (
                     not _is_size(node) and any(a in self.token_derived for a in inputs)):
                 self.token_derived.add(node)
@@ -195,7 +211,7 @@ class Structure:
             seen.add(current)
             if current is not node and (current.target in _BARRIERS or current.target in _LINEARS):
                 continue
-            todo.extend(a for a in current.all_input_nodes if a.name not in self.parameters)
+            todo.extend(a for a in value_inputs(current) if a.name not in self.parameters)
         return False
 
     def feeds_output(self, linear: fx.Node) -> bool:

@@ -79,7 +79,9 @@ class Model(nn.Module):
         conditioning = self.approximator(self.time_in(timestep[:, None, None]) + self.table)
         for block in self.blocks:
             x = block(x, conditioning)
-        return self.head(x)
+        # `type_as` reads only the latents' dtype (as Wan's output modulation does): the head does
+        # not read the model input.
+        return self.head(x + conditioning.type_as(latents))
 
 
 def test_roles_come_from_the_graph_structure():

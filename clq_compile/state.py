@@ -191,9 +191,11 @@ class ModelState:
         `paths`) changed since: the layer would run the old values while the rest reads the new."""
         changed = []
         for path in self.watched if paths is None else paths:
+            if path not in self.watched or path in self.released:
+                continue  # quantized again since (the graph lowers afresh), or dropped on purpose
             ref, version, pointer = self.watched[path]
             p = ref()
-            if path not in self.released and p is not None and (p._version, p.data_ptr()) != (version, pointer):
+            if p is not None and (p._version, p.data_ptr()) != (version, pointer):
                 changed.append(path)
         if changed:
             listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")

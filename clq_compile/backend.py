@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
-from clq_compile.passes.capture import capture
+from clq_compile.passes.capture import GraphAnalysis, capture, rebind
+from clq_compile.passes.structure import GraphContext
 
 from .checks import refuse_mode
 from .options import Options, parse_options
-from .state import CompiledGraph, state_for_graph, state_for_module
+from .state import CompiledGraph, ModelState, state_for_graph, state_for_module
 
 log = logging.getLogger("clq_compile")
 
@@ -33,23 +36,86 @@ def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any
     """
     refuse_mode(mode)
     opts = parse_options(options)
-    analysis = capture(gm, example_inputs)
+    root, call_inputs, batch = compiled_call()
+    frame_module = traced_module(gm)
+    module = root or frame_module
+    state = (state_for_module(module, opts) if module is not None else
+             state_for_graph([t for t in example_inputs if isinstance(t, torch.nn.Parameter)], opts))
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    returns = (frame_module is not None and frame_module is (state.root() if state.root else None)
+               and reason is not None and not reason.graph_break)
+    analysis = capture(gm, example_inputs, state.parameter_names(), GraphContext(call_inputs, returns, batch))
     if not analysis.sites:
         warnings.warn(
             "clq: this graph has no linear layers with parameter weights; it runs unquantized.",
             stacklevel=2)
         return gm.forward
-    params = {p.path: example_inputs[p.index] for p in analysis.placeholders if p.kind == "parameter"}
-    module = traced_module(gm)
-    state = state_for_module(module, opts) if module is not None else state_for_graph(list(params.values()), opts)
-    if opts.load is not None:
-        whole = module is not None
-        state.check_parameters(dict(module.named_parameters()) if whole else params, opts.load, complete=whole)
-    graph = CompiledGraph(state, gm, analysis, example_inputs)
-    state.graphs.append(graph)
+    if opts.load is not None and module is not None and state.root is not None and state.root() is module:
+        state.check_parameters(dict(module.named_parameters()), opts.load, complete=True)
+    return BoundGraphs(new_graph(state, gm, analysis, example_inputs))
+
+
+def new_graph(state: ModelState, gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list) -> CompiledGraph:
+    """A CompiledGraph of `state` for `gm` bound to `tensors`, its parameters checked against a
+    loaded artifact (only those of this graph: a graph may hold part of the model)."""
+    if state.options.load is not None:
+        state.check_parameters({p.path: tensors[p.index] for p in analysis.placeholders
+                                if p.kind == "parameter"}, state.options.load)
+    graph = CompiledGraph(state, gm, analysis, tensors)
+    state.add_graph(graph)
     log.debug("captured graph %d of this model: %d linear layers", len(state.graphs),
               len(analysis.sites))
     return graph
+
+
+class BoundGraphs:
+    """The callable the backend returns: one CompiledGraph per set of parameters `gm` is called with.
+
+    Dynamo lifts parameters to graph inputs and guards on their shapes, not their identity, so a
+    graph traced in a block's frame (after a graph break inside the block) serves every block of
+    the same shape. Each set of parameters is its own set of layers, with its own paths and
+    quantized weights; the first call with a new set binds it (`rebind`).
+    """
+
+    def __init__(self, graph: CompiledGraph):
+        self.indices = [p.index for p in graph.analysis.placeholders if p.kind != "input"]
+        self.first = graph
+        self.bound = {self._key(graph.calibration.state): graph}
+
+    def _key(self, tensors) -> tuple[int, ...]:
+        return tuple(id(tensors[i]) for i in self.indices)
+
+    def __call__(self, *args):
+        graph = self.bound.get(self._key(args))
+        if graph is None:
+            first = self.first
+            graph = new_graph(first.state, first.gm,
+                              rebind(first.gm, first.analysis, list(args), first.state.parameter_names()),
+                              list(args))
+            self.bound[self._key(args)] = graph
+        return graph(*args)
+
+
+def compiled_call() -> tuple[torch.nn.Module | None, frozenset[int], int | None]:
+    """The user's module behind the `torch.compile` call being traced, the ids of the tensors it
+    was called with and the call's batch size (their smallest leading dimension); (None, empty,
+    None) when not found.
+
+    After a graph break inside a submodule Dynamo traces that submodule's frame on its own, so the
+    traced frame's `self` is not the model. The compiled module (`OptimizedModule`) is still on
+    the Python stack below the frame being traced: its `_orig_mod` is the model the paths are
+    relative to, and its call's arguments tell the model's inputs from intermediate values.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        value = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(value, torch._dynamo.eval_frame.OptimizedModule):
+            leaves = [t for t in pytree.tree_leaves((frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {})))
+                      if isinstance(t, torch.Tensor)]
+            batch = min((t.shape[0] for t in leaves if t.dim() >= 1), default=None)
+            return value._orig_mod, frozenset(id(t) for t in leaves), batch
+        frame = frame.f_back
+    return None, frozenset(), None
 
 
 def traced_module(gm: fx.GraphModule) -> torch.nn.Module | None:

@@ -78,6 +78,7 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
         raise RuntimeError(f"nothing to save: {nothing}" if nothing else
                            "nothing to save yet: calibrate the model first (with clq_compile.calibrating(qt)) "
                            "or call it once to quantize data-free")
+    state.refuse_changed_weights()
     tensors, names = layer_tensors(state.layers)
     manifest = {
         "format": FORMAT,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -24,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from clq_compile.artifact import (Artifact, fingerprint_differences, loaded_decision, parameter_entry,
                                   read_artifact, refuse_other_model)
-from clq_compile.passes.capture import GraphAnalysis, LinearSite
+from clq_compile.passes.capture import GraphAnalysis, LinearSite, module_names
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
 from clq_compile.passes.observers import GraphCalibration, Offloaded, layer_errors
@@ -52,6 +53,7 @@ class CompiledGraph:
             p.index: example_inputs[p.index] for p in analysis.placeholders if p.kind != "input"})
         self.lowered: fx.GraphModule | None = None
         self.run = None
+        self.watched: list[str] = []  # parameters whose quantized copies this graph runs
         # Inductor compiles against example inputs; keep them only when it will be used.
         self.example_inputs = example_inputs if self._wants_inductor(example_inputs) else None
 
@@ -82,6 +84,7 @@ class CompiledGraph:
             state.quantize(calibrated=False)
         if self.run is None:
             self.lower()
+        state.refuse_changed_weights(self.watched)
         return self.run(*args)
 
     def record(self, args: tuple) -> None:
@@ -108,6 +111,10 @@ class CompiledGraph:
                              note="data-free: not seen during calibration")
         self.lowered = lower(self.gm, self.analysis, state.layers, self.quantized_sites,
                              state.options.kernels)
+        self.watched = state.watch({f"{site.path}.{kind}": self.calibration.state[index]
+                                    for site in map(self.analysis.site, self.quantized_sites)
+                                    for kind, index in (("weight", site.weight_index), ("bias", site.bias_index))
+                                    if index is not None})
         # Data-free or loaded models meet the graphs after a break only now.
         warn_graph_breaks(state)
         if self.example_inputs is not None:
@@ -129,13 +136,21 @@ class ModelState:
     verified: parameter paths already checked against the artifact's fingerprint
     released: parameter paths whose full-precision values were dropped (release_weights)
     calibrating_thread: the thread that entered the last calibrating() block (threading.get_ident)
+    watched: {parameter path: (weak reference, version counter, data pointer)} of the
+        parameters the quantized layers were made from, as they were then (see `watch`)
+    root: the user's module (weakly held) that layer paths are relative to: the first module the
+        state was found for — the compiled module, or the frame Dynamo traced first — so that a
+        graph traced in a submodule's frame after a graph break still names model-absolute paths
     """
 
     def __init__(self, options: Options, artifact: Artifact | None = None,
                  device: torch.device | None = None):
         self.options = options
         self.phase = CAPTURED
-        self.graphs: list[CompiledGraph] = []
+        # Weakly held: Dynamo's cache owns the graphs, and a graph holds the user's parameters,
+        # so a strong list would keep the model alive through the registry's values (which are
+        # states) for as long as the registry's weak keys (the parameters) live — forever.
+        self._graphs: list[weakref.ref[CompiledGraph]] = []
         self.layers: dict[str, QuantizedLinear] = {}
         self.errors: dict[str, float] = {}
         self.calibrations = 0
@@ -145,12 +160,58 @@ class ModelState:
         self.verified: set[str] = set()
         self.released: set[str] = set()
         self.calibrating_thread: int | None = None
+        self.root: weakref.ref[torch.nn.Module] | None = None
+        self.watched: dict[str, tuple[weakref.ref[torch.Tensor], int, int]] = {}
         if options.load is not None:
             self.artifact = artifact or read_artifact(options.load)
             self.layers = self.artifact.layers(device)
             self.errors = dict(self.artifact.manifest["errors"])
             self.fingerprint = self.artifact.manifest["fingerprint"]
             self.phase = QUANTIZED
+
+    @property
+    def graphs(self) -> list[CompiledGraph]:
+        """The live graphs captured for this state, in capture order."""
+        return [g for g in (ref() for ref in self._graphs) if g is not None]
+
+    def add_graph(self, graph: CompiledGraph) -> None:
+        self._graphs = [ref for ref in self._graphs if ref() is not None] + [weakref.ref(graph)]
+
+    def parameter_names(self) -> dict[int, str]:
+        """{id(tensor): model-absolute path} of the root module's parameters and buffers ({} without one)."""
+        root = self.root() if self.root is not None else None
+        return module_names(root) if root is not None else {}
+
+    def watch(self, params: dict[str, torch.Tensor]) -> list[str]:
+        """Remember how `params` ({path: parameter} of quantized layers) are now, unless already
+        remembered since the last quantization; returns their paths.
+
+        In-place writes (`p.mul_`, `p.copy_`, `load_state_dict`) bump a tensor's version counter
+        and `p.data = ...` moves its data pointer: both are cheap to compare on every call. A
+        write through `p.data` in place bumps neither and is not seen.
+        """
+        for path, p in params.items():
+            self.watched.setdefault(path, (weakref.ref(p), p._version, p.data_ptr()))
+        return list(params)
+
+    def refuse_changed_weights(self, paths: Iterable[str] | None = None) -> None:
+        """Raise RuntimeError when parameters a quantized layer was made from (all watched ones, or
+        `paths`) changed since: the layer would run the old values while the rest reads the new."""
+        changed = []
+        for path in self.watched if paths is None else paths:
+            if path not in self.watched or path in self.released:
+                continue  # quantized again since (the graph lowers afresh), or dropped on purpose
+            ref, version, pointer = self.watched[path]
+            p = ref()
+            if p is not None and (p._version, p.data_ptr()) != (version, pointer):
+                changed.append(path)
+        if changed:
+            listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise RuntimeError(
+                f"{len(changed)} parameter(s) of quantized layers changed in place after quantization "
+                f"({listed}); the quantized layers still hold the old values. Calibrate again (with "
+                f"clq_compile.calibrating(qt)) to quantize from the new weights, or torch.compile the "
+                f"changed model afresh.")
 
     def decide(self, site: LinearSite) -> Decision:
         """Whether `site` is quantized: the policy's decision, or the artifact's when loaded."""
@@ -256,7 +317,9 @@ class ModelState:
                 "clq: quantizing without calibration data (weights round-to-nearest, activations "
                 "dynamic). Run a few inputs inside `with clq_compile.calibrating(qt):` first for "
                 "better quality.", stacklevel=3)
-        self.layers, self.errors = {}, {}
+        self.layers, self.errors, self.watched = {}, {}, {}
+        if self.artifact is None:
+            self.fingerprint = None  # taken again from the weights quantized now, when saved
         self.add_layers(weights, calibration)
         if calibration:
             self.calibrations += 1
@@ -321,10 +384,12 @@ def state_for_module(module: torch.nn.Module, options: Options, artifact: Artifa
     for other in found[1:]:
         for g in other.graphs:
             g.state = state
-            state.graphs.append(g)
+            state.add_graph(g)
         state.layers.update(other.layers)
         state.errors.update(other.errors)
         if other.phase == QUANTIZED:
             state.phase = QUANTIZED
+    if state.root is None or state.root() is None:
+        state.root = weakref.ref(module)
     _register(state, params)
     return state

@@ -4,9 +4,15 @@ Precondition: `gm` is the FX graph Dynamo hands a backend, with every parameter 
 user's module lifted to a placeholder (`node.meta["grapharg"]`), and `example_inputs` the matching
 live tensors.
 Postcondition: a `GraphAnalysis` listing the placeholders (parameter, buffer or input, with the
-module path of each parameter), every `F.linear` whose weight is a parameter (its module path,
+model-absolute path of each parameter), every `F.linear` whose weight is a parameter (its module path,
 role and transformer block), and a networkx view of which linear feeds which. The graph itself
 is not changed.
+
+Paths come from tensor identity, not from the frame's source names: after a graph break inside a
+submodule Dynamo resumes in a frame whose `self` is that submodule, and its sources read
+`L['self']._modules['attn1']...` — relative to the block, the same for every block. The caller
+passes `names` ({id(tensor): path} from the user's root module); a source name is used only for
+a tensor the root does not hold.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 from torch import fx
+
+from .structure import GraphContext, Structure
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -31,8 +39,10 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(timestep_embedder|text_embedder|guidance_embedder|caption_projection|class_embedder"
      r"|time_text_embed|time_proj|emb)(\.|$)", "conditioning"),
     (r"(^|\.)(norm1|norm1_context|norm|norm_out|adaln_single)\.linear$", "adaln"),
-    (r"^(x_embedder|context_embedder|pos_embed\.proj|proj_in|patch_embed.*)$", "embed"),
-    (r"^(proj_out|proj_out_1|proj_out_2)$", "final"),
+    # Outside blocks (no numbered segment), at the root or under wrappers.
+    (r"^([A-Za-z_]\w*\.)*(x_embedder|context_embedder|pos_embed|proj_in|patch_embed\w*|img_in|txt_in)"
+     r"(\.(proj|linear))?$|^([A-Za-z_]\w*\.)*x_embedders\.\w+$", "embed"),
+    (r"^([A-Za-z_]\w*\.)*(proj_out|proj_out_1|proj_out_2)$", "final"),
     (r"\.attn2\.to_q$", "cross_q"),
     (r"\.attn2\.to_k$", "cross_k"),
     (r"\.attn2\.to_v$", "cross_v"),
@@ -51,7 +61,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"single_transformer_blocks\.\d+\.proj_out$", "single_out"),
 )
 
-BLOCK_PATTERN = re.compile(r"^((?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
+BLOCK_PATTERN = re.compile(r"^((?:.*?\.)?(?:[A-Za-z_]*blocks|layers)\.\d+)(\.|$)")
 _SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.(\w+)")
 _ROOT = re.compile(r"^[LG]\['[^']*'\]")
 _INPUT_KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]|\.(\w+)")
@@ -94,16 +104,25 @@ def input_name(source_name: str) -> str:
     return ".".join(keys)
 
 
+def name_hint(path: str) -> str | None:
+    """The role the module path suggests (first matching name rule), or None."""
+    return next((role for pattern, role in _ROLE_RULES if re.search(pattern, path)), None)
+
+
 def role_of(path: str, input_rank: int) -> str:
-    """The role of the linear layer at module `path` whose input has `input_rank` dimensions.
+    """The role of the linear layer at module `path` whose input has `input_rank` dimensions, from
+    its name alone (what a graph without shapes or structure allows).
 
     Layers no name rule knows are classified by their input: [batch, features] inputs are
     conditioning GEMMs (M = batch size), inputs with a token dimension are token GEMMs.
     """
-    for pattern, role in _ROLE_RULES:
-        if re.search(pattern, path):
-            return role
-    return "token" if input_rank >= 3 else "conditioning"
+    return name_hint(path) or ("token" if input_rank >= 3 else "conditioning")
+
+
+def _role(structural: str | None, path: str) -> str:
+    """Kept if the structure or the name says so (keeping costs speed, never quality); the name
+    labels token GEMMs."""
+    return structural or name_hint(path) or "token"
 
 
 @dataclass
@@ -150,6 +169,9 @@ class GraphAnalysis:
     sites: list[LinearSite]
     blocks: list[str]
     dataflow: nx.DiGraph = field(repr=False)
+    model_inputs: frozenset[str] = frozenset()  # placeholders the user passed to the compiled module
+    returns: bool = False  # the graph ends at the compiled module's return
+    batch: int | None = None  # the model call's batch size, when known
 
     @property
     def input_indices(self) -> list[int]:
@@ -160,16 +182,24 @@ class GraphAnalysis:
         return next(s for s in self.sites if s.node == node)
 
 
-def _placeholders(gm: fx.GraphModule, example_inputs: list) -> list[Placeholder]:
+def module_names(module: torch.nn.Module) -> dict[int, str]:
+    """{id(tensor): dotted path} of every parameter and buffer of `module` (first name of a tied one)."""
+    names: dict[int, str] = {}
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        names.setdefault(id(t), name)
+    return names
+
+
+def _placeholders(gm: fx.GraphModule, example_inputs: list, names: dict[int, str]) -> list[Placeholder]:
     found = []
     for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         grapharg = node.meta.get("grapharg")
         source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
-        path = source_path(source)
         example = example_inputs[index] if index < len(example_inputs) else None
+        path = names.get(id(example), source_path(source)) if isinstance(example, torch.Tensor) else None
         if isinstance(example, torch.nn.Parameter) and path is not None:
             kind = "parameter"
-        elif path is not None and "_buffers" in source:
+        elif path is not None and (id(example) in names or "_buffers" in source):
             kind = "buffer"
         else:
             kind, path = "input", None
@@ -197,11 +227,53 @@ def _dataflow(gm: fx.GraphModule, site_nodes: dict[str, LinearSite]) -> nx.DiGra
     return graph
 
 
-def capture(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
-    """Describe `gm` (see the module docstring). Pure: `gm` is not modified."""
-    placeholders = _placeholders(gm, example_inputs)
+def capture(gm: fx.GraphModule, example_inputs: list, names: dict[int, str] | None = None,
+            context: GraphContext | None = None) -> GraphAnalysis:
+    """Describe `gm` (see the module docstring). Pure: `gm` is not modified.
+
+    names: {id(tensor): path} of the user's root module (`module_names`); without it, paths are
+    read from the sources, which is right only when Dynamo traced the root's own forward.
+    context: which inputs the user passed and whether the graph returns the model's output (see
+    passes/structure.py); without it, embeddings and final projections are known by name only.
+    """
+    context = context or GraphContext()
+    placeholders = _placeholders(gm, example_inputs, names or {})
+    model_inputs = frozenset(p.name for p in placeholders if p.kind == "input"
+                             and id(example_inputs[p.index]) in context.model_inputs)
+    return _analyse(gm, placeholders, example_inputs, model_inputs, context.returns, context.batch)
+
+
+def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: dict[int, str]) -> GraphAnalysis:
+    """The analysis of `gm` called with other parameters and buffers (`tensors`, in graph input order).
+
+    Dynamo passes parameters as graph inputs and guards on shapes, not on identity, so one graph
+    traced in block 0's frame also runs block 1 with block 1's parameters. Each binding is a
+    different set of layers: the paths are read again, by identity, from `names`. Dynamo's
+    source metadata is gone by now, which identity does not need.
+    """
+    placeholders = [p if p.kind == "input" else Placeholder(p.name, p.index, p.kind, path, path)
+                    for p in analysis.placeholders
+                    for path in [names.get(id(tensors[p.index]), p.path)]]
+    return _analyse(gm, placeholders, tensors, analysis.model_inputs, analysis.returns, analysis.batch)
+
+
+def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: list,
+               model_inputs: frozenset[str], returns: bool, batch: int | None) -> Structure:
+    """Batch size: the model call's, else the smallest leading dimension among the graph's tensor
+    inputs (a timestep is [B]); token streams: inputs with more rows than that."""
+    inputs = [(p.name, tensors[p.index]) for p in placeholders if p.kind == "input"
+              and isinstance(tensors[p.index], torch.Tensor) and tensors[p.index].dim() >= 1]
+    if batch is None:
+        batch = min((t.shape[0] for _, t in inputs), default=None)
+    tokens = {name for name, t in inputs if t.dim() >= 2 and t.numel() // max(t.shape[-1], 1) > batch}
+    return Structure(gm, {p.name for p in placeholders if p.kind != "input"}, tokens, batch,
+                     returns, set(model_inputs))
+
+
+def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs: list,
+             model_inputs: frozenset[str], returns: bool, batch: int | None) -> GraphAnalysis:
     by_name = {p.name: p for p in placeholders}
-    sites: list[LinearSite] = []
+    found: list[tuple[fx.Node, Placeholder, Placeholder | None, str, str | None]] = []
     blocks: list[str] = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
@@ -215,17 +287,21 @@ def capture(gm: fx.GraphModule, example_inputs: list) -> GraphAnalysis:
         if bias is not None and (b_ph is None or b_ph.kind != "parameter"):
             continue
         path = w_ph.path.rpartition(".")[0]
-        out_features, in_features = example_inputs[w_ph.index].shape
         match = BLOCK_PATTERN.match(path)
         block_name = match.group(1) if match else None
         if block_name is not None and block_name not in blocks:
             blocks.append(block_name)
-        rank = _input_rank(x)
+        found.append((node, w_ph, b_ph, path, block_name))
+    structure = _structure(gm, placeholders, example_inputs, model_inputs, returns, batch)
+    sites: list[LinearSite] = []
+    for node, w_ph, b_ph, path, block_name in found:
+        out_features, in_features = example_inputs[w_ph.index].shape
+        structural = structure.role(node, outside_blocks=bool(blocks) and block_name is None)
         sites.append(LinearSite(
             node=node.name, path=path, weight_index=w_ph.index,
             bias_index=b_ph.index if b_ph is not None else None,
-            in_features=int(in_features), out_features=int(out_features), input_rank=rank,
-            role=role_of(path, rank), block=blocks.index(block_name) if block_name else None,
+            in_features=int(in_features), out_features=int(out_features), input_rank=_input_rank(node.args[0]),
+            role=_role(structural, path), block=blocks.index(block_name) if block_name else None,
             block_name=block_name))
     dataflow = _dataflow(gm, {s.node: s for s in sites})
-    return GraphAnalysis(placeholders, sites, blocks, dataflow)
+    return GraphAnalysis(placeholders, sites, blocks, dataflow, model_inputs, returns, structure.batch)

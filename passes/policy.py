@@ -43,6 +43,8 @@ def decide(site: LinearSite, options: Options) -> Decision:
     if site.role in ("cross_k", "cross_v") and not options.quantize_cross_kv:
         return Decision(False, "cross-attention key/value on text tokens: kept (quantize_cross_kv=False)")
     k = site.in_features
+    if k == 0 or site.out_features == 0:
+        return Decision(False, f"empty weight ({site.out_features} x {k}): nothing to quantize")
     if options.w_bits == 4 and k % 2:
         return Decision(False, f"input width {k} is odd: 4-bit packing needs an even width")
     for name, group in (("weight_group", options.weight_group), ("act_group", options.act_group)):

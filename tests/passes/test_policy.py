@@ -7,9 +7,9 @@ from clq_compile.passes.capture import KEPT_ROLES, TOKEN_ROLES, LinearSite
 from clq_compile.passes.policy import decide
 
 
-def site(path="transformer_blocks.0.attn1.to_q", role="attn_q", k=64):
+def site(path="transformer_blocks.0.attn1.to_q", role="attn_q", k=64, n=32):
     return LinearSite(node="n", path=path, weight_index=0, bias_index=None, in_features=k,
-                      out_features=32, input_rank=3, role=role, block=0, block_name="transformer_blocks.0")
+                      out_features=n, input_rank=3, role=role, block=0, block_name="transformer_blocks.0")
 
 
 @pytest.mark.parametrize("role", TOKEN_ROLES)
@@ -45,3 +45,10 @@ def test_widths_the_format_cannot_hold_are_kept():
     assert decide(site(k=33), parse_options({"bits": "w8a8"})).quantize
     d = decide(site(k=96), parse_options({"weight_group": 64}))
     assert not d.quantize and "weight_group 64 does not divide the input width 96" in d.reason
+
+
+def test_empty_weights_are_kept():
+    # NucleusMoE-Image builds a linear with no input features; quantizing it divided by zero.
+    for k, n in ((0, 32), (64, 0)):
+        d = decide(site(k=k, n=n), parse_options({"bits": "w8a8"}))
+        assert not d.quantize and "nothing to quantize" in d.reason

@@ -1,0 +1,504 @@
+"""Every transformer family of the installed diffusers, compiled with backend="clq" on a tiny config.
+
+    python bench/families.py                       # every family with a tiny config; writes bench/results/families.{json,md}
+    python bench/families.py --only Sana,Wan --timeout 300 --out /tmp/families
+
+For each transformer class diffusers exports: build it from a tiny config (shaped after diffusers'
+own model tests, written here by hand; classes without one are listed as skipped, with why),
+run it eagerly, then compiled with backend="clq":
+
+- `w16a16`: bit-identical to eager (the backend must not change an unquantized model);
+- `w8a8` and `w4a4` with recipes `rtn` and `clq`: calibrated on 2 inputs, relative error
+  ||out - eager|| / ||eager|| on a third, fresh input;
+- how many linear layers are quantized and kept, with each kept layer's reason;
+- how many graphs Dynamo handed the backend.
+
+Each family runs in its own process with a time limit, so a crash, a hang or an exception in
+one family is recorded in its row and the table is still written. Weights are freshly
+initialized (random), so the errors show that the pipeline works on each structure, not the
+quality a trained checkpoint would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CELLS = (("w8a8", "rtn"), ("w8a8", "clq"), ("w4a4", "rtn"), ("w4a4", "clq"))
+
+Inputs = Callable[[Callable[..., torch.Tensor]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to build one family: its class, a tiny config and a function making one call's inputs
+    from `randn(*shape)` (the latter draws from the call's seed)."""
+
+    cls: str
+    config: dict[str, Any]
+    inputs: Inputs
+
+
+def _ids(*axes: int) -> torch.Tensor:
+    """[prod(axes), len(axes)] position ids, one row per token of a grid with these axis lengths."""
+    return torch.cartesian_prod(*(torch.arange(n) for n in axes)).reshape(-1, len(axes)).float()
+
+
+def _steps(batch: int = 1) -> torch.Tensor:
+    return torch.full((batch,), 500.0)
+
+
+def _flux_ids(side: int = 4) -> torch.Tensor:
+    """Flux-style image position ids [side * side, 3]: (0, row, column)."""
+    return torch.cat([torch.zeros(side * side, 1), _ids(side, side)], 1)
+
+
+# Wan 2.1 and SkyReels-V2 share their structure and this tiny config.
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def _wan_inputs(randn) -> dict[str, Any]:
+    return dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16), timestep=_steps())
+
+
+def _tiny(family: str) -> Spec:
+    """The four families of clq_compile/tiny_models.py, built as there."""
+    from clq_compile import tiny_models
+
+    classes = {"dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel",
+               "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+    return Spec(classes[family], {"family": family}, lambda randn: {"family": family})
+
+
+SPECS: dict[str, Spec] = {
+    "DiTTransformer2DModel": _tiny("dit"),
+    "PixArtTransformer2DModel": _tiny("pixart"),
+    "SD3Transformer2DModel": _tiny("sd3"),
+    "FluxTransformer2DModel": _tiny("flux"),
+    "SanaTransformer2DModel": Spec(
+        "SanaTransformer2DModel",
+        dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+             num_attention_heads=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+             cross_attention_dim=32, caption_channels=16, sample_size=8),
+        lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 16),
+                           timestep=_steps())),
+    "WanTransformer3DModel": Spec(
+        "WanTransformer3DModel",
+        _WAN,
+        _wan_inputs),
+    "HunyuanVideoTransformer3DModel": Spec(
+        "HunyuanVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+             num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+             text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), image_condition_type=None),
+        lambda randn: dict(hidden_states=randn(1, 4, 1, 4, 4), timestep=_steps(),
+                           encoder_hidden_states=randn(1, 6, 16), pooled_projections=randn(1, 8),
+                           encoder_attention_mask=torch.ones(1, 6), guidance=_steps())),
+    "HiDreamImageTransformer2DModel": Spec(
+        "HiDreamImageTransformer2DModel",
+        dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+             attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8,
+             num_routed_experts=2, num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+             max_resolution=(16, 16), llama_layers=(0, 1), force_inference_output=True),
+        lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states_t5=randn(1, 6, 8),
+                           encoder_hidden_states_llama3=randn(2, 1, 6, 4), pooled_embeds=randn(1, 8),
+                           timesteps=_steps())),
+    "QwenImageTransformer2DModel": Spec(
+        "QwenImageTransformer2DModel",
+        dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)),
+        lambda randn: dict(hidden_states=randn(1, 16, 16), encoder_hidden_states=randn(1, 6, 16),
+                           encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.long), timestep=_steps() / 1000,
+                           img_shapes=[(1, 4, 4)])),
+    "ChromaTransformer2DModel": Spec(
+        "ChromaTransformer2DModel",
+        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+             approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1),
+        lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
+                           timestep=_steps() / 1000)),
+    "Flux2Transformer2DModel": Spec(
+        "Flux2Transformer2DModel",
+        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
+             axes_dims_rope=[4, 4, 4, 4]),
+        lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
+                           img_ids=_ids(1, 4, 4, 1)[None], txt_ids=_ids(1, 1, 1, 8)[None],
+                           timestep=_steps() / 1000, guidance=_steps() / 1000)),
+    "MochiTransformer3DModel": Spec(
+        "MochiTransformer3DModel",
+        dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+             in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
+             activation_fn="swiglu", max_sequence_length=8),
+        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 8, 16),
+                           timestep=_steps(), encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool))),
+    "NucleusMoEImageTransformer2DModel": Spec(
+        "NucleusMoEImageTransformer2DModel",
+        dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False,
+             capacity_factors=[8.0, 8.0]),
+        lambda randn: dict(hidden_states=randn(1, 16, 16), encoder_hidden_states=randn(1, 6, 16),
+                           encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.long), timestep=_steps() / 1000,
+                           img_shapes=[(1, 4, 4)])),
+    "PRXTransformer2DModel": Spec(
+        "PRXTransformer2DModel",
+        dict(in_channels=16, patch_size=2, context_in_dim=64, hidden_size=64, mlp_ratio=2.0, num_heads=2,
+             depth=2, axes_dim=[16, 16], theta=10_000),
+        lambda randn: dict(hidden_states=randn(1, 16, 8, 8), encoder_hidden_states=randn(1, 6, 64),
+                           timestep=_steps() / 1000)),
+    "MotifVideoTransformer3DModel": Spec(
+        "MotifVideoTransformer3DModel",
+        dict(in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+             num_single_layers=1, num_decoder_layers=0, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+             qk_norm="rms_norm", norm_type="layer_norm", text_embed_dim=32, image_embed_dim=4,
+             rope_theta=256.0, rope_axes_dim=(4, 4, 4), enable_text_cross_attention_dual=False,
+             enable_text_cross_attention_single=False),
+        lambda randn: dict(hidden_states=randn(1, 33, 1, 4, 4), timestep=_steps(),
+                           encoder_hidden_states=randn(1, 6, 32))),
+    "HunyuanVideo15Transformer3DModel": Spec(
+        "HunyuanVideo15Transformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+             num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+             text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v"),
+        lambda randn: dict(hidden_states=randn(1, 4, 1, 4, 4), timestep=_steps(),
+                           encoder_hidden_states=randn(1, 6, 16), encoder_attention_mask=torch.ones(1, 6),
+                           encoder_hidden_states_2=randn(1, 4, 8), encoder_attention_mask_2=torch.ones(1, 4),
+                           image_embeds=torch.zeros(1, 3, 12))),
+    "LTXVideoTransformer3DModel": Spec(
+        "LTXVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+             num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
+        lambda randn: dict(hidden_states=randn(1, 2 * 4 * 4, 4), encoder_hidden_states=randn(1, 6, 16),
+                           timestep=_steps(), encoder_attention_mask=torch.ones(1, 6).bool(),
+                           num_frames=2, height=4, width=4)),
+    "CogVideoXTransformer3DModel": Spec(
+        "CogVideoXTransformer3DModel",
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+             text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
+             patch_size_t=None, temporal_compression_ratio=4, max_text_seq_length=6),
+        lambda randn: dict(hidden_states=randn(1, 1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 8),
+                           timestep=_steps())),
+    "AuraFlowTransformer2DModel": Spec(
+        "AuraFlowTransformer2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+             attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=32,
+             out_channels=4, pos_embed_max_size=64),
+        lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 8, 32),
+                           timestep=_steps())),
+    "Lumina2Transformer2DModel": Spec(
+        "Lumina2Transformer2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+             num_attention_heads=2, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
+             scaling_factor=1.0, axes_dim_rope=(8, 4, 4), axes_lens=(64, 64, 64), cap_feat_dim=16),
+        lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 16),
+                           timestep=_steps() / 1000, encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool))),
+    "SkyReelsV2Transformer3DModel": Spec(
+        "SkyReelsV2Transformer3DModel",
+        _WAN,
+        _wan_inputs),
+    "LatteTransformer3DModel": Spec(
+        "LatteTransformer3DModel",
+        dict(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=16, num_attention_heads=2,
+             caption_channels=8, in_channels=4, cross_attention_dim=32, out_channels=8, attention_bias=True,
+             activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+             norm_elementwise_affine=False, norm_eps=1e-6),
+        lambda randn: dict(hidden_states=randn(1, 4, 1, 8, 8), encoder_hidden_states=randn(1, 6, 8),
+                           timestep=_steps(), enable_temporal_attentions=True)),
+    "CogView4Transformer2DModel": Spec(
+        "CogView4Transformer2DModel",
+        dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+             out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=4),
+        lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 8),
+                           timestep=_steps(), original_size=torch.tensor([[64, 64]]),
+                           target_size=torch.tensor([[64, 64]]), crop_coords=torch.tensor([[0, 0]]))),
+    "BriaTransformer2DModel": Spec(
+        "BriaTransformer2DModel",
+        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 8, 8]),
+        lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
+                           timestep=_steps() / 1000)),
+    "OvisImageTransformer2DModel": Spec(
+        "OvisImageTransformer2DModel",
+        dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)),
+        lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
+                           timestep=_steps() / 1000)),
+    "LongCatImageTransformer2DModel": Spec(
+        "LongCatImageTransformer2DModel",
+        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+        lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
+                           img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
+                           timestep=_steps() / 1000, guidance=torch.full((1,), 3.5))),
+    "WanVACETransformer3DModel": Spec(
+        "WanVACETransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0], vace_in_channels=12),
+        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16),
+                           control_hidden_states=randn(1, 12, 2, 8, 8), timestep=_steps())),
+    "SanaVideoTransformer3DModel": Spec(
+        "SanaVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+             num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
+             mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
+             norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        _wan_inputs),
+    "ChronoEditTransformer3DModel": Spec(
+        "ChronoEditTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+             rope_max_seq_len=64, pos_embed_seq_len=None, rope_temporal_skip_len=8),
+        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), timestep=_steps(),
+                           encoder_hidden_states=randn(1, 6, 32), encoder_hidden_states_image=None)),
+    "AllegroTransformer3DModel": Spec(
+        "AllegroTransformer3DModel",
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=1,
+             cross_attention_dim=32, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8),
+        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 8),
+                           timestep=_steps())),
+    "EasyAnimateTransformer3DModel": Spec(
+        "EasyAnimateTransformer3DModel",
+        dict(attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2, num_layers=2,
+             out_channels=4, patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8,
+             time_position_encoding_type="3d_rope", timestep_activation_fn="silu"),
+        lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), timestep=_steps(), timestep_cond=None,
+                           encoder_hidden_states=randn(1, 6, 16), encoder_hidden_states_t5=None,
+                           inpaint_latents=None, control_latents=None)),
+    "CosmosTransformer3DModel": Spec(
+        "CosmosTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+             mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+             rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=True, extra_pos_embed_type="learnable"),
+        lambda randn: dict(hidden_states=randn(1, 4, 1, 8, 8), timestep=_steps(),
+                           encoder_hidden_states=randn(1, 6, 16), attention_mask=torch.ones(1, 6), fps=30,
+                           padding_mask=torch.zeros(1, 1, 8, 8))),
+    "CogView3PlusTransformer2DModel": Spec(
+        "CogView3PlusTransformer2DModel",
+        dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+             out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
+             sample_size=8),
+        lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 8),
+                           original_size=torch.tensor([[64, 64]]), target_size=torch.tensor([[64, 64]]),
+                           crop_coords=torch.tensor([[0, 0]]), timestep=_steps())),
+}
+
+# The families a CI test runs (tests/bench/test_families.py): one of each structure.
+CI_FAMILIES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+               "FluxTransformer2DModel", "SanaTransformer2DModel", "WanTransformer3DModel",
+               "HunyuanVideoTransformer3DModel", "HiDreamImageTransformer2DModel",
+               "QwenImageTransformer2DModel", "MochiTransformer3DModel")
+
+# Classes exported next to the transformers that are not diffusion transformers of images/video.
+NOT_A_DIT = {
+    "PriorTransformer": "a CLIP-embedding prior (unCLIP), not a latent diffusion transformer",
+    "T5FilmDecoder": "a spectrogram decoder (music), not a latent diffusion transformer",
+    "TransformerTemporalModel": "a temporal layer inserted into UNets, not a model of its own",
+    "RFD4ProteinaTransformer": "a protein-structure model, no latent image/video input",
+    "MiniMaxMusic3RVQDepthDecoder": "an audio-token depth decoder, not a diffusion transformer",
+}
+
+
+def exported_classes() -> list[str]:
+    """Every ModelMixin subclass that diffusers.models.transformers exports, by name."""
+    import diffusers.models.transformers as transformers
+    from diffusers.models.modeling_utils import ModelMixin
+
+    return sorted(n for n in dir(transformers)
+                  if isinstance(getattr(transformers, n), type) and issubclass(getattr(transformers, n), ModelMixin))
+
+
+def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, Callable[[int], dict[str, Any]]]:
+    """(model in eval mode, inputs(seed)) for family `name` (a key of SPECS)."""
+    from clq_compile import tiny_models
+
+    spec = SPECS[name]
+    torch.manual_seed(seed)
+    if "family" in spec.config:
+        family = spec.config["family"]
+        return tiny_models.build(family, seed=seed), lambda s: tiny_models.make_inputs(family, seed=s)
+    import diffusers
+
+    model = getattr(diffusers, spec.cls)(**spec.config).eval()
+    # Zero-initialized layers (final projections, gates of some families) would make the output
+    # identically 0 and every relative error 0/0: give them small random values.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.numel() and not p.any():
+                p.normal_(0.0, 0.02)
+
+    def inputs(s: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(s)
+        return spec.inputs(lambda *shape: torch.randn(*shape, generator=g))
+
+    return model, inputs
+
+
+def sample(output) -> torch.Tensor:
+    """The output tensor of a diffusers transformer call (`.sample`, a tuple's first entry, or a
+    list of per-image tensors, flattened and joined)."""
+    value = getattr(output, "sample", output)
+    if isinstance(value, (tuple, list)) and not isinstance(value[0], torch.Tensor):
+        value = value[0]
+    if isinstance(value, (tuple, list)):
+        value = torch.cat([v.flatten() for v in value])
+    return value
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def measure(name: str, calls: int = 2, cells: tuple[tuple[str, str], ...] = CELLS) -> dict[str, Any]:
+    """One row of the table for family `name` (see the module docstring); `cells`: the
+    (bits, recipe) pairs measured after `w16a16` (the decisions are read from the last)."""
+    import clq_compile
+    from clq_compile.calibration import model_state
+
+    row: dict[str, Any] = {"family": name}
+    model, inputs = build(name)
+    fresh = inputs(1)
+    with torch.no_grad():
+        ref = sample(model(**fresh))
+    row["eager"] = bool(torch.isfinite(ref).all())
+    for bits, recipe in (("w16a16", "rtn"), *cells):
+        torch._dynamo.reset()
+        qt = torch.compile(model, backend="clq", options={"bits": bits, "recipe": recipe, "kernels": "reference"})
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            with clq_compile.calibrating(qt):
+                for seed in range(calls):
+                    qt(**inputs(100 + seed))
+            out = sample(qt(**fresh))
+        state = model_state(qt)
+        if bits == "w16a16":
+            row["w16a16_identical"] = bool(torch.equal(out, ref))
+            continue
+        row[f"{bits}_{recipe}"] = _rel(out, ref)
+        if (bits, recipe) == cells[-1]:
+            decisions = state.site_decisions()
+            row["graphs"] = len(state.graphs)
+            row["quantized"] = sum(d["quantize"] for d in decisions.values())
+            row["kept"] = dict(Counter(d["reason"] for d in decisions.values() if not d["quantize"]))
+            row["kept_layers"] = {p: d["reason"] for p, d in decisions.items() if not d["quantize"]}
+    return row
+
+
+def _run_isolated(name: str, timeout: float) -> dict[str, Any]:
+    """measure(name) in a fresh process: a crash, hang or exception there becomes this row's error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--one", name, "--row", str(path)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"family": name, "error": f"timed out after {timeout:.0f} s"}
+        if path.exists():
+            return json.loads(path.read_text())
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"family": name, "error": f"process exited {done.returncode}: {tail[0][:300]}"}
+
+
+def _one(name: str, path: Path) -> None:
+    torch.set_num_threads(1)
+    try:
+        row = measure(name)
+    except Exception as error:  # noqa: BLE001  (every failure is a result row)
+        row = {"family": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"}
+    path.write_text(json.dumps(row))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def markdown(rows: list[dict], skipped: dict[str, str], seconds: float) -> str:
+    ok = [r for r in rows if "error" not in r]
+    lines = [
+        "# Every transformer family, tiny configs (`python bench/families.py`)",
+        "",
+        f"{len(rows) + len(skipped)} classes exported by diffusers {_diffusers_version()}: {len(rows)} built, "
+        f"{len(ok)} ran end to end, {len(rows) - len(ok)} failed, {len(skipped)} skipped. "
+        f"Random weights; relative error of the output on a fresh input after calibrating on 2. "
+        f"{seconds:.0f} s on {os.cpu_count()} CPUs, torch {torch.__version__}.",
+        "",
+        "| family | eager | w16a16 identical | w8a8 rtn | w8a8 clq | w4a4 rtn | w4a4 clq | quantized | kept | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['family']} | error: {r['error']} |  |  |  |  |  |  |  |  |")
+            continue
+        kept = "; ".join(f"{n} {reason}" for reason, n in r["kept"].items())
+        lines.append("| " + " | ".join([r["family"], _fmt(r["eager"]), _fmt(r["w16a16_identical"]),
+                                        *(_fmt(r[f"{b}_{m}"]) for b, m in CELLS), str(r["quantized"]),
+                                        kept, str(r["graphs"])]) + " |")
+    lines += ["", "## Skipped", "", "| class | why |", "|---|---|"]
+    lines += [f"| {name} | {why} |" for name, why in sorted(skipped.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated class names (default: every class with a tiny config)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per family")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for families.json and families.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        _one(args.one, args.row)
+        return
+    from tqdm import tqdm
+
+    exported = exported_classes()
+    names = args.only.split(",") if args.only else [n for n in exported if n in SPECS]
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        parser.error(f"no tiny config for {', '.join(unknown)}; known: {', '.join(sorted(SPECS))}")
+    skipped = {n: NOT_A_DIT.get(n, "no tiny config written here yet") for n in exported if n not in SPECS}
+    start = time.perf_counter()
+    rows = []
+    for name in (bar := tqdm(names, desc="families")):
+        bar.set_postfix_str(name)
+        rows.append(_run_isolated(name, args.timeout))
+    args.out.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - start
+    (args.out / "families.json").write_text(json.dumps(
+        {"diffusers": _diffusers_version(), "torch": torch.__version__, "seconds": seconds,
+         "rows": rows, "skipped": skipped}, indent=1) + "\n")
+    (args.out / "families.md").write_text(markdown(rows, skipped if not args.only else {}, seconds))
+    print(markdown(rows, {}, seconds))
+
+
+if __name__ == "__main__":
+    main()

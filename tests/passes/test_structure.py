@@ -1,0 +1,130 @@
+"""Structural roles: kept layers are found from the graph, whatever the model is called or wrapped in."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from clq_compile import tiny_models
+from clq_compile.calibration import model_state
+
+
+def decisions(model, *args, **kwargs):
+    """{path: (role, quantize)} after one data-free w8a8 call of `model` compiled with backend="clq"."""
+    torch._dynamo.reset()
+    qt = torch.compile(model, backend="clq", options={"bits": "w8a8", "kernels": "reference"})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        qt(*args, **kwargs)
+    return {p: (d["role"], d["quantize"]) for p, d in model_state(qt).site_decisions().items()}
+
+
+class Wrapper(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_wrapping_the_model_changes_no_decision(family):
+    bare = decisions(tiny_models.build(family), **tiny_models.make_inputs(family))
+    wrapped = decisions(Wrapper(tiny_models.build(family)), **tiny_models.make_inputs(family))
+    assert wrapped == {f"inner.{p}": d for p, d in bare.items()}
+
+
+class Block(nn.Module):
+    """A transformer block with per-token modulation (a [B, T, C] conditioning stream chunked into
+    shift / scale / gate), a fused q/k/v projection, a gated MLP and a routed expert on 2-D tokens."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.modulation = nn.Linear(width, 3 * width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.gated_up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(2 * width, width)
+        self.expert = nn.Linear(width, width)
+
+    def forward(self, x, per_token_conditioning):
+        shift, scale, gate = self.modulation(per_token_conditioning).chunk(3, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        attn = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        x = x + gate * self.out(attn)
+        a, b = self.gated_up(x).chunk(2, dim=-1)
+        x = x + self.down(a * torch.nn.functional.gelu(b))
+        flat = x.reshape(-1, x.shape[-1])
+        routed = flat[::2]  # the tokens a router sent to this expert: [tokens, C], no batch dimension
+        return x + self.expert(routed).repeat_interleave(2, dim=0).reshape(x.shape)
+
+
+class Model(nn.Module):
+    def __init__(self, width=32, latent=8):
+        super().__init__()
+        self.img_in = nn.Linear(latent, width)
+        self.time_in = nn.Linear(1, width)
+        self.table = nn.Parameter(torch.randn(16, width))
+        self.approximator = nn.Linear(width, width)
+        self.blocks = nn.ModuleList([Block(width), Block(width)])
+        self.head = nn.Linear(width, latent)
+
+    def forward(self, latents, timestep):
+        x = self.img_in(latents)
+        # Per-token conditioning from the timestep and a learned table only (as in Chroma).
+        conditioning = self.approximator(self.time_in(timestep[:, None, None]) + self.table)
+        for block in self.blocks:
+            x = block(x, conditioning)
+        # `type_as` reads only the latents' dtype (as Wan's output modulation does): the head does
+        # not read the model input.
+        return self.head(x + conditioning.type_as(latents))
+
+
+def test_roles_come_from_the_graph_structure():
+    torch.manual_seed(0)
+    found = decisions(Model().eval(), torch.randn(2, 16, 8), torch.rand(2))
+    roles = {p: r for p, (r, _) in found.items()}
+    assert roles["img_in"] == "embed"
+    assert roles["time_in"] == "conditioning" and roles["approximator"] == "conditioning"
+    assert roles["head"] == "final"
+    for b in range(2):
+        assert roles[f"blocks.{b}.modulation"] == "adaln"
+        for name in ("qkv", "out", "gated_up", "down", "expert"):
+            assert found[f"blocks.{b}.{name}"] == ("token", True), name
+
+
+class RoutedExpert(nn.Module):
+    """A mixture-of-experts layer whose experts run in their own graph (a graph break, as a
+    data-dependent router causes) on [tokens, C] inputs: no batch dimension left to see."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(width, width), nn.Linear(width, width)])
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        torch._dynamo.graph_break()
+        routed = [expert(flat[i::2]) for i, expert in enumerate(self.experts)]
+        return torch.stack(routed, 1).reshape(x.shape)
+
+
+class MoEModel(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.time_in = nn.Linear(1, width)
+        self.blocks = nn.ModuleList([RoutedExpert(width)])
+
+    def forward(self, x, timestep):
+        x = x + self.time_in(timestep[:, None, None])
+        return self.blocks[0](x)
+
+
+def test_routed_experts_on_token_rows_are_token_gemms_in_a_graph_of_their_own():
+    torch.manual_seed(0)
+    found = decisions(MoEModel().eval(), torch.randn(1, 16, 32), torch.rand(1))
+    assert found["time_in"] == ("conditioning", False)
+    assert found["blocks.0.experts.0"] == ("token", True) and found["blocks.0.experts.1"] == ("token", True)

@@ -91,11 +91,12 @@ def plan(tiny: bool = False) -> list[Case]:
     return cases
 
 
-def estimate(cases: list[Case], gemm_configs: int, quantize_configs: int) -> dict:
+def estimate(cases: list[Case], gemm_configs: int, quantize_configs: int | None) -> dict:
     """Compiles and seconds, assuming the worst case of a kernel specialized on every K and group.
 
     Autotuning compiles every kept config once per specialization and times it once per key
-    (its M, N, K and specialization).
+    (its M, N, K and specialization). quantize_configs None: the quantize kernel does not autotune
+    and compiles one binary per launch plan, which depends on M too.
     """
     gemm, quant, gemm_keys, quant_keys = set(), set(), set(), set()
     for c in cases:
@@ -107,8 +108,12 @@ def estimate(cases: list[Case], gemm_configs: int, quantize_configs: int) -> dic
         qsig = (v.a_bits, v.a_group or c.k, c.k, v.rotation)
         quant.add(qsig)
         quant_keys.add((c.m, qsig))
-    compiles = len(gemm) * gemm_configs + len(quant) * quantize_configs
-    trials = len(gemm_keys) * gemm_configs + len(quant_keys) * quantize_configs
+    if quantize_configs is None:
+        compiles = len(gemm) * gemm_configs + len(quant_keys)
+        trials = len(gemm_keys) * gemm_configs
+    else:
+        compiles = len(gemm) * gemm_configs + len(quant) * quantize_configs
+        trials = len(gemm_keys) * gemm_configs + len(quant_keys) * quantize_configs
     seconds = compiles * COMPILE_SECONDS + trials * TRIAL_SECONDS + len(cases) * CASE_SECONDS
     return {"cases": len(cases), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
 
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kept_gemm = lease.limit_configs(triton_gemm, GEMM_LISTS, keep)
     kept_quant = lease.limit_configs(triton_quantize, QUANTIZE_LISTS, keep)
-    cost = estimate(cases, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=7))
+    cost = estimate(cases, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=None))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     rows.write("plan", dry_run=args.dry_run, seed=seed, configs={**kept_gemm, **kept_quant}, estimate=cost,
                machine=lease.machine())

@@ -57,12 +57,20 @@ def plan(lease_plan: bool) -> list[tuple[int, int, int]]:
     return [(m, n, k) for m in tokens for n, k in shapes]
 
 
-def estimate(rows: list[tuple[int, int, int]], gemm_configs: int, quantize_configs: int) -> dict:
-    """Compiles and seconds, assuming kernels specialized on every K (the worst case)."""
+def estimate(rows: list[tuple[int, int, int]], gemm_configs: int, quantize_configs: int | None) -> dict:
+    """Compiles and seconds, assuming kernels specialized on every K (the worst case).
+
+    quantize_configs None: the quantize kernel does not autotune; it compiles one binary per
+    launch plan, which depends on M and K."""
     ks = {k for _, _, k in rows}
-    # GEMM: w4a4 and w8a8 per K; quantize: 4-bit, 8-bit and 4-bit rotated per K.
-    compiles = len(ks) * (2 * gemm_configs + 3 * quantize_configs)
-    trials = len(rows) * 2 * gemm_configs + len({(m, k) for m, _, k in rows}) * 3 * quantize_configs
+    launches = len({(m, k) for m, _, k in rows})
+    # GEMM: w4a4 and w8a8 per K; quantize: 4-bit, 8-bit and 4-bit rotated per K (per M and K untuned).
+    if quantize_configs is None:
+        compiles = len(ks) * 2 * gemm_configs + launches * 3
+        trials = len(rows) * 2 * gemm_configs
+    else:
+        compiles = len(ks) * (2 * gemm_configs + 3 * quantize_configs)
+        trials = len(rows) * 2 * gemm_configs + launches * 3 * quantize_configs
     seconds = (compiles * kernel_check.COMPILE_SECONDS + trials * kernel_check.TRIAL_SECONDS
                + len(rows) * len(VARIANTS) * TIMING_SECONDS + PEAK_SECONDS)
     return {"rows": len(rows), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = plan(args.lease)
     budget = lease.Budget(args.budget_s or (300.0 if args.lease else None))
     rows.write("plan", dry_run=args.dry_run, lease=args.lease, configs={**kept_gemm, **kept_quant},
-               estimate=estimate(shapes, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=7)),
+               estimate=estimate(shapes, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=None)),
                budget_s=budget.seconds, machine=lease.machine())
     if args.dry_run:
         for m, n, k in shapes:

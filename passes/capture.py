@@ -17,6 +17,8 @@ a tensor the root does not hold.
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field
 
@@ -260,12 +262,14 @@ def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: di
 def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: list,
                model_inputs: frozenset[str], returns: bool, batch: int | None) -> Structure:
     """Batch size: the model call's, else the smallest leading dimension among the graph's tensor
-    inputs (a timestep is [B]); token streams: inputs with more rows than that."""
+    inputs (a timestep is [B]); token streams: inputs with more rows than that, or with more than
+    one row per sample ([B, T, C] with T > 1), which an empty call (B = 0) still shows."""
     inputs = [(p.name, tensors[p.index]) for p in placeholders if p.kind == "input"
               and isinstance(tensors[p.index], torch.Tensor) and tensors[p.index].dim() >= 1]
     if batch is None:
         batch = min((t.shape[0] for _, t in inputs), default=None)
-    tokens = {name for name, t in inputs if t.dim() >= 2 and t.numel() // max(t.shape[-1], 1) > batch}
+    tokens = {name for name, t in inputs if t.dim() >= 2 and (
+        (batch and t.numel() // max(t.shape[-1], 1) > batch) or math.prod(t.shape[1:-1]) > 1)}
     return Structure(gm, {p.name for p in placeholders if p.kind != "input"}, tokens, batch,
                      returns, set(model_inputs))
 

@@ -236,7 +236,8 @@ class Structure:
         if self.is_modulation(linear):
             return "adaln"
         m = rows(x)
-        if (m is not None and m == self.batch) or x not in self.token_derived:
+        # An empty call (batch 0) gives every linear 0 rows: its row counts tell nothing.
+        if (m is not None and m > 0 and m == self.batch) or x not in self.token_derived:
             return "conditioning"
         if outside_blocks and self.model_inputs and self.reads_model_input(x):
             return "embed"

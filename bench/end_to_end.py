@@ -243,11 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     lease.import_project()
     import torch
 
-    from clq_compile.kernels import triton_gemm, triton_quantize
+    from clq_compile.kernels import triton_gemm
 
     keep = kernels.LEASE_CONFIGS if args.lease else None
-    configs = {**lease.limit_configs(triton_gemm, kernel_check.GEMM_LISTS, keep),
-               **lease.limit_configs(triton_quantize, kernel_check.QUANTIZE_LISTS, keep)}
+    configs = lease.limit_configs(triton_gemm, kernel_check.GEMM_LISTS, keep)
     config = dict(TINY if args.dry_run else SIGMA)
     if args.blocks is not None:
         config["num_layers"] = args.blocks

@@ -78,30 +78,29 @@ def _wan_inputs(randn) -> dict[str, Any]:
 
 def _tiny(family: str) -> Spec:
     """The four families of clq_compile/tiny_models.py, built as there."""
-    from clq_compile import tiny_models
-
     classes = {"dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel",
                "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
     return Spec(classes[family], {"family": family}, lambda randn: {"family": family})
 
 
-SPECS: dict[str, Spec] = {
-    "DiTTransformer2DModel": _tiny("dit"),
-    "PixArtTransformer2DModel": _tiny("pixart"),
-    "SD3Transformer2DModel": _tiny("sd3"),
-    "FluxTransformer2DModel": _tiny("flux"),
-    "SanaTransformer2DModel": Spec(
+# Keyed by class name.
+SPECS: dict[str, Spec] = {s.cls: s for s in (
+    _tiny("dit"),
+    _tiny("pixart"),
+    _tiny("sd3"),
+    _tiny("flux"),
+    Spec(
         "SanaTransformer2DModel",
         dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
              num_attention_heads=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
              cross_attention_dim=32, caption_channels=16, sample_size=8),
         lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 16),
                            timestep=_steps())),
-    "WanTransformer3DModel": Spec(
+    Spec(
         "WanTransformer3DModel",
         _WAN,
         _wan_inputs),
-    "HunyuanVideoTransformer3DModel": Spec(
+    Spec(
         "HunyuanVideoTransformer3DModel",
         dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
              num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
@@ -109,7 +108,7 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 4, 1, 4, 4), timestep=_steps(),
                            encoder_hidden_states=randn(1, 6, 16), pooled_projections=randn(1, 8),
                            encoder_attention_mask=torch.ones(1, 6), guidance=_steps())),
-    "HiDreamImageTransformer2DModel": Spec(
+    Spec(
         "HiDreamImageTransformer2DModel",
         dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
              attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8,
@@ -118,14 +117,14 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states_t5=randn(1, 6, 8),
                            encoder_hidden_states_llama3=randn(2, 1, 6, 4), pooled_embeds=randn(1, 8),
                            timesteps=_steps())),
-    "QwenImageTransformer2DModel": Spec(
+    Spec(
         "QwenImageTransformer2DModel",
         dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)),
         lambda randn: dict(hidden_states=randn(1, 16, 16), encoder_hidden_states=randn(1, 6, 16),
                            encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.long), timestep=_steps() / 1000,
                            img_shapes=[(1, 4, 4)])),
-    "ChromaTransformer2DModel": Spec(
+    Spec(
         "ChromaTransformer2DModel",
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
@@ -133,7 +132,7 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
                            img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000)),
-    "Flux2Transformer2DModel": Spec(
+    Spec(
         "Flux2Transformer2DModel",
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
@@ -141,14 +140,14 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
                            img_ids=_ids(1, 4, 4, 1)[None], txt_ids=_ids(1, 1, 1, 8)[None],
                            timestep=_steps() / 1000, guidance=_steps() / 1000)),
-    "MochiTransformer3DModel": Spec(
+    Spec(
         "MochiTransformer3DModel",
         dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
              in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
              activation_fn="swiglu", max_sequence_length=8),
         lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 8, 16),
                            timestep=_steps(), encoder_attention_mask=torch.ones(1, 8, dtype=torch.bool))),
-    "NucleusMoEImageTransformer2DModel": Spec(
+    Spec(
         "NucleusMoEImageTransformer2DModel",
         dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False,
@@ -156,13 +155,13 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 16, 16), encoder_hidden_states=randn(1, 6, 16),
                            encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.long), timestep=_steps() / 1000,
                            img_shapes=[(1, 4, 4)])),
-    "PRXTransformer2DModel": Spec(
+    Spec(
         "PRXTransformer2DModel",
         dict(in_channels=16, patch_size=2, context_in_dim=64, hidden_size=64, mlp_ratio=2.0, num_heads=2,
              depth=2, axes_dim=[16, 16], theta=10_000),
         lambda randn: dict(hidden_states=randn(1, 16, 8, 8), encoder_hidden_states=randn(1, 6, 64),
                            timestep=_steps() / 1000)),
-    "MotifVideoTransformer3DModel": Spec(
+    Spec(
         "MotifVideoTransformer3DModel",
         dict(in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=1,
              num_single_layers=1, num_decoder_layers=0, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
@@ -171,7 +170,7 @@ SPECS: dict[str, Spec] = {
              enable_text_cross_attention_single=False),
         lambda randn: dict(hidden_states=randn(1, 33, 1, 4, 4), timestep=_steps(),
                            encoder_hidden_states=randn(1, 6, 32))),
-    "HunyuanVideo15Transformer3DModel": Spec(
+    Spec(
         "HunyuanVideo15Transformer3DModel",
         dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
              num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
@@ -180,39 +179,39 @@ SPECS: dict[str, Spec] = {
                            encoder_hidden_states=randn(1, 6, 16), encoder_attention_mask=torch.ones(1, 6),
                            encoder_hidden_states_2=randn(1, 4, 8), encoder_attention_mask_2=torch.ones(1, 4),
                            image_embeds=torch.zeros(1, 3, 12))),
-    "LTXVideoTransformer3DModel": Spec(
+    Spec(
         "LTXVideoTransformer3DModel",
         dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
              num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
         lambda randn: dict(hidden_states=randn(1, 2 * 4 * 4, 4), encoder_hidden_states=randn(1, 6, 16),
                            timestep=_steps(), encoder_attention_mask=torch.ones(1, 6).bool(),
                            num_frames=2, height=4, width=4)),
-    "CogVideoXTransformer3DModel": Spec(
+    Spec(
         "CogVideoXTransformer3DModel",
         dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
              text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
              patch_size_t=None, temporal_compression_ratio=4, max_text_seq_length=6),
         lambda randn: dict(hidden_states=randn(1, 1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 8),
                            timestep=_steps())),
-    "AuraFlowTransformer2DModel": Spec(
+    Spec(
         "AuraFlowTransformer2DModel",
         dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
              attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=32,
              out_channels=4, pos_embed_max_size=64),
         lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 8, 32),
                            timestep=_steps())),
-    "Lumina2Transformer2DModel": Spec(
+    Spec(
         "Lumina2Transformer2DModel",
         dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
              num_attention_heads=2, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
              scaling_factor=1.0, axes_dim_rope=(8, 4, 4), axes_lens=(64, 64, 64), cap_feat_dim=16),
         lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 16),
                            timestep=_steps() / 1000, encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool))),
-    "SkyReelsV2Transformer3DModel": Spec(
+    Spec(
         "SkyReelsV2Transformer3DModel",
         _WAN,
         _wan_inputs),
-    "LatteTransformer3DModel": Spec(
+    Spec(
         "LatteTransformer3DModel",
         dict(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=16, num_attention_heads=2,
              caption_channels=8, in_channels=4, cross_attention_dim=32, out_channels=8, attention_bias=True,
@@ -220,49 +219,49 @@ SPECS: dict[str, Spec] = {
              norm_elementwise_affine=False, norm_eps=1e-6),
         lambda randn: dict(hidden_states=randn(1, 4, 1, 8, 8), encoder_hidden_states=randn(1, 6, 8),
                            timestep=_steps(), enable_temporal_attentions=True)),
-    "CogView4Transformer2DModel": Spec(
+    Spec(
         "CogView4Transformer2DModel",
         dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
              out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=4),
         lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 8),
                            timestep=_steps(), original_size=torch.tensor([[64, 64]]),
                            target_size=torch.tensor([[64, 64]]), crop_coords=torch.tensor([[0, 0]]))),
-    "BriaTransformer2DModel": Spec(
+    Spec(
         "BriaTransformer2DModel",
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 8, 8]),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
                            img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000)),
-    "OvisImageTransformer2DModel": Spec(
+    Spec(
         "OvisImageTransformer2DModel",
         dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
                            img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000)),
-    "LongCatImageTransformer2DModel": Spec(
+    Spec(
         "LongCatImageTransformer2DModel",
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
         lambda randn: dict(hidden_states=randn(1, 16, 4), encoder_hidden_states=randn(1, 8, 32),
                            img_ids=_flux_ids(), txt_ids=torch.zeros(8, 3),
                            timestep=_steps() / 1000, guidance=torch.full((1,), 3.5))),
-    "WanVACETransformer3DModel": Spec(
+    Spec(
         "WanVACETransformer3DModel",
         dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
              text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
              qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0], vace_in_channels=12),
         lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 16),
                            control_hidden_states=randn(1, 12, 2, 8, 8), timestep=_steps())),
-    "SanaVideoTransformer3DModel": Spec(
+    Spec(
         "SanaVideoTransformer3DModel",
         dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
              num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
              mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
              norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
         _wan_inputs),
-    "ChronoEditTransformer3DModel": Spec(
+    Spec(
         "ChronoEditTransformer3DModel",
         dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
              text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True,
@@ -270,13 +269,13 @@ SPECS: dict[str, Spec] = {
              rope_max_seq_len=64, pos_embed_seq_len=None, rope_temporal_skip_len=8),
         lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), timestep=_steps(),
                            encoder_hidden_states=randn(1, 6, 32), encoder_hidden_states_image=None)),
-    "AllegroTransformer3DModel": Spec(
+    Spec(
         "AllegroTransformer3DModel",
         dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=1,
              cross_attention_dim=32, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8),
         lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), encoder_hidden_states=randn(1, 6, 8),
                            timestep=_steps())),
-    "EasyAnimateTransformer3DModel": Spec(
+    Spec(
         "EasyAnimateTransformer3DModel",
         dict(attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2, num_layers=2,
              out_channels=4, patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8,
@@ -284,7 +283,7 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 4, 2, 8, 8), timestep=_steps(), timestep_cond=None,
                            encoder_hidden_states=randn(1, 6, 16), encoder_hidden_states_t5=None,
                            inpaint_latents=None, control_latents=None)),
-    "CosmosTransformer3DModel": Spec(
+    Spec(
         "CosmosTransformer3DModel",
         dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
              mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2),
@@ -292,7 +291,7 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 4, 1, 8, 8), timestep=_steps(),
                            encoder_hidden_states=randn(1, 6, 16), attention_mask=torch.ones(1, 6), fps=30,
                            padding_mask=torch.zeros(1, 1, 8, 8))),
-    "CogView3PlusTransformer2DModel": Spec(
+    Spec(
         "CogView3PlusTransformer2DModel",
         dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
              out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
@@ -300,7 +299,7 @@ SPECS: dict[str, Spec] = {
         lambda randn: dict(hidden_states=randn(1, 4, 8, 8), encoder_hidden_states=randn(1, 6, 8),
                            original_size=torch.tensor([[64, 64]]), target_size=torch.tensor([[64, 64]]),
                            crop_coords=torch.tensor([[0, 0]]), timestep=_steps())),
-}
+)}
 
 # The families a CI test runs (tests/bench/test_families.py): one of each structure.
 CI_FAMILIES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",

@@ -43,7 +43,6 @@ import lease
 TOL = 1e-2
 ROTATION_FLIPS = 1e-3
 GEMM_LISTS = ("SM90_CONFIGS", "SM80_CONFIGS")
-QUANTIZE_LISTS = ("PLAIN_CONFIGS", "ROTATION_CONFIGS")
 # Planning figures for --dry-run: one sm_90 GEMM compile took 3-5 s with Triton 3.9 on this
 # project's 2-core CPU machine (bench/README.md); one autotune trial is do_bench's 25 + 100 ms.
 COMPILE_SECONDS = 4.0
@@ -91,12 +90,12 @@ def plan(tiny: bool = False) -> list[Case]:
     return cases
 
 
-def estimate(cases: list[Case], gemm_configs: int, quantize_configs: int | None) -> dict:
+def estimate(cases: list[Case], gemm_configs: int) -> dict:
     """Compiles and seconds, assuming the worst case of a kernel specialized on every K and group.
 
     Autotuning compiles every kept config once per specialization and times it once per key
-    (its M, N, K and specialization). quantize_configs None: the quantize kernel does not autotune
-    and compiles one binary per launch plan, which depends on M too.
+    (its M, N, K and specialization). The quantize kernel does not autotune: it compiles one
+    binary per launch plan, which depends on M too.
     """
     gemm, quant, gemm_keys, quant_keys = set(), set(), set(), set()
     for c in cases:
@@ -108,12 +107,8 @@ def estimate(cases: list[Case], gemm_configs: int, quantize_configs: int | None)
         qsig = (v.a_bits, v.a_group or c.k, c.k, v.rotation)
         quant.add(qsig)
         quant_keys.add((c.m, qsig))
-    if quantize_configs is None:
-        compiles = len(gemm) * gemm_configs + len(quant_keys)
-        trials = len(gemm_keys) * gemm_configs
-    else:
-        compiles = len(gemm) * gemm_configs + len(quant) * quantize_configs
-        trials = len(gemm_keys) * gemm_configs + len(quant_keys) * quantize_configs
+    compiles = len(gemm) * gemm_configs + len(quant_keys)
+    trials = len(gemm_keys) * gemm_configs
     seconds = compiles * COMPILE_SECONDS + trials * TRIAL_SECONDS + len(cases) * CASE_SECONDS
     return {"cases": len(cases), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
 
@@ -309,13 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = plan(tiny=args.interpret)
 
     import torch
-    from clq_compile.kernels import triton_gemm, triton_quantize
+    from clq_compile.kernels import triton_gemm
 
     kept_gemm = lease.limit_configs(triton_gemm, GEMM_LISTS, keep)
-    kept_quant = lease.limit_configs(triton_quantize, QUANTIZE_LISTS, keep)
-    cost = estimate(cases, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=None))
+    cost = estimate(cases, max(kept_gemm.values(), default=9))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    rows.write("plan", dry_run=args.dry_run, seed=seed, configs={**kept_gemm, **kept_quant}, estimate=cost,
+    rows.write("plan", dry_run=args.dry_run, seed=seed, configs=kept_gemm, estimate=cost,
                machine=lease.machine())
     if args.dry_run:
         for case in cases:

@@ -57,20 +57,16 @@ def plan(lease_plan: bool) -> list[tuple[int, int, int]]:
     return [(m, n, k) for m in tokens for n, k in shapes]
 
 
-def estimate(rows: list[tuple[int, int, int]], gemm_configs: int, quantize_configs: int | None) -> dict:
+def estimate(rows: list[tuple[int, int, int]], gemm_configs: int) -> dict:
     """Compiles and seconds, assuming kernels specialized on every K (the worst case).
 
-    quantize_configs None: the quantize kernel does not autotune; it compiles one binary per
-    launch plan, which depends on M and K."""
+    The quantize kernel does not autotune: it compiles one binary per launch plan, which depends
+    on M and K."""
     ks = {k for _, _, k in rows}
     launches = len({(m, k) for m, _, k in rows})
     # GEMM: w4a4 and w8a8 per K; quantize: 4-bit, 8-bit and 4-bit rotated per K (per M and K untuned).
-    if quantize_configs is None:
-        compiles = len(ks) * 2 * gemm_configs + launches * 3
-        trials = len(rows) * 2 * gemm_configs
-    else:
-        compiles = len(ks) * (2 * gemm_configs + 3 * quantize_configs)
-        trials = len(rows) * 2 * gemm_configs + launches * 3 * quantize_configs
+    compiles = len(ks) * 2 * gemm_configs + launches * 3
+    trials = len(rows) * 2 * gemm_configs
     seconds = (compiles * kernel_check.COMPILE_SECONDS + trials * kernel_check.TRIAL_SECONDS
                + len(rows) * len(VARIANTS) * TIMING_SECONDS + PEAK_SECONDS)
     return {"rows": len(rows), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
@@ -128,14 +124,10 @@ def _tuned_configs() -> dict[str, dict[str, str]]:
     """{autotuned kernel: {key: chosen config}} of every autotuner in the kernel modules."""
     from triton.runtime.autotuner import Autotuner
 
-    from clq_compile.kernels import triton_gemm, triton_quantize
+    from clq_compile.kernels import triton_gemm
 
-    found = {}
-    for module in (triton_gemm, triton_quantize):
-        for name, obj in vars(module).items():
-            if isinstance(obj, Autotuner) and obj.cache:
-                found[f"{module.__name__.rsplit('.', 1)[-1]}.{name}"] = {str(k): str(c) for k, c in obj.cache.items()}
-    return found
+    return {f"triton_gemm.{name}": {str(k): str(c) for k, c in obj.cache.items()}
+            for name, obj in vars(triton_gemm).items() if isinstance(obj, Autotuner) and obj.cache}
 
 
 def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
@@ -236,15 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = lease.Rows(lease.out_dir(args.out), "kernels")
 
     import torch
-    from clq_compile.kernels import triton_gemm, triton_quantize
+    from clq_compile.kernels import triton_gemm
 
     keep = LEASE_CONFIGS if args.lease else None
     kept_gemm = lease.limit_configs(triton_gemm, kernel_check.GEMM_LISTS, keep)
-    kept_quant = lease.limit_configs(triton_quantize, kernel_check.QUANTIZE_LISTS, keep)
     shapes = plan(args.lease)
     budget = lease.Budget(args.budget_s or (300.0 if args.lease else None))
-    rows.write("plan", dry_run=args.dry_run, lease=args.lease, configs={**kept_gemm, **kept_quant},
-               estimate=estimate(shapes, max(kept_gemm.values(), default=9), max(kept_quant.values(), default=None)),
+    rows.write("plan", dry_run=args.dry_run, lease=args.lease, configs=kept_gemm,
+               estimate=estimate(shapes, max(kept_gemm.values(), default=9)),
                budget_s=budget.seconds, machine=lease.machine())
     if args.dry_run:
         for m, n, k in shapes:

@@ -6,8 +6,7 @@ import importlib
 
 import pytest
 
-CONFIG_LISTS = {"clq_compile.kernels.triton_gemm": ("SM90_CONFIGS", "SM80_CONFIGS"),
-                "clq_compile.kernels.triton_quantize": ("PLAIN_CONFIGS", "ROTATION_CONFIGS")}
+CONFIG_LISTS = {"clq_compile.kernels.triton_gemm": ("SM90_CONFIGS", "SM80_CONFIGS")}
 
 
 @pytest.fixture(autouse=True)

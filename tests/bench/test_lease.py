@@ -120,7 +120,7 @@ def test_the_lease_fits_in_eight_minutes(modules, tmp_path):
 def test_the_full_plan_would_not_fit(modules):
     # The estimate can fail: every shape with every config is what could not finish before.
     _, kernel_check, kernels = modules
-    full = kernels.estimate(kernels.plan(False), 9, 7)
+    full = kernels.estimate(kernels.plan(False), 9)
     assert full["seconds"] > LEASE_SECONDS
 
 

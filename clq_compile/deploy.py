@@ -80,6 +80,7 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
                            "or call it once to quantize data-free")
     state.refuse_changed_weights()
     tensors, names = layer_tensors(state.layers)
+    decisions = state.site_decisions()
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,9 +89,9 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
         "recipe": state.options.recipe,
         "calibrated": state.calibrations > 0 or bool(state.artifact and state.artifact.manifest["calibrated"]),
         "fingerprint": _model_fingerprint(qt, state),
-        "decisions": state.site_decisions(),
+        "decisions": decisions,
         # The JSON keeps its keys sorted; `explain_artifact` lists the layers in this, the model's, order.
-        "layer_order": list(state.site_decisions()),
+        "layer_order": list(decisions),
         "layers": {p: layer_manifest(state.layers[p], names[p]) for p in sorted(state.layers)},
         "errors": {p: float(e) for p, e in sorted(state.errors.items())},
     }

@@ -26,9 +26,8 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .structure import GraphContext, Structure
+from .structure import LINEAR_TARGETS, GraphContext, Structure
 
-LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 # Roles of linear layers, named by the layers of diffusers' DiT, PixArt, SD3 and Flux models.
 TOKEN_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "cross_q", "cross_k", "cross_v",

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+# What a linear layer is in a Dynamo graph: F.linear, as Dynamo records it or as written.
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+
 # Ops a value passes through unchanged in what it means: reshapes, casts, broadcasting.
 _SHAPE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "unflatten", "flatten", "to", "float",
                   "contiguous", "expand", "transpose", "permute", "type_as", "clone", "type"}
@@ -209,7 +212,7 @@ class Structure:
             if current in seen or current.op not in ("call_function", "call_method", "placeholder"):
                 continue
             seen.add(current)
-            if current is not node and (current.target in _BARRIERS or current.target in _LINEARS):
+            if current is not node and (current.target in _BARRIERS or current.target in LINEAR_TARGETS):
                 continue
             todo.extend(a for a in value_inputs(current) if a.name not in self.parameters)
         return False
@@ -222,7 +225,7 @@ class Structure:
             for user in current.users:
                 if user.op == "output":
                     return True
-                if user in seen or user.target in _LINEARS:
+                if user in seen or user.target in LINEAR_TARGETS:
                     continue
                 seen.add(user)
                 todo.append(user)
@@ -245,5 +248,3 @@ class Structure:
             return "final"
         return None
 
-
-_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)

@@ -346,7 +346,8 @@ def obs_activation_figure(model: nn.Module, calls: list[dict[str, Any]], block: 
 # Reports
 
 
-def _cell(row: dict[str, Any] | None) -> str:
+def quality_cell(row: dict[str, Any] | None, psnr: str = ".2f") -> str:
+    """"PSNR / SSIM / accuracy" of one result row ("" for none, "failed" for an error); psnr: its format."""
     if row is None:
         return ""
     if row.get("error"):
@@ -355,7 +356,7 @@ def _cell(row: dict[str, Any] | None) -> str:
     def show(value, spec):
         return "–" if value is None else format(value, spec)
 
-    return f"{show(row['psnr'], '.2f')} / {show(row['ssim'], '.3f')} / {show(row['accuracy'], '.2f')}"
+    return f"{show(row['psnr'], psnr)} / {show(row['ssim'], '.3f')} / {show(row['accuracy'], '.2f')}"
 
 
 def markdown_tables(rows: list[dict[str, Any]], recipes: list[str], bits: list[str]) -> str:
@@ -367,7 +368,7 @@ def markdown_tables(rows: list[dict[str, Any]], recipes: list[str], bits: list[s
         accuracy = "–" if fp is None or fp["accuracy"] is None else f"{fp['accuracy']:.2f}"
         lines += [f"### {model}", "", f"Full precision: accuracy {accuracy}.", "",
                   "| recipe | " + " | ".join(bits) + " |", "|---" * (len(bits) + 1) + "|"]
-        lines += [f"| {r} | " + " | ".join(_cell(cells.get((r, b))) for b in bits) + " |" for r in recipes]
+        lines += [f"| {r} | " + " | ".join(quality_cell(cells.get((r, b))) for b in bits) + " |" for r in recipes]
         lines += ["", "quantize_seconds:", "", "| recipe | " + " | ".join(bits) + " |",
                   "|---" * (len(bits) + 1) + "|"]
         for r in recipes:

@@ -31,6 +31,7 @@ from typing import Any
 
 # bench/ is a folder of scripts, not a package: run as a script, Python puts this folder on
 # sys.path; importers put it there themselves, and only while importing.
+from quality import quality_cell
 from recipes import recipes_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +54,8 @@ def quality_table(rows: list[dict[str, Any]]) -> list[str]:
         header.append(bits if model in seen else f"{model} {bits}")
         seen.add(model)
 
-    def cell(row: dict[str, Any] | None) -> str:
-        if row is None:
-            return ""
-        if row.get("error"):
-            return "failed"
-        accuracy = "–" if row["accuracy"] is None else f"{row['accuracy']:.2f}"
-        return f"{row['psnr']:.1f} / {row['ssim']:.3f} / {accuracy}"
-
     lines = ["| recipe | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| `{recipe}` | " + " | ".join(cell(cells.get((m, b, recipe))) for m, b in columns) + " |"
+    lines += [f"| `{recipe}` | " + " | ".join(quality_cell(cells.get((m, b, recipe)), psnr=".1f") for m, b in columns) + " |"
               for recipe in recipes]
     return lines
 

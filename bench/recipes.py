@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from clq_compile.cli import positive_int
 from clq_compile.passes.recipes import RECIPES
 from clq_compile.stress import compare_recipes
 from clq_compile.tiny_models import FAMILIES
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options", type=json.loads, default={},
                         help='further backend options as JSON, e.g. \'{"cbc_reference": "fp-model"}\'')
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 on a machine others are using)")
     args = parser.parse_args(argv)
     unknown = [r for r in args.recipes.split(",") if r not in RECIPES]

@@ -165,6 +165,14 @@ def layer_tensors(layers: Mapping[str, QuantizedLinear]) -> tuple[dict[str, torc
     return stored, names
 
 
+def ordered_decisions(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's {layer path: decision} in the saved model's order (`layer_order`; the
+    JSON's sorted order in artifacts written without one)."""
+    decisions = manifest["decisions"]
+    order = [p for p in manifest.get("layer_order", []) if p in decisions]
+    return {p: decisions[p] for p in [*order, *decisions]}
+
+
 def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str]) -> dict[str, Any]:
     w = layer.weight
     return {"w_bits": w.bits, "in_features": w.in_features, "w_group": w.group, "a_bits": layer.a_bits,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .artifact import layer_manifest, read_manifest
+from .artifact import layer_manifest, ordered_decisions, read_manifest
 from .calibration import model_state
 from .state import QUANTIZED
 
@@ -148,10 +148,9 @@ def explain(qt, columns: int | None = None) -> str:
 
 def _artifact_rows(manifest: dict) -> list[LayerRow]:
     """One row per linear layer, in the model's order (`layer_order`; sorted in artifacts without it)."""
-    layers, errors, decisions = manifest["layers"], manifest["errors"], manifest["decisions"]
-    order = [p for p in manifest.get("layer_order", []) if p in decisions]
-    order += [p for p in decisions if p not in order]
-    return [LayerRow(path, **decisions[path], layer=layers.get(path), error=errors.get(path)) for path in order]
+    layers, errors = manifest["layers"], manifest["errors"]
+    return [LayerRow(path, **d, layer=layers.get(path), error=errors.get(path))
+            for path, d in ordered_decisions(manifest).items()]
 
 
 def explain_artifact(path: str | os.PathLike, columns: int | None = None) -> str:

@@ -23,8 +23,8 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clq_compile.artifact import (Artifact, fingerprint_differences, loaded_decision, parameter_entry,
-                                  read_artifact, refuse_other_model)
+from clq_compile.artifact import (Artifact, fingerprint_differences, loaded_decision, ordered_decisions,
+                                  parameter_entry, read_artifact, refuse_other_model)
 from clq_compile.passes.capture import GraphAnalysis, LinearSite, module_names
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
@@ -234,10 +234,8 @@ class ModelState:
                 known.setdefault(site.path, saved.get(site.path) or {
                     "role": site.role, "out_features": site.out_features, "in_features": site.in_features,
                     "quantize": decision.quantize, "reason": decision.reason})
-        order = self.artifact.manifest.get("layer_order", []) if self.artifact is not None else []
-        for path in [*order, *saved]:  # the saved model's order; artifacts without one: sorted
-            if path in saved:
-                known.setdefault(path, saved[path])
+        for path, d in (ordered_decisions(self.artifact.manifest) if self.artifact is not None else {}).items():
+            known.setdefault(path, d)
         return known
 
     def check_parameters(self, params: dict[str, torch.Tensor], path: str, complete: bool = False) -> None:

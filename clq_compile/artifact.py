@@ -207,7 +207,8 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
     """Write `tensors` and `manifest` (to which the tensors' hashes are added) to `path`.
 
     A path ending in ".safetensors" becomes one file; any other path a directory with
-    manifest.json and tensors.safetensors (an existing artifact directory keeps its other files).
+    manifest.json and tensors.safetensors (it may exist empty; an existing artifact directory keeps
+    its other files).
     The result is byte-identical for identical inputs.
     """
     path = Path(path)
@@ -219,9 +220,9 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
                                 f"directory path without that suffix")
         _atomic_write(path, safetensors.torch.save(tensors, metadata={MANIFEST_KEY: text}))
         return path
-    if path.exists() and not (path.is_dir() and (path / MANIFEST_FILE).is_file()):
-        raise ArtifactError(f"{path} exists and is not a clq-compile artifact directory; choose another "
-                            f"path (or end it in .safetensors to write a single file)")
+    if path.exists() and not (path.is_dir() and ((path / MANIFEST_FILE).is_file() or not any(path.iterdir()))):
+        raise ArtifactError(f"{path} exists and is neither empty nor a clq-compile artifact directory; choose "
+                            f"another path (or end it in .safetensors to write a single file)")
     data = safetensors.torch.save(tensors)
     if path.is_dir():
         # The directory may hold the user's own files too (an evaluation beside the artifact):

@@ -423,3 +423,13 @@ def test_saving_again_keeps_other_files_in_the_directory(saved, tmp_path):
     assert (target / "eval.json").read_text() == '{"psnr": 30}' and (target / "notes").is_dir()
     assert sorted(p.name for p in target.iterdir()) == ["eval.json", "manifest.json", "notes", "tensors.safetensors"]
     assert read_manifest(target) == read_manifest(saved["dir"])
+
+
+def test_an_existing_empty_folder_takes_a_directory_artifact(saved, tmp_path):
+    # `clq quantize --out FOLDER` accepts an empty folder before the work; save() must too.
+    target = tmp_path / "empty"
+    target.mkdir()
+    qt = clq_compile.load(fresh_model(), saved["file"], release_weights=False)
+    clq_compile.save(qt, target)
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "tensors.safetensors"]
+    assert read_manifest(target) == read_manifest(saved["dir"])

@@ -7,6 +7,11 @@ only a zero-point correction through the activation's row sums.
 
 4-bit values are packed two per byte along K: byte j of a row holds element 2j in its low nibble
 and element 2j + 1 in its high nibble, both as 4-bit two's complement.
+
+3-bit values (two's complement, [-4, 3]) are stored as two bit planes, so that unpacking is two
+shifts and an OR, with no value straddling a byte: a row of K values (K divisible by 8) is
+K / 4 bytes of low two bits (byte j holds element 4j + i in bits 2i, 2i + 1) followed by K / 8
+bytes of high bits (byte K / 4 + j holds element 8j + i's third bit in bit i): 3K / 8 bytes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,31 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     low = (packed.view(torch.int8) << 4) >> 4
     high = packed.view(torch.int8) >> 4
     return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def pack_int3(q: torch.Tensor) -> torch.Tensor:
+    """q: integer [..., K] with values in [-4, 3], K divisible by 8 -> uint8 [..., 3K // 8]."""
+    if q.shape[-1] % 8:
+        raise ValueError(f"3-bit packing needs a multiple of 8 columns; got {q.shape[-1]}")
+    if q.numel() and (q.min() < -4 or q.max() > 3):
+        raise ValueError("3-bit packing needs values in [-4, 3]")
+    bits = (q.to(torch.int16) & 0x7).to(torch.uint8)
+    low = (bits & 0x3).unflatten(-1, (-1, 4))
+    high = (bits >> 2).unflatten(-1, (-1, 8))
+    low = sum(low[..., i] << (2 * i) for i in range(4))
+    high = sum(high[..., i] << i for i in range(8))
+    return torch.cat([low, high], dim=-1)
+
+
+def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
+    """packed: uint8 [..., 3K // 8] -> int8 [..., K] with values in [-4, 3]."""
+    k = packed.shape[-1] // 3 * 8
+    low, high = packed[..., :k // 4], packed[..., k // 4:]
+    low = torch.stack([(low >> (2 * i)) & 0x3 for i in range(4)], dim=-1).flatten(-2)
+    high = torch.stack([(high >> i) & 0x1 for i in range(8)], dim=-1).flatten(-2)
+    bits = (low | (high << 2)).view(torch.int8)
+    # Three bits moved to the top of a signed byte and back sign-extend.
+    return (bits << 5) >> 5
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clq_compile.kernels.packing import pack_int4, pack_weight, unpack_int4, unpack_weight
+from clq_compile.kernels.packing import pack_int3, pack_int4, pack_weight, unpack_int3, unpack_int4, unpack_weight
 from clq_compile.kernels.quantize import qrange, quantize, quantize_activation
 
 
@@ -88,8 +88,27 @@ def test_int4_nibble_layout():
     assert packed.tolist() == [[0x1 | (0xE << 4), 0x7 | (0x8 << 4)]]
 
 
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_int3_pack_unpack_round_trips(rows, eighth_k, seed):
+    q = torch.randint(-4, 4, (rows, 8 * eighth_k), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    packed = pack_int3(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, 3 * eighth_k)
+    assert torch.equal(unpack_int3(packed), q)
+
+
+def test_int3_bit_plane_layout():
+    # 3-bit codes 001 111 011 100 000 010 110 001: low two bits four per byte, then the third bits.
+    packed = pack_int3(torch.tensor([[1, -1, 3, -4, 0, 2, -2, 1]], dtype=torch.int8))
+    assert packed.tolist() == [[0b00_11_11_01, 0b01_10_10_00, 0b01001010]]
+
+
 def test_packing_rejects_bad_input():
     import pytest
+
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_int3(torch.zeros(2, 12, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[-4, 3\]"):
+        pack_int3(torch.full((1, 8), 4, dtype=torch.int8))
 
     with pytest.raises(ValueError, match="even"):
         pack_int4(torch.zeros(2, 3, dtype=torch.int8))

@@ -11,8 +11,9 @@ A table in the README sits between two comment lines that name its source, for e
 
 and everything between them is what this script writes from that file. Kinds of table:
 
-- ``quality``: rows of ``bench/quality.py``'s quality.json; a line per recipe, a column per model
-  variant x bits, each cell PSNR (dB) / SSIM / class accuracy against full precision.
+- ``quality FILE [BITS,BITS...]``: rows of ``bench/quality.py``'s quality.json; a line per recipe, a
+  column per model variant x bits (only the listed bits when given, in their order), each cell
+  PSNR (dB) / SSIM / class accuracy against full precision.
 - ``recipes BITS``: rows of one or more ``bench/recipes.py`` recipes.json files (separated by
   spaces; a recipe found in an earlier file is taken from there), the table of ``recipes_table``
   at BITS, with the number of seeds above it.
@@ -44,9 +45,13 @@ def _load(relative: str) -> Any:
     return json.loads((ROOT / relative).read_text())
 
 
-def quality_table(rows: list[dict[str, Any]]) -> list[str]:
-    """A line per recipe, a column per model variant x bits: "PSNR / SSIM / accuracy"."""
+def quality_table(rows: list[dict[str, Any]], bits: list[str] | None = None) -> list[str]:
+    """A line per recipe, a column per model variant x bits (those in `bits`, in its order, when
+    given): "PSNR / SSIM / accuracy"."""
     columns = list(dict.fromkeys((r["model"], r["bits"]) for r in rows if r["recipe"] != "fp"))
+    if bits is not None:
+        present = set(columns)
+        columns = [(m, b) for m in dict.fromkeys(m for m, _ in columns) for b in bits if (m, b) in present]
     recipes = list(dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "fp"))
     cells = {(r["model"], r["bits"], r["recipe"]): r for r in rows}
     header, seen = [], set()
@@ -76,12 +81,13 @@ def recipes_block(bits: str, sources: list[str]) -> list[str]:
 def render(spec: str) -> str:
     """The text between the markers of the table `spec` ("quality FILE" or "recipes BITS FILE...")."""
     kind, *words = spec.split()
-    if kind == "quality" and len(words) == 1:
-        lines = quality_table(_load(words[0]))
+    if kind == "quality" and len(words) in (1, 2):
+        lines = quality_table(_load(words[0]), words[1].split(",") if len(words) == 2 else None)
     elif kind == "recipes" and len(words) >= 2:
         lines = recipes_block(words[0], words[1:])
     else:
-        raise ValueError(f"README table marker {spec!r}: expected 'quality FILE' or 'recipes BITS FILE...'")
+        raise ValueError(f"README table marker {spec!r}: expected 'quality FILE [BITS,...]' or "
+                         f"'recipes BITS FILE...'")
     return "\n".join(lines) + "\n"
 
 

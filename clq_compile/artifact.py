@@ -5,13 +5,15 @@ safetensors header's metadata under ``clq_manifest``) or a directory holding ``m
 ``tensors.safetensors``. Nothing is pickled: tensors are raw safetensors, the rest is JSON.
 
 The manifest holds the format version, the package version, the options, every linear layer's
-decision (quantized or kept, and why), each quantized layer's scalars (bits, groups, method,
+decision (quantized or kept, and why), each quantized layer's scalars (number formats, groups, method,
 notes) with the names of its tensors, the measured per-layer errors, a SHA-256 of every stored
 tensor, and a fingerprint of the model the artifact was made from: the path, shape, dtype and
 SHA-256 of every parameter. Layers that share a tensor (an OBS rotation block) share one entry.
 Since format version 2 the manifest also holds `manifest_sha256`, the SHA-256 of its own canonical
 JSON (sorted keys, no spaces, without that field), which covers the tensors' hashes in turn: any
 edit of the manifest or of a tensor is refused. Version 1 artifacts (no manifest hash) still load.
+Since version 3 a layer names its number formats ("w_format": "int4", "a_format": "int8"); versions
+1 and 2, which gave bit counts, are read into that form (manifest_schema.py).
 
 A hash stops accidents, not a forger who recomputes it, so nothing read is trusted: the manifest is
 checked against its schema and for consistency with itself and its tensors (manifest_schema.py),
@@ -39,6 +41,7 @@ from typing import Any, Iterable, Mapping
 import safetensors.torch
 import torch
 
+from clq_compile.kernels.formats import get_format
 from clq_compile.kernels.packing import PackedWeight
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.policy import Decision
@@ -46,8 +49,8 @@ from clq_compile.passes.policy import Decision
 from .manifest_schema import ManifestError, check_manifest, check_tensors, dtype_name
 
 FORMAT = "clq-compile artifact"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_KEY = "clq_manifest"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -175,7 +178,8 @@ def ordered_decisions(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str]) -> dict[str, Any]:
     w = layer.weight
-    return {"w_bits": w.bits, "in_features": w.in_features, "w_group": w.group, "a_bits": layer.a_bits,
+    return {"w_format": w.format.name, "in_features": w.in_features, "w_group": w.group,
+            "a_format": layer.a_format.name,
             "a_group": layer.a_group, "method": layer.method, "notes": list(layer.notes),
             "details": to_json(layer.details), "tensors": tensor_names}
 
@@ -264,10 +268,10 @@ class Artifact:
         layers = {}
         for path, entry in self.manifest["layers"].items():
             t = {arg: moved[name] for arg, name in entry["tensors"].items()}
-            weight = PackedWeight(t["qweight"], t["w_scale"], t.get("w_zero"), entry["w_bits"],
+            weight = PackedWeight(t["qweight"], t["w_scale"], t.get("w_zero"), get_format(entry["w_format"]),
                                   entry["in_features"], entry["w_group"])
             fold = entry.get("details", {}).get("fold")
-            layers[path] = QuantizedLinear(weight, entry["a_bits"], entry["a_group"], t.get("act_mul"),
+            layers[path] = QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], t.get("act_mul"),
                                            t.get("act_perm"), t.get("act_rotation"), t.get("bias"),
                                            entry["method"], list(entry["notes"]),
                                            {"fold": fold} if fold else {})
@@ -369,7 +373,7 @@ def _parse_manifest(path: Path, text: str | bytes) -> dict[str, Any]:
             f"changed after it was saved; refusing to use it. Save the artifact again from the "
             f"quantized model (do not edit artifacts by hand).")
     try:
-        check_manifest(manifest, version)
+        manifest = check_manifest(manifest, version)
     except ManifestError as error:
         raise ArtifactError(f"{path} has a manifest that clq-compile does not accept: {error}. It was not "
                             f"written by clq_compile.save as it is; save it again from the quantized model.") from None

@@ -3,10 +3,11 @@
 The command line parses its arguments, and answers ``--help`` or a typo, before it loads torch
 and diffusers (seconds): it reads its choices from here. ``clq_compile.options`` validates
 options against the same tuples; ``RECIPE_NAMES`` are the keys of the recipe registry
-``clq_compile.passes.recipes.RECIPES`` in its order (a test keeps the two equal).
+``clq_compile.passes.recipes.RECIPES`` in its order, ``BITS`` those of the number-format pairs
+``clq_compile.kernels.formats.MODES`` (tests keep each pair equal).
 """
 
-BITS = ("w4a4", "w4a8", "w8a8", "w16a16")
+BITS = ("w4a4", "w4a8", "w8a8", "fp8", "w3a16", "w4a16", "w8a16", "w16a16")
 KERNELS = ("auto", "reference", "triton")
 RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
                 "clq-no-clps", "clq+gptq")

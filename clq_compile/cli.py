@@ -352,7 +352,8 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
     q.add_argument("--recipe", type=str.lower, choices=RECIPE_NAMES, default="clq", metavar="R",
                    help=f"how to quantize: one of {', '.join(RECIPE_NAMES)} (default clq; see the README's Recipes)")
     q.add_argument("--bits", type=str.lower, choices=QUANTIZING_BITS, default="w4a4", metavar="B",
-                   help=f"weight and activation bits: one of {', '.join(QUANTIZING_BITS)} (default w4a4)")
+                   help=f"number formats of weights and activations: one of {', '.join(QUANTIZING_BITS)} "
+                        f"(default w4a4; fp8 = float8 e4m3, w*a16 = weight-only)")
     q.add_argument("--calib-samples", type=positive_int, default=10, metavar="N",
                    help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
     q.add_argument("--calib-steps", type=_non_negative, default=10, metavar="K",

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from clq_compile.kernels.formats import get_format, mode_name
+
 from .artifact import layer_manifest, ordered_decisions, read_manifest
 from .calibration import model_state
 from .state import QUANTIZED
@@ -37,7 +39,7 @@ def _granularity(group: int | None, unit: str) -> str:
 def _cells(row: LayerRow) -> tuple[str, ...]:
     if row.layer is not None:
         info = row.layer
-        bits = f"w{info['w_bits']}a{info['a_bits']}"
+        bits = mode_name(get_format(info["w_format"]), get_format(info["a_format"]))
         gran = f"w:{_granularity(info['w_group'], 'channel')} a:{_granularity(info['a_group'], 'token')}"
         method, status = info["method"], "; ".join(["quantized", *info["notes"], *([row.merge] if row.merge else [])])
     else:

@@ -5,17 +5,22 @@ An artifact comes from outside the process, so nothing in it is used before it i
 1. *Shape of the JSON* (`check_manifest`): every key known, every value of the expected JSON type
    and range, nothing missing. Explicit checker functions below, one per kind of value.
 2. *Agreement inside the manifest* (`check_manifest`): the options parse as backend options; every
-   quantized layer has a decision that says "quantize" with the same in_features, its bits, groups
-   and zero points are those the options give, its weight is a 2-D parameter [out, in] of the
+   quantized layer has a decision that says "quantize" with the same in_features, its number
+   formats, groups and zero points are those the options give, its weight is a 2-D parameter [out, in] of the
    fingerprinted model, and every tensor it names is stored.
 3. *Agreement with the tensors* (`check_tensors`): each layer's tensors have the dtype and shape its
-   scalars imply (4-bit qweight uint8 [N, K/2], 8-bit int8 [N, K], w_scale float32 [N, K/group or 1],
+   scalars imply (qweight as its format stores it: int4 uint8 [N, K/2], int8 int8 [N, K], int3
+   uint8 [N, 3K/8], e4m3 float8_e4m3fn [N, K]; w_scale float32 [N, K/group or 1],
    w_zero int8 like w_scale, bias [N], act_mul [K], act_perm a permutation of range(K), act_rotation
    [b, b] with b dividing K), floating values are finite, and no stored tensor is unused.
 
 The model itself is checked in deploy.py (each layer is an nn.Linear of that shape) and when a
 graph is captured (the model's own policy would quantize it). Every failure is a `ManifestError`
-with the JSON path of the offending value, e.g. manifest["layers"]["blocks.0.proj"]["w_bits"].
+with the JSON path of the offending value, e.g. manifest["layers"]["blocks.0.proj"]["w_format"].
+
+Format version 3 names each layer's number formats ("w_format": "int4", "a_format": "int8");
+versions 1 and 2 gave bit counts ("w_bits": 4, "a_bits": 8, 16 for unquantized activations), which
+`check_manifest` checks in their own schema and then returns in the current form.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from clq_compile.kernels.formats import FORMATS, get_format
 from clq_compile.passes.layer import TENSOR_ARGS
 
 Check = Callable[[Any, tuple], None]
@@ -157,12 +163,14 @@ def _options(value: Any, keys: tuple) -> None:
         raise ManifestError(keys, f"are not valid options: {error}") from None
 
 
-_LAYER = _record(
-    {"w_bits": _one_of(4, 8), "in_features": _integer(1), "w_group": _optional(_integer(1)),
-     "a_bits": _one_of(4, 8, 16), "a_group": _optional(_integer(1)), "method": _string,
-     "notes": _list_of(_string), "details": _details,
-     "tensors": _record({"qweight": _string, "w_scale": _string},
-                        {a: _string for a in TENSOR_ARGS if a not in ("qweight", "w_scale")})})
+_LAYER_FIELDS = {
+    "in_features": _integer(1), "w_group": _optional(_integer(1)), "a_group": _optional(_integer(1)),
+    "method": _string, "notes": _list_of(_string), "details": _details,
+    "tensors": _record({"qweight": _string, "w_scale": _string},
+                       {a: _string for a in TENSOR_ARGS if a not in ("qweight", "w_scale")})}
+_WEIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.quantizes)
+_LAYER = _record({**_LAYER_FIELDS, "w_format": _one_of(*_WEIGHT_FORMATS), "a_format": _one_of(*FORMATS)})
+_LEGACY_LAYER = _record({**_LAYER_FIELDS, "w_bits": _one_of(4, 8), "a_bits": _one_of(4, 8, 16)})
 
 _FIELDS = {
     "format": _string, "format_version": _integer(1), "package_version": _string, "options": _options,
@@ -172,25 +180,45 @@ _FIELDS = {
                                   "quantize": _boolean, "reason": _string})),
     "layers": _map_of(_LAYER), "errors": _map_of(_number), "tensor_sha256": _map_of(_sha256),
 }
-# Version 1 had no hash of the manifest itself.
 _ORDER = {"layer_order": _list_of(_string)}  # optional: explain_artifact's row order
-_SCHEMAS = {1: _record(_FIELDS, _ORDER), 2: _record({**_FIELDS, "manifest_sha256": _sha256}, _ORDER)}
+# Version 1 had no hash of the manifest itself; versions 1 and 2 gave bit counts, not formats.
+_LEGACY = {**_FIELDS, "layers": _map_of(_LEGACY_LAYER)}
+_SCHEMAS = {1: _record(_LEGACY, _ORDER), 2: _record({**_LEGACY, "manifest_sha256": _sha256}, _ORDER),
+            3: _record({**_FIELDS, "manifest_sha256": _sha256}, _ORDER)}
+
+
+def _current_form(manifest: dict[str, Any], version: int) -> dict[str, Any]:
+    """A schema-checked manifest of `version` with its layers in version 3's form."""
+    if version >= 3:
+        return manifest
+
+    def formats(layer: dict[str, Any]) -> dict[str, Any]:
+        rest = {k: v for k, v in layer.items() if k not in ("w_bits", "a_bits")}
+        return {**rest, "w_format": f"int{layer['w_bits']}",
+                "a_format": "none" if layer["a_bits"] == 16 else f"int{layer['a_bits']}"}
+
+    return {**manifest, "layers": {p: formats(layer) for p, layer in manifest["layers"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------
 # The checks
 
 
-def check_manifest(manifest: dict[str, Any], version: int) -> None:
-    """Refuse a manifest of format `version` that is malformed or contradicts itself (steps 1-2)."""
+def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
+    """Refuse a manifest of format `version` that is malformed or contradicts itself (steps 1-2);
+    return it in the current version's form."""
     from clq_compile.options import parse_options
 
     _SCHEMAS[version](manifest, ())
+    manifest = _current_form(manifest, version)
     options = parse_options(manifest["options"])
     if manifest["recipe"] != options.recipe:
         raise ManifestError(("recipe",), f"is {manifest['recipe']!r} but the options say {options.recipe!r}")
-    expected = {"w_bits": options.w_bits, "a_bits": options.a_bits, "w_group": options.weight_group,
-                "a_group": options.act_group}
+    if not options.quantizes and manifest["layers"]:
+        raise ManifestError(("layers",), f"holds quantized layers, but bits={options.bits!r} quantizes none")
+    expected = {} if not options.quantizes else {
+        "w_format": options.w_format.name, "a_format": options.a_format.name,
+        "w_group": options.weight_group, "a_group": options.act_group}
     for path, layer in manifest["layers"].items():
         keys = ("layers", path)
         for k, v in expected.items():
@@ -211,14 +239,16 @@ def check_manifest(manifest: dict[str, Any], version: int) -> None:
         for arg, name in layer["tensors"].items():
             if name not in manifest["tensor_sha256"]:
                 raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which is not stored")
+    return manifest
 
 
 def _expected_tensors(layer: Mapping[str, Any], n: int) -> dict[str, tuple[tuple[torch.dtype, ...], tuple]]:
     """{argument: (allowed dtypes, shape)} of a layer's tensors from its scalars."""
-    k, bits, group = layer["in_features"], layer["w_bits"], layer["w_group"]
+    k, group = layer["in_features"], layer["w_group"]
     floating = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     scale_shape = (n, k // group if group else 1)
-    return {"qweight": ((torch.uint8,), (n, k // 2)) if bits == 4 else ((torch.int8,), (n, k)),
+    dtype, width = get_format(layer["w_format"]).storage(k)
+    return {"qweight": ((dtype,), (n, width)),
             "w_scale": ((torch.float32,), scale_shape), "w_zero": ((torch.int8,), scale_shape),
             "bias": (floating, (n,)), "act_mul": (floating, (k,)), "act_perm": ((torch.int64,), (k,)),
             "act_rotation": (floating, None)}
@@ -230,8 +260,10 @@ def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor])
     for path, layer in manifest["layers"].items():
         keys = ("layers", path)
         k, n = layer["in_features"], manifest["decisions"][path]["out_features"]
-        for what, g in (("w_bits", 2 if layer["w_bits"] == 4 else 1), ("w_group", layer["w_group"]),
-                        ("a_group", layer["a_group"])):
+        problem = get_format(layer["w_format"]).width_problem(k)
+        if problem:
+            raise ManifestError(keys + ("w_format",), f"cannot store in_features {k}: {problem}")
+        for what, g in (("w_group", layer["w_group"]), ("a_group", layer["a_group"])):
             if g and k % g:
                 raise ManifestError(keys + (what,), f"needs in_features divisible by {g}; it is {k}")
         expected = _expected_tensors(layer, n)
@@ -247,7 +279,7 @@ def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor])
                 raise ManifestError(keys + ("tensors", arg),
                                     f"names {name!r}, a {dtype_name(t.dtype)}{list(t.shape)} tensor; the layer's "
                                     f"scalars need {' or '.join(map(dtype_name, dtypes))}{want}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
                 raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which holds Inf or NaN")
             if arg == "act_perm" and not torch.equal(torch.sort(t).values, torch.arange(k)):
                 raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which is not a permutation of 0..{k - 1}")

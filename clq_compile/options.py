@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from clq_compile.artifact import read_manifest
 from clq_compile.choices import BITS, KERNELS
+from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.recipes import RECIPES
 
 GROUPS = (None, 32, 64, 128)
@@ -25,7 +26,11 @@ RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
 class Options:
     """What to quantize and how.
 
-    bits:             "w4a4", "w4a8", "w8a8", or "w16a16" (no quantization: the graph passes through)
+    bits:             the number formats of weights and activations (kernels/formats.py MODES):
+                      "w4a4", "w4a8", "w8a8" (integers), "fp8" (float8 e4m3 weights per output
+                      channel and activations per token), "w3a16", "w4a16", "w8a16" (weight-only:
+                      activations stay in 16 bit), or "w16a16" (no quantization: the graph
+                      passes through)
     recipe:           the pass pipeline that chooses the quantization (passes/recipes.py; "clq" by default)
     weight_group:     None (one scale per output channel) or 32/64/128 input channels per scale
     act_group:        None (one scale per token) or 32/64/128 channels per scale
@@ -78,17 +83,19 @@ class Options:
     load: str | None = None
 
     @property
-    def w_bits(self) -> int:
-        return int(self.bits[1:].split("a")[0])
+    def w_format(self) -> NumberFormat | None:
+        """The weights' number format (None for w16a16)."""
+        return MODES[self.bits][0]
 
     @property
-    def a_bits(self) -> int:
-        return int(self.bits.split("a")[1])
+    def a_format(self) -> NumberFormat | None:
+        """The activations' number format ("none" for weight-only modes, None for w16a16)."""
+        return MODES[self.bits][1]
 
     @property
     def quantizes(self) -> bool:
         """False for w16a16, where the graph runs unchanged."""
-        return self.w_bits < 16
+        return self.w_format is not None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -165,9 +172,27 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
             _boolean(key, values[key])
     if "skip" in values:
         values["skip"] = _patterns(values["skip"])
+    _formats_allow(values)
     if "load" in values:
         return _with_artifact(values)
     return Options(**values)
+
+
+def _formats_allow(values: dict[str, Any]) -> None:
+    """Refuse options the chosen number formats cannot honour (rather than ignore them)."""
+    weights, activations = MODES[values.get("bits", "w4a4")]
+    if weights is None:
+        return
+    if not weights.asymmetric and values.get("weight_symmetric") is False:
+        raise ValueError(f"options['weight_symmetric']=False: bits={values['bits']!r} stores {weights.name} "
+                         f"weights, which have no zero point; drop the option or choose integer bits")
+    for key in ("weight_group", "act_group"):
+        if weights.kernels == ("scaled_mm",) and values.get(key) is not None:
+            raise ValueError(f"options[{key!r}]={values[key]!r}: bits={values['bits']!r} uses one scale per "
+                             f"output channel and per token (torch._scaled_mm's rowwise scaling); drop {key!r}")
+    if not activations.quantizes and values.get("act_group") is not None:
+        raise ValueError(f"options['act_group']={values['act_group']!r}: bits={values['bits']!r} leaves "
+                         f"activations unquantized, so they have no groups; drop 'act_group'")
 
 
 def _with_artifact(values: dict[str, Any]) -> Options:

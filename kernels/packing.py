@@ -18,9 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .quantize import Quantized
+if TYPE_CHECKING:
+    from .formats import NumberFormat
+    from .quantize import Quantized
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,8 @@ def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
 class PackedWeight:
     """A quantized weight in the op's storage format.
 
-    qweight: uint8 [N, K // 2] (4-bit) or int8 [N, K] (8-bit)
+    qweight: as format.storage(K) says: uint8 [N, K // 2] (int4), int8 [N, K] (int8),
+             uint8 [N, 3K // 8] (int3), float8_e4m3fn [N, K] (e4m3)
     scale:   float32 [N, K // group]
     zero:    int8 [N, K // group] (signed, shifted as the module docstring says) or None
     """
@@ -78,9 +83,13 @@ class PackedWeight:
     qweight: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
-    bits: int
+    format: NumberFormat
     in_features: int
     group: int | None
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
 
     @property
     def nbytes(self) -> int:
@@ -90,16 +99,13 @@ class PackedWeight:
 
 def pack_weight(w: Quantized) -> PackedWeight:
     """Turn a quantized weight (signed or asymmetric) into the op's storage format."""
-    if w.bits not in (4, 8):
-        raise ValueError(f"only 4- and 8-bit weights can be stored; got {w.bits}")
-    q, zero = w.q, w.zero
-    if zero is not None:
-        offset = 2 ** (w.bits - 1)
-        q, zero = q - offset, (zero - offset).to(torch.int8)
-    qweight = pack_int4(q) if w.bits == 4 else q.to(torch.int8)
-    return PackedWeight(qweight, w.scale.float().contiguous(), zero, w.bits, w.q.shape[1], w.group)
+    qweight, zero = w.format.store(w.q, w.zero)
+    return PackedWeight(qweight, w.scale.float().contiguous(), zero, w.format, w.q.shape[1], w.group)
 
 
-def unpack_weight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The stored signed integers of a weight: int8 [N, K]."""
-    return unpack_int4(qweight) if bits == 4 else qweight
+def unpack_weight(qweight: torch.Tensor, fmt: NumberFormat | int) -> torch.Tensor:
+    """The stored codes of a weight [N, K]: int8 for integer formats (an integer b names the b-bit
+    one), float8 for e4m3."""
+    from .formats import as_format  # formats imports this module's packers
+
+    return as_format(fmt).unpack(qweight)

@@ -1,15 +1,18 @@
-"""Uniform integer quantizers for weights and activations.
+"""The quantizer: scales from min-max (or clipped) ranges, values to the codes of a number format.
 
-The math, for b bits and a group of values v (a row of a weight, or a token of an activation,
-or a `group`-wide slice of either along the input dimension K):
+The math, for a format with code range [qmin, qmax] (kernels/formats.py) and a group of values v
+(a row of a weight, or a token of an activation, or a `group`-wide slice of either along the input
+dimension K):
 
-- symmetric:  s = max|v| / (2^(b-1) - 1),            q = clamp(round(v / s), -2^(b-1), 2^(b-1) - 1),  v ~ s * q
-- asymmetric: s = (max(v, 0) - min(v, 0)) / (2^b - 1), z = round(-min(v, 0) / s),
-              q = clamp(round(v / s) + z, 0, 2^b - 1),  v ~ s * (q - z)
+- symmetric:  s = max|v| / qmax,                          q = encode(v / s),      v ~ s * q
+- asymmetric: s = (max(v, 0) - min(v, 0)) / (qmax - qmin), z = round(-min(v, 0) / s),
+              q = encode(v / s) + z (clamped),            v ~ s * (q - z)       (integer formats)
 
-The range always contains 0, so z lies in [0, 2^b - 1] and zero is represented exactly.
-Clipping multiplies the range's ends by ratios in (0, 1] before the scale is computed.
-Scales are float32 with shape [rows, K // group] (one column when `group` is None).
+For a b-bit integer format qmax = 2^(b-1) - 1 (symmetric) or 2^b - 1 (asymmetric, qmin = 0) and
+encode rounds to the nearest integer and clamps; for float8 e4m3 qmax = 448 and encode rounds to
+the nearest e4m3 value. The range always contains 0, so z lies in [qmin, qmax] and zero is
+represented exactly. Clipping multiplies the range's ends by ratios in (0, 1] before the scale is
+computed. Scales are float32 with shape [rows, K // group] (one column when `group` is None).
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats import NumberFormat, as_format, integer_format
+
 # Smallest scale allowed: an all-zero group quantizes to zeros instead of dividing by zero.
 MIN_SCALE = 1e-12
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """The integer range [qmin, qmax] of a `bits`-bit quantizer."""
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return integer_format(bits).qrange(symmetric)
 
 
 def _grouped(v: torch.Tensor, group: int | None) -> torch.Tensor:
@@ -40,18 +43,23 @@ def _grouped(v: torch.Tensor, group: int | None) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Quantized:
-    """Integers and the parameters that map them back to real numbers.
+    """Codes and the parameters that map them back to real numbers.
 
-    q:     int16 [rows, K]  (values in qrange(bits, symmetric))
-    scale: float32 [rows, K // group]
-    zero:  int16 [rows, K // group] for asymmetric quantization, else None
+    q:      [rows, K] codes in format.code_dtype (int16 for integers, in format.qrange(symmetric))
+    scale:  float32 [rows, K // group]
+    zero:   int16 [rows, K // group] for asymmetric quantization, else None
+    format: the number format (kernels/formats.py)
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
-    bits: int
+    format: NumberFormat
     group: int | None
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
 
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, K]: scale * (q - zero), group by group."""
@@ -61,13 +69,17 @@ class Quantized:
         return (qg * self.scale.unsqueeze(-1)).reshape(self.q.shape)
 
 
-def quantize(v: torch.Tensor, bits: int, symmetric: bool = True, group: int | None = None,
+def quantize(v: torch.Tensor, fmt: NumberFormat | int, symmetric: bool = True, group: int | None = None,
              clip: tuple[float, float] = (1.0, 1.0)) -> Quantized:
-    """Quantize v: [rows, K] row by row (or group by group along K).
+    """Quantize v: [rows, K] row by row (or group by group along K) to the codes of `fmt`.
 
+    fmt: a number format, or b for the b-bit integer format.
     clip = (lower, upper): ratios applied to the minimum and maximum of each group; a symmetric
     quantizer uses the larger clipped magnitude. (1, 1) is plain min-max.
     """
+    fmt = as_format(fmt)
+    if not (symmetric or fmt.asymmetric):
+        raise ValueError(f"{fmt.name} is a symmetric format: it has no zero point")
     if v.dim() != 2:
         raise ValueError(f"expected a 2-D tensor [rows, K]; got shape {tuple(v.shape)}")
     lo_ratio, hi_ratio = clip
@@ -76,19 +88,19 @@ def quantize(v: torch.Tensor, bits: int, symmetric: bool = True, group: int | No
     vg = _grouped(v.float(), group)
     vmin = vg.amin(dim=-1).clamp(max=0) * lo_ratio
     vmax = vg.amax(dim=-1).clamp(min=0) * hi_ratio
-    qmin, qmax = qrange(bits, symmetric)
+    qmin, qmax = fmt.qrange(symmetric)
     if symmetric:
         scale = (torch.maximum(-vmin, vmax) / qmax).clamp(min=MIN_SCALE)
-        q = torch.round(vg / scale.unsqueeze(-1)).clamp(qmin, qmax)
+        q = fmt.encode(vg / scale.unsqueeze(-1), None)
         zero = None
     else:
-        scale = ((vmax - vmin) / qmax).clamp(min=MIN_SCALE)
+        scale = ((vmax - vmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
         zero = torch.round(-vmin / scale).clamp(qmin, qmax)
-        q = (torch.round(vg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(qmin, qmax)
+        q = fmt.encode(vg / scale.unsqueeze(-1), zero.unsqueeze(-1))
         zero = zero.to(torch.int16)
-    return Quantized(q.reshape(v.shape).to(torch.int16), scale, zero, bits, group)
+    return Quantized(q.reshape(v.shape).to(fmt.code_dtype), scale, zero, fmt, group)
 
 
-def quantize_activation(x: torch.Tensor, bits: int, group: int | None = None) -> Quantized:
+def quantize_activation(x: torch.Tensor, fmt: NumberFormat | int, group: int | None = None) -> Quantized:
     """Dynamic symmetric quantization of activations x: [tokens, K], one scale per token (or group)."""
-    return quantize(x, bits, symmetric=True, group=group)
+    return quantize(x, fmt, symmetric=True, group=group)

@@ -2,9 +2,12 @@
 
 y = Q(T(x)) · Ŵᵀ + bias, where T is the layer's online activation transform (per-channel
 multiplier, channel permutation, block rotation; each optional), Q dynamic symmetric quantization
-per token or per group, and Ŵ the stored quantized weight. The integer product is accumulated
-exactly in int32, chunk by chunk where groups need separate scales; scales and zero-point
-corrections are applied in float32 afterwards (`scale_product`).
+to the activation format per token or per group, and Ŵ the stored quantized weight. For integer
+formats the product is accumulated exactly in int32, chunk by chunk where groups need separate
+scales; scales and zero-point corrections are applied in float32 afterwards (`scale_product`).
+For e4m3 the codes are multiplied in float32 (each product of two e4m3 values is exact there: 4
+significant bits times 4) and scaled the same way, as torch._scaled_mm does with rowwise scales.
+Weight-only layers (activation format "none") multiply T(x) by the dequantized weight in float32.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 
 import torch
 
-from .packing import unpack_weight
+from .formats import check_pair, get_format
 from .quantize import quantize_activation
 
 
@@ -46,6 +49,13 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), b.t().contiguous())
 
 
+def code_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a · bᵀ of codes a [M, K], b [N, K]: exact int32 for integers, float32 for float8 codes."""
+    if a.is_floating_point():
+        return a.float() @ b.float().t()
+    return int_matmul(a, b)
+
+
 def scale_product(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """float32 [M, N] = acc · a_scale[:, None] · w_scale[None, :], with no overflow on the way.
 
@@ -67,29 +77,31 @@ def scale_product(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tenso
 def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                            w_zero: torch.Tensor | None, bias: torch.Tensor | None,
                            act_mul: torch.Tensor | None, act_perm: torch.Tensor | None,
-                           act_rotation: torch.Tensor | None, in_features: int, w_bits: int,
-                           a_bits: int, w_group: int, a_group: int) -> torch.Tensor:
+                           act_rotation: torch.Tensor | None, in_features: int, w_format: str,
+                           a_format: str, w_group: int, a_group: int) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x's dtype.  Arguments as `clq::quant_linear` documents them."""
     k = in_features
     lead = x.shape[:-1]
+    w_fmt, a_fmt = get_format(w_format), get_format(a_format)
+    check_pair(w_fmt, a_fmt)
     xt = transform_activation(x.reshape(-1, k).float(), act_mul, act_perm, act_rotation)
-    wq = unpack_weight(qweight, w_bits)
+    wq = w_fmt.unpack(qweight)
     n = wq.shape[0]
     wg = w_group or k
-    if a_bits >= 16:
+    if not a_fmt.quantizes:
         w = wq.float().reshape(n, k // wg, wg)
         if w_zero is not None:
             w = w - w_zero.float().unsqueeze(-1)
         out = xt @ (w * w_scale.unsqueeze(-1)).reshape(n, k).t()
     else:
-        xa = quantize_activation(xt, a_bits, a_group or None)
-        xq = xa.q.to(torch.int8)
+        xa = quantize_activation(xt, a_fmt, a_group or None)
+        xq = xa.q.to(wq.dtype)
         ag = a_group or k
         chunk = math.gcd(ag, wg)
         out = xt.new_zeros(xq.shape[0], n)
         for c0 in range(0, k, chunk):
             xc = xq[:, c0:c0 + chunk]
-            acc = int_matmul(xc, wq[:, c0:c0 + chunk])
+            acc = code_matmul(xc, wq[:, c0:c0 + chunk])
             if w_zero is not None:
                 rowsum = xc.sum(dim=1, dtype=torch.int32)
                 acc = acc - rowsum[:, None] * w_zero[:, c0 // wg].to(torch.int32)[None, :]

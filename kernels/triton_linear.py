@@ -1,14 +1,21 @@
-"""The Triton path of `clq::quant_linear`: activation-quantize kernel, then the integer GEMM.
+"""The compiled path of `clq::quant_linear`, dispatched on the layer's number formats.
+
+- integer weights and activations (int4 / int8): the activation-quantize kernel, then the integer
+  GEMM (generated Triton, kernels/triton_quantize.py and kernels/triton_gemm.py);
+- e4m3 weights and activations: torch._scaled_mm with rowwise scales (kernels/float8_linear.py);
+- weight-only layers (activation format "none"): a dequantized weight and a float matmul.
 
 Same arguments and same result as `quant_linear_reference` (kernels/reference.py). On CPU tensors
-the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels are
-defined), which the tests use; on CUDA they are compiled and autotuned.
+the Triton kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels
+are defined), which the tests use; on CUDA they are compiled.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .float8_linear import float8_linear
+from .formats import check_pair, get_format
 from .reference import quant_linear_reference
 from .triton_gemm import quant_matmul
 from .triton_quantize import interpreted, quantize_activation_triton
@@ -17,23 +24,26 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                     w_zero: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, w_bits: int,
-                     a_bits: int, w_group: int, a_group: int) -> None:
+                     w_zero: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, w_format: str,
+                     a_format: str, w_group: int, a_group: int) -> None:
     k = in_features
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x must be [..., {k}] (in_features = {k}); got shape {tuple(x.shape)}")
-    if w_bits not in (4, 8):
-        raise ValueError(f"w_bits must be 4 or 8; got {w_bits}")
-    if a_bits not in (4, 8, 16):
-        raise ValueError(f"a_bits must be 4, 8 or 16 (not quantized); got {a_bits}")
+    w_fmt, a_fmt = get_format(w_format), get_format(a_format)
+    if not w_fmt.quantizes:
+        raise ValueError(f"w_format must be a weight format ({w_format!r} leaves values unquantized)")
+    check_pair(w_fmt, a_fmt)
     for name, g in (("w_group", w_group), ("a_group", a_group)):
         if g < 0 or (g and k % g):
             raise ValueError(f"{name} must be 0 (one group per row) or divide in_features = {k}; got {g}")
-    wanted = (torch.uint8, k // 2) if w_bits == 4 else (torch.int8, k)
+    problem = w_fmt.width_problem(k)
+    if problem:
+        raise ValueError(f"a {w_format} weight cannot have in_features = {k}: {problem}")
+    wanted = w_fmt.storage(k)
     if qweight.dim() != 2 or (qweight.dtype, qweight.shape[1]) != wanted:
-        raise ValueError(f"qweight for w_bits={w_bits} must be {wanted[0]} [N, {wanted[1]}]; got "
+        raise ValueError(f"qweight for w_format={w_format!r} must be {wanted[0]} [N, {wanted[1]}]; got "
                          f"{qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[0]
     scale_shape = (n, k // (w_group or k))
@@ -55,18 +65,25 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                         w_zero: torch.Tensor | None, bias: torch.Tensor | None,
                         act_mul: torch.Tensor | None, act_perm: torch.Tensor | None,
-                        act_rotation: torch.Tensor | None, in_features: int, w_bits: int,
-                        a_bits: int, w_group: int, a_group: int) -> torch.Tensor:
+                        act_rotation: torch.Tensor | None, in_features: int, w_format: str,
+                        a_format: str, w_group: int, a_group: int) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x's dtype.  Arguments as `clq::quant_linear` documents them."""
-    _check_arguments(x, qweight, w_scale, w_zero, bias, in_features, w_bits, a_bits, w_group, a_group)
-    if a_bits >= 16:
-        # Weight-only layers (M = batch size for the conditioning GEMMs they serve) are small: a
-        # dequantized weight and a float matmul, exactly as the reference computes them.
-        return quant_linear_reference(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
-                                      in_features, w_bits, a_bits, w_group, a_group)
+    _check_arguments(x, qweight, w_scale, w_zero, bias, in_features, w_format, a_format, w_group, a_group)
+    w_fmt, a_fmt = get_format(w_format), get_format(a_format)
     lead = x.shape[:-1]
-    xq, x_scale = quantize_activation_triton(x.reshape(-1, in_features), a_bits, a_group or None,
-                                             act_mul, act_perm, act_rotation)
-    out = quant_matmul(xq, x_scale, qweight, w_scale, w_zero, bias, in_features, a_bits, w_bits, a_group,
-                       w_group, x.dtype)
+    rows = x.reshape(-1, in_features)
+    if not a_fmt.quantizes:
+        # Weight-only layers: a dequantized weight and a float matmul, exactly as the reference.
+        return quant_linear_reference(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
+                                      in_features, w_format, a_format, w_group, a_group)
+    if "scaled_mm" in w_fmt.kernels:
+        out = float8_linear(rows, qweight, w_scale, bias, act_mul, act_perm, act_rotation, a_fmt, w_group, a_group)
+    elif w_fmt.bits in (4, 8) and a_fmt.bits in (4, 8):
+        xq, x_scale = quantize_activation_triton(rows, a_fmt.bits, a_group or None, act_mul, act_perm,
+                                                 act_rotation)
+        out = quant_matmul(xq, x_scale, qweight, w_scale, w_zero, bias, in_features, a_fmt.bits, w_fmt.bits,
+                           a_group, w_group, x.dtype)
+    else:
+        raise ValueError(f"no compiled kernel multiplies {w_format} weights with {a_format} activations; "
+                         f"use options={{'kernels': 'reference'}}")
     return out.reshape(*lead, qweight.shape[0])

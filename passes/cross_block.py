@@ -112,12 +112,12 @@ class _LayerQuantizer:
         if final and self.parts.gptq:
             from .gptq import gptq
 
-            q = gptq(self.weight, _smoothed_hessian(self.stats.hessian, self.smoothing), o.w_bits,
+            q = gptq(self.weight, _smoothed_hessian(self.stats.hessian, self.smoothing), o.w_format,
                      o.weight_symmetric, o.weight_group, act_order=o.gptq_act_order, clip=clip)
         else:
-            q = quantize(self.weight, o.w_bits, o.weight_symmetric, o.weight_group, clip)
+            q = quantize(self.weight, o.w_format, o.weight_symmetric, o.weight_group, clip)
         s = self.smoothing if self.online else None
-        return QuantizedLinear(pack_weight(q), o.a_bits, o.act_group,
+        return QuantizedLinear(pack_weight(q), o.a_format, o.act_group,
                                act_perm=None if s is None else s.act_perm,
                                act_rotation=None if s is None else s.act_rotation, bias=self.bias,
                                fold_in=self.fold_in, fold_out=self.fold_out)

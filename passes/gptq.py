@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from clq_compile.kernels.packing import pack_weight
-from clq_compile.kernels.quantize import Quantized, qrange, quantize
+from clq_compile.kernels.formats import NumberFormat, as_format
+from clq_compile.kernels.quantize import Quantized, quantize
 
 from .layer import QuantizedLinear
 
@@ -105,7 +106,7 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     return upper
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool, group: int | None,
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: NumberFormat | int, symmetric: bool, group: int | None,
          damp: float = 0.01, act_order: bool = False, block_size: int = 128,
          clip: tuple[float, float] = (1.0, 1.0)) -> Quantized:
     """GPTQ-quantize weight: [N, K] under the Hessian of its inputs.
@@ -113,7 +114,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool
     Args:
         weight: [N, K].
         hessian: [K, K], 2/T · xᵀx of the layer's calibration inputs (see `hessian`).
-        bits, symmetric, group, clip: the quantizer, as in `kernels.quantize.quantize`.
+        fmt, symmetric, group, clip: the quantizer, as in `kernels.quantize.quantize`.
         damp: damping as a fraction of the mean live Hessian diagonal.
         act_order: process columns by decreasing Hessian diagonal.
         block_size: columns per lazy-update block; a performance knob only (the result is the same
@@ -121,7 +122,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool
             so that each group lies inside one block and is fully updated when it is first reached.
 
     Returns:
-        Quantized with q int16 [N, K] in the original column order, scale float32 [N, K // group]
+        Quantized with codes [N, K] in the original column order, scale float32 [N, K // group]
         and zero int16 like scale (or None when symmetric); its dequantize() is the GPTQ weight.
     """
     if weight.dim() != 2:
@@ -130,8 +131,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool
     if hessian.shape != (k, k):
         raise ValueError(f"the Hessian must be [{k}, {k}] for a weight with {k} input channels; "
                          f"got {tuple(hessian.shape)}")
-    if not 2 <= bits <= 8:
-        raise ValueError(f"GPTQ quantizes to 2..8 bits; got {bits}")
+    fmt = as_format(fmt)
     if damp < 0 or block_size < 1:
         raise ValueError(f"damp must be >= 0 and block_size >= 1; got damp={damp}, block_size={block_size}")
     g = group or k
@@ -152,11 +152,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool
         scale = torch.empty(n, k // g, dtype=torch.float32, device=w.device)
         zero = None if symmetric else torch.empty(n, k // g, dtype=torch.int16, device=w.device)
     else:
-        upfront = quantize(weight.detach().float(), bits, symmetric, group, clip)
+        upfront = quantize(weight.detach().float(), fmt, symmetric, group, clip)
         scale, zero = upfront.scale, upfront.zero
-    qmin, qmax = qrange(bits, symmetric)
     original = order.tolist()
-    q = torch.empty(n, k, dtype=torch.int16, device=w.device)
+    q = torch.empty(n, k, dtype=fmt.code_dtype, device=w.device)
 
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
@@ -164,30 +163,30 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool
         for i in range(start, end):
             column, group_index = original[i], original[i] // g
             if lazy_groups and column % g == 0:
-                params = quantize(w[:, i:i + g].float(), bits, symmetric, None, clip)
+                params = quantize(w[:, i:i + g].float(), fmt, symmetric, None, clip)
                 scale[:, group_index] = params.scale[:, 0]
                 if zero is not None:
                     zero[:, group_index] = params.zero[:, 0]
             s = scale[:, group_index]
-            z = zero[:, group_index].float() if zero is not None else 0.0
+            z = zero[:, group_index].float() if zero is not None else None
             # The same float32 arithmetic as `quantize` and `Quantized.dequantize`, so that without
-            # error feedback the integers are RTN's, bit for bit.
-            qi = (torch.round(w[:, i].float() / s) + z).clamp(qmin, qmax)
-            error = (w[:, i] - ((qi - z) * s).double()) / upper[i, i]
+            # error feedback the codes are RTN's, bit for bit.
+            qi = fmt.encode(w[:, i].float() / s, z)
+            error = (w[:, i] - (fmt.decode(qi, z) * s).double()) / upper[i, i]
             w[:, i + 1:end] -= error[:, None] * upper[i, i + 1:end][None, :]
             errors[:, i - start] = error
-            q[:, i] = qi.to(torch.int16)
+            q[:, i] = qi.to(fmt.code_dtype)
         w[:, end:] -= errors @ upper[start:end, end:]
 
     in_original_order = torch.empty_like(q)
     in_original_order[:, order] = q
-    return Quantized(in_original_order, scale, zero, bits, group)
+    return Quantized(in_original_order, scale, zero, fmt, group)
 
 
 def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, options: Options,
                act_order: bool = False) -> QuantizedLinear:
     """GPTQ of weight: [N, K] under hessian: [K, K] and `options`, packed for the op (method "gptq")."""
-    q = gptq(weight, hessian, options.w_bits, options.weight_symmetric, options.weight_group,
+    q = gptq(weight, hessian, options.w_format, options.weight_symmetric, options.weight_group,
              act_order=act_order)
     notes = ["columns in activation order"] if act_order else []
-    return QuantizedLinear(pack_weight(q), options.a_bits, options.act_group, method="gptq", notes=notes)
+    return QuantizedLinear(pack_weight(q), options.a_format, options.act_group, method="gptq", notes=notes)

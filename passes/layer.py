@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clq_compile.kernels import ops  # noqa: F401  (registers torch.ops.clq.quant_linear)
+from clq_compile.kernels.formats import NumberFormat
 from clq_compile.kernels.packing import PackedWeight
 
 # Names of the tensors a QuantizedLinear hands to the op, in the op's argument order.
@@ -23,7 +24,8 @@ class QuantizedLinear:
     """One quantized layer.
 
     weight: the packed weight (already multiplied by the inverse of the activation transform)
-    a_bits: 4 or 8 (16: weight only); a_group: channels per activation scale, None = per token
+    a_format: the activations' number format ("none": weight only); a_group: channels per
+        activation scale, None = per token
     act_mul [K], act_perm int64 [K], act_rotation [b, b]: the online activation transform
     bias [N]: the layer's own bias, used instead of the graph's when set (a producer whose output
     rows carry a consumer's folded transform stores b·G)
@@ -35,7 +37,7 @@ class QuantizedLinear:
     """
 
     weight: PackedWeight
-    a_bits: int
+    a_format: NumberFormat
     a_group: int | None
     act_mul: torch.Tensor | None = None
     act_perm: torch.Tensor | None = None
@@ -56,7 +58,7 @@ class QuantizedLinear:
     def scalars(self, kernels: str) -> tuple:
         """The op's trailing scalar arguments."""
         w = self.weight
-        return (w.in_features, w.bits, self.a_bits, w.group or 0, self.a_group or 0, kernels)
+        return (w.in_features, w.format.name, self.a_format.name, w.group or 0, self.a_group or 0, kernels)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kernels: str) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features], through the op; `bias` is the graph's."""

@@ -66,16 +66,17 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 def difference(a: QuantizedLinear, b: QuantizedLinear) -> str | None:
     """Why layers a and b, reading the same input, cannot share one quantize and one GEMM; None if
     they can."""
-    if max(a.a_bits, b.a_bits) >= 16:
+    if not (a.a_format.quantizes and b.a_format.quantizes):
         return "weight-only layers (16-bit activations) are not merged"
     checks = (
-        (a.a_bits == b.a_bits, f"their activation bits differ ({a.a_bits} vs {b.a_bits})"),
+        (a.a_format == b.a_format, f"their activation formats differ ({a.a_format.name} vs {b.a_format.name})"),
         (a.a_group == b.a_group, f"their activation groups differ ({a.a_group or 'per token'} vs "
                                  f"{b.a_group or 'per token'})"),
         (_same(a.act_mul, b.act_mul), "their online channel multipliers differ"),
         (_same(a.act_perm, b.act_perm), "their channel permutations differ"),
         (_same(a.act_rotation, b.act_rotation), "their online rotations differ"),
-        (a.weight.bits == b.weight.bits, f"their weight bits differ ({a.weight.bits} vs {b.weight.bits})"),
+        (a.weight.format == b.weight.format,
+         f"their weight formats differ ({a.weight.format.name} vs {b.weight.format.name})"),
         (a.weight.group == b.weight.group, "their weight groups differ"),
         ((a.weight.zero is None) == (b.weight.zero is None), "one has asymmetric weights, the other not"),
     )
@@ -151,5 +152,5 @@ def merged_weight(members: list[QuantizedLinear]) -> PackedWeight:
                 view = joined[name][start:start + part.shape[0]]
                 m.weight = dataclasses.replace(m.weight, **{name: view})
                 start += part.shape[0]
-    return PackedWeight(joined["qweight"], joined["scale"], joined["zero"], first.bits, first.in_features,
+    return PackedWeight(joined["qweight"], joined["scale"], joined["zero"], first.format, first.in_features,
                         first.group)

@@ -45,8 +45,9 @@ def decide(site: LinearSite, options: Options) -> Decision:
     k = site.in_features
     if k == 0 or site.out_features == 0:
         return Decision(False, f"empty weight ({site.out_features} x {k}): nothing to quantize")
-    if options.w_bits == 4 and k % 2:
-        return Decision(False, f"input width {k} is odd: 4-bit packing needs an even width")
+    problem = options.w_format.width_problem(k)
+    if problem:
+        return Decision(False, problem)
     for name, group in (("weight_group", options.weight_group), ("act_group", options.act_group)):
         if group is not None and k % group:
             return Decision(False, f"{name} {group} does not divide the input width {k}")

@@ -113,7 +113,7 @@ def quarot_layer(weight: torch.Tensor, options: Options, seed: int = 0) -> Quant
 
     Args:
         weight: [N, K].
-        options: w_bits, weight_symmetric, weight_group (weight side); a_bits, act_group (activations).
+        options: w_format, weight_symmetric, weight_group (weight side); a_format, act_group (activations).
         seed: seed of the random signs; layers of one rotation size and seed share one tensor.
 
     Returns:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def rtn(weight: torch.Tensor, options: Options, clip: tuple[float, float] = (1.0, 1.0)) -> QuantizedLinear:
     """Round-to-nearest quantization of weight: [out_features, in_features] under `options`."""
-    q = quantize(weight.detach().float(), options.w_bits, options.weight_symmetric,
+    q = quantize(weight.detach().float(), options.w_format, options.weight_symmetric,
                  options.weight_group, clip)
     method = "rtn" if clip == (1.0, 1.0) else f"rtn clip {clip[0]:.2f}/{clip[1]:.2f}"
-    return QuantizedLinear(pack_weight(q), options.a_bits, options.act_group, method=method)
+    return QuantizedLinear(pack_weight(q), options.a_format, options.act_group, method=method)

@@ -42,6 +42,16 @@ def test_a_changed_number_is_found_and_rewritten(tables, tmp_path):
     assert tables.main(["--readme", str(readme), "--check"]) == 1
 
 
+def test_a_quality_table_can_show_some_bits_in_a_given_order(tables, tmp_path):
+    rows = _quality_rows(25.04)
+    rows += [{**r, "bits": b, "psnr": p} for r in rows if r["recipe"] != "fp" for b, p in (("fp8", 40.0), ("w8a8", 35.0))]
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps(rows))
+    lines = tables.render(f"quality {results} fp8,w4a4").splitlines()
+    assert lines[0] == "| recipe | m fp8 | w4a4 |"
+    assert lines[2] == "| `rtn` | 40.0 / 0.900 / 0.95 | 25.0 / 0.900 / 0.95 |"
+
+
 def test_recipes_tables_take_each_recipe_from_the_first_file_holding_it(tables, tmp_path):
     def rows(recipe, errors):
         return [{"model": f, "recipe": recipe, "bits": "w4a4", "error": sum(errors) / len(errors),
@@ -58,5 +68,5 @@ def test_recipes_tables_take_each_recipe_from_the_first_file_holding_it(tables, 
 
 
 def test_an_unknown_marker_is_a_clear_error(tables):
-    with pytest.raises(ValueError, match="expected 'quality FILE' or 'recipes BITS FILE...'"):
+    with pytest.raises(ValueError, match=r"expected 'quality FILE \[BITS,...\]' or 'recipes BITS FILE...'"):
         tables.render("speed bench/results/kernels.json")

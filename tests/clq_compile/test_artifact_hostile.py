@@ -126,9 +126,9 @@ def test_paths_must_be_paths(saved):
 # Item 7: the manifest is integrity-checked
 
 
-def _edit_a_bits(text):
-    assert '"a_bits": 4' in text
-    return text.replace('"a_bits": 4', '"a_bits": 8', 1)
+def _edit_a_format(text):
+    assert '"a_format": "int4"' in text
+    return text.replace('"a_format": "int4"', '"a_format": "int8"', 1)
 
 
 def _move_entry(text):
@@ -143,7 +143,7 @@ def _repoint_tensor(text):
     return json.dumps(m, sort_keys=True, indent=1)
 
 
-@pytest.mark.parametrize("edit", [_edit_a_bits, _move_entry, _repoint_tensor])
+@pytest.mark.parametrize("edit", [_edit_a_format, _move_entry, _repoint_tensor])
 def test_any_edit_of_the_manifest_is_refused(copy, edit):
     rewrite(copy, edit(manifest_text(copy)))
     with pytest.raises(ArtifactError, match="manifest"):
@@ -175,21 +175,35 @@ def test_a_flipped_byte_in_the_manifest_is_refused_or_harmless(saved, tmp_path_f
 
 def test_manifest_hash_is_recorded_and_artifacts_stay_byte_identical(saved, tmp_path):
     manifest = read_manifest(saved["file"])
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["manifest_sha256"] == artifact.seal(manifest)["manifest_sha256"]
     assert read_manifest(saved["dir"]) == manifest
 
 
-def test_version_1_artifacts_still_load(copy, saved):
-    """Version 1 had no manifest hash; its manifest is still checked against the schema and the model."""
-    manifest = json.loads(manifest_text(copy))
-    del manifest["manifest_sha256"]
-    manifest["format_version"] = 1
+def _as_version(manifest, version):
+    """`manifest` as format `version` wrote it: bit counts instead of format names before 3, no hash in 1."""
+    legacy = {**manifest, "format_version": version, "layers": {}}
+    for path, layer in manifest["layers"].items():
+        rest = {k: v for k, v in layer.items() if k not in ("w_format", "a_format")}
+        legacy["layers"][path] = {**rest, "w_bits": int(layer["w_format"][3:]),
+                                  "a_bits": 16 if layer["a_format"] == "none" else int(layer["a_format"][3:])}
+    if version == 1:
+        del legacy["manifest_sha256"]
+        return legacy
+    return artifact.seal(legacy)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_versions_still_load(copy, saved, version):
+    """Version 1 had no manifest hash, versions 1 and 2 bit counts instead of format names; such a
+    manifest is still checked against its schema and the model."""
+    manifest = _as_version(json.loads(manifest_text(copy)), version)
     rewrite(copy, json.dumps(manifest, sort_keys=True, indent=1))
     qt = clq_compile.load(fresh_model(), copy)
     assert torch.equal(run(qt), saved["output"])
+    assert read_manifest(copy)["layers"][LAYER]["w_format"] == "int4"
     manifest["layers"]["pos_embed.proj"] = manifest["layers"].pop(LAYER)
-    rewrite(copy, json.dumps(manifest, sort_keys=True, indent=1))
+    rewrite(copy, json.dumps(artifact.seal(manifest) if version > 1 else manifest, sort_keys=True, indent=1))
     refused_untouched(copy, r"pos_embed\.proj")
 
 
@@ -206,7 +220,7 @@ def _claim(path, key, value):
 def _all_w8a8(m):
     m["options"]["bits"] = "w8a8"
     for layer in m["layers"].values():
-        layer.update(w_bits=8, a_bits=8)
+        layer.update(w_format="int8", a_format="int8")
 
 
 def _rename(old, new):
@@ -221,9 +235,10 @@ def _rename(old, new):
     (_rename(LAYER, "transformer_blocks.0.norm1.emb.class_embedder.embedding_table"), "embedding_table"),
     (_rename(LAYER, "transformer_blocks.0.no_such_layer"), "no_such_layer"),
     (_claim(LAYER, "in_features", 64), r"in_features"),
-    (_claim(LAYER, "w_bits", 8), r"w_bits"),
+    (_claim(LAYER, "w_format", "int8"), r"w_format"),
+    (_claim(LAYER, "w_format", "e4m3"), r"w_format"),
     (_all_w8a8, r"qweight.*int8\[32, 32\]"),
-    (_claim(LAYER, "a_bits", 8), r"a_bits"),
+    (_claim(LAYER, "a_format", "int8"), r"a_format"),
     (_claim(LAYER, "w_group", 16), r"w_scale|w_group"),
 ])
 def test_forged_layer_entries_are_refused_before_the_model_is_touched(copy, edit, match):
@@ -374,7 +389,7 @@ def _drop(*keys):
     (_set("layers", LAYER, "extra", value=1), rf'manifest\["layers"\]\["{LAYER}"\]\["extra"\]'),
     (_drop("layers", LAYER, "in_features"), rf'manifest\["layers"\]\["{LAYER}"\]\["in_features"\]'),
     (_set("layers", LAYER, "in_features", value="32"), rf'\["in_features"\].*an integer'),
-    (_set("layers", LAYER, "w_bits", value=True), r'\["w_bits"\]'),
+    (_set("layers", LAYER, "w_format", value=True), r'\["w_format"\]'),
     (_set("layers", LAYER, "tensors", "qweight", value=["x"]), r'\["tensors"\]\["qweight"\]'),
     (_set("layers", LAYER, "tensors", "colour", value="x"), r'\["tensors"\]\["colour"\]'),
     (_set("layers", LAYER, "details", value={"fold": 3}), r'\["details"\]\["fold"\]'),

@@ -4,22 +4,46 @@ import pytest
 import torch
 
 import clq_compile
+from clq_compile import choices
+from clq_compile.kernels.formats import MODES
 from clq_compile.options import Options, parse_options
+
+
+def _names(pair):
+    return tuple(f.name if f is not None else None for f in pair)
 
 
 def test_defaults():
     opts = parse_options(None)
-    assert opts == Options() and opts.w_bits == 4 and opts.a_bits == 4 and opts.quantizes
+    assert opts == Options() and _names((opts.w_format, opts.a_format)) == ("int4", "int4") and opts.quantizes
 
 
-@pytest.mark.parametrize("bits, w, a", [("w4a4", 4, 4), ("w4a8", 4, 8), ("w8a8", 8, 8), ("w16a16", 16, 16)])
-def test_bits(bits, w, a):
+@pytest.mark.parametrize("bits, w, a", [
+    ("w4a4", "int4", "int4"), ("w4a8", "int4", "int8"), ("w8a8", "int8", "int8"), ("fp8", "e4m3", "e4m3"),
+    ("w3a16", "int3", "none"), ("w4a16", "int4", "none"), ("w8a16", "int8", "none"), ("w16a16", None, None)])
+def test_bits_name_a_pair_of_number_formats(bits, w, a):
     opts = parse_options({"bits": bits})
-    assert (opts.w_bits, opts.a_bits, opts.quantizes) == (w, a, bits != "w16a16")
+    assert (*_names((opts.w_format, opts.a_format)), opts.quantizes) == (w, a, bits != "w16a16")
+
+
+def test_the_command_lines_bits_are_the_format_modes():
+    assert choices.BITS == tuple(MODES)
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"bits": "w3a4"}, r"options\['bits'\] must be one of 'w4a4', 'w4a8', 'w8a8', 'w16a16'; got 'w3a4'"),
+    ({"bits": "fp8", "weight_symmetric": False}, r"weight_symmetric.*e4m3.*no zero point"),
+    ({"bits": "fp8", "weight_group": 32}, r"weight_group.*rowwise"),
+    ({"bits": "fp8", "act_group": 32}, r"act_group.*rowwise"),
+    ({"bits": "w4a16", "act_group": 32}, r"act_group.*unquantized"),
+])
+def test_options_a_number_format_cannot_honour_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(options)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bits": "w3a4"}, r"options\['bits'\] must be one of 'w4a4', 'w4a8', 'w8a8', 'fp8', 'w3a16', 'w4a16', "
+                       r"'w8a16', 'w16a16'; got 'w3a4'"),
     ({"recipe": "magic"}, r"options\['recipe'\] must be one of .*'rtn'.*; got 'magic'"),
     ({"weight_group": 48}, r"options\['weight_group'\] must be one of None, 32, 64, 128; got 48"),
     ({"weight_group": 32.0}, r"options\['weight_group'\].*got 32.0"),

@@ -5,16 +5,23 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from clq_compile.kernels.formats import E4M3, INT4, INT8, MODES
 from clq_compile.kernels.hadamard import normalized_hadamard
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize, quantize_activation
 from clq_compile.kernels.reference import int_matmul, scale_product, transform_activation
 
 
+QUANTIZING = [pair for pair in MODES.values() if pair[0] is not None]
+
+
 @st.composite
 def layers(draw):
-    w_group = draw(st.sampled_from([None, 8, 16]))
-    a_group = draw(st.sampled_from([None, 8, 16]))
+    w_format, a_format = draw(st.sampled_from(QUANTIZING))
+    # e4m3 layers have rowwise scales only (torch._scaled_mm's); others any group.
+    float8 = w_format == E4M3
+    w_group = None if float8 else draw(st.sampled_from([None, 8, 16]))
+    a_group = None if float8 or not a_format.quantizes else draw(st.sampled_from([None, 8, 16]))
     k = 16 * draw(st.integers(1, 3))
     n = draw(st.integers(1, 24))
     lead = draw(st.sampled_from([(1,), (5,), (2, 3), (2, 1, 4)]))
@@ -31,18 +38,18 @@ def layers(draw):
     if draw(st.booleans()):
         transform["act_rotation"] = normalized_hadamard(draw(st.sampled_from([4, 8, 16])))
     return dict(x=x, w=w, bias=bias, w_group=w_group, a_group=a_group, transform=transform,
-                w_bits=draw(st.sampled_from([4, 8])), a_bits=draw(st.sampled_from([4, 8, 16])),
-                symmetric=draw(st.booleans()))
+                w_format=w_format, a_format=a_format,
+                symmetric=float8 or draw(st.booleans()))
 
 
-def run_op(case):
-    q = quantize(case["w"], case["w_bits"], case["symmetric"], case["w_group"])
+def run_op(case, kernels="reference"):
+    q = quantize(case["w"], case["w_format"], case["symmetric"], case["w_group"])
     p = pack_weight(q)
     t = case["transform"]
     out = torch.ops.clq.quant_linear(
         case["x"], p.qweight, p.scale, p.zero, case["bias"], t.get("act_mul"), t.get("act_perm"),
-        t.get("act_rotation"), case["w"].shape[1], case["w_bits"], case["a_bits"],
-        case["w_group"] or 0, case["a_group"] or 0, "reference")
+        t.get("act_rotation"), case["w"].shape[1], case["w_format"].name, case["a_format"].name,
+        case["w_group"] or 0, case["a_group"] or 0, kernels)
     return out, q
 
 
@@ -51,8 +58,8 @@ def test_quant_linear_equals_float64_on_dequantized_operands(case):
     out, wq = run_op(case)
     k = case["w"].shape[1]
     xt = transform_activation(case["x"].reshape(-1, k).float(), **case["transform"])
-    if case["a_bits"] < 16:
-        xt = quantize_activation(xt, case["a_bits"], case["a_group"]).dequantize()
+    if case["a_format"].quantizes:
+        xt = quantize_activation(xt, case["a_format"], case["a_group"]).dequantize()
     x64, w64 = xt.double(), wq.dequantize().double()
     expected = x64 @ w64.t()
     magnitude = x64.abs() @ w64.abs().t()
@@ -78,7 +85,7 @@ def test_quantized_output_really_is_quantized():
     """With 4-bit weights and activations the result differs from the float product."""
     torch.manual_seed(0)
     x, w = torch.randn(8, 32), torch.randn(16, 32)
-    case = dict(x=x, w=w, bias=None, w_group=None, a_group=None, transform={}, w_bits=4, a_bits=4,
+    case = dict(x=x, w=w, bias=None, w_group=None, a_group=None, transform={}, w_format=INT4, a_format=INT4,
                 symmetric=True)
     out, _ = run_op(case)
     rel = float((out - x @ w.t()).norm() / (x @ w.t()).norm())
@@ -89,7 +96,7 @@ def test_unknown_kernel_choice_is_refused():
     p = pack_weight(quantize(torch.randn(4, 8), 8))
     with pytest.raises(ValueError, match="kernels must be one of"):
         torch.ops.clq.quant_linear(torch.randn(2, 8), p.qweight, p.scale, None, None, None, None,
-                                   None, 8, 8, 8, 0, 0, "cuda-magic")
+                                   None, 8, "int8", "int8", 0, 0, "cuda-magic")
 
 
 def test_activations_near_the_float32_limit_give_finite_outputs():
@@ -97,12 +104,12 @@ def test_activations_near_the_float32_limit_give_finite_outputs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 64, generator=g) * 1e37
     w = torch.randn(8, 64, generator=g) / 8
-    for bits in (4, 8):
-        case = dict(x=x, w=w, bias=None, w_group=None, a_group=None, transform={}, w_bits=bits, a_bits=bits,
+    for fmt in (INT4, INT8, E4M3):
+        case = dict(x=x, w=w, bias=None, w_group=None, a_group=None, transform={}, w_format=fmt, a_format=fmt,
                     symmetric=True)
         out, wq = run_op(case)
         assert torch.isfinite(out).all()
-        xq = quantize_activation(x, bits).dequantize().double()
+        xq = quantize_activation(x, fmt).dequantize().double()
         expected = xq @ wq.dequantize().double().t()
         magnitude = xq.abs() @ wq.dequantize().double().abs().t()
         assert ((out.double() - expected).abs() <= 1e-5 * magnitude).all()

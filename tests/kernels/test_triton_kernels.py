@@ -20,6 +20,7 @@ from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from clq_compile.kernels import ops, triton_gemm, triton_linear, triton_quantize  # noqa: E402
+from clq_compile.kernels.formats import E4M3  # noqa: E402
 from clq_compile.kernels.hadamard import hadamard, normalized_hadamard  # noqa: E402
 from clq_compile.kernels.packing import pack_int4, pack_weight, unpack_int4  # noqa: E402
 from clq_compile.kernels.quantize import quantize, quantize_activation  # noqa: E402
@@ -144,7 +145,8 @@ def linear_arguments(case, x, dyadic):
     stored = pack_weight(quantize(weight, case["w_bits"], case["symmetric"], case["w_group"] or None))
     bias = torch.randn(n, generator=g).to(case["dtype"]) if case["bias"] else None
     transform = transform_options(k, case["seed"], case["mul"], case["perm"], case["rotation"], dyadic)
-    return (x, stored.qweight, stored.scale, stored.zero, bias, *transform, k, case["w_bits"], case["a_bits"],
+    a_format = "none" if case["a_bits"] == 16 else f"int{case['a_bits']}"
+    return (x, stored.qweight, stored.scale, stored.zero, bias, *transform, k, f"int{case['w_bits']}", a_format,
             case["w_group"], case["a_group"])
 
 
@@ -200,6 +202,27 @@ def test_weight_only_layers_follow_the_reference():
     assert torch.equal(triton_linear.quant_linear_triton(*args), quant_linear_reference(*args))
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 20), st.sampled_from([16, 32, 64]), st.booleans(), st.booleans(),
+       st.sampled_from(DTYPES), st.integers(0, 2**16))
+def test_float8_layers_on_scaled_mm_match_the_reference(m, n, k, bias, rotate, dtype, seed):
+    g = _generator(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    weight = quantize(torch.randn(n, k, generator=g) / k**0.5, E4M3)
+    stored = pack_weight(weight)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    rotation = normalized_hadamard(16) if rotate else None
+    args = (x, stored.qweight, stored.scale, None, b, None, None, rotation, k, "e4m3", "e4m3", 0, 0)
+    out = triton_linear.quant_linear_triton(*args).double()
+    ref = quant_linear_reference(*args).double()
+    # The same codes and scales; only the float32 summation order and (for 16-bit models) the
+    # final rounding differ: one rounding of the output dtype, plus float32 ulps of |x|·|w|.
+    ulp = torch.finfo(dtype).eps
+    xt = quantize_activation(transform_activation(x.float(), act_rotation=rotation), E4M3).dequantize()
+    magnitude = xt.double().abs() @ weight.dequantize().double().abs().t()
+    assert ((out - ref).abs() <= ulp * ref.abs() + 1e-5 * magnitude + 1e-30).all()
+
+
 def test_empty_batch_gives_an_empty_output():
     case = dict(m=0, n=6, k=64, w_bits=4, a_bits=4, w_group=0, a_group=0, symmetric=True, bias=False,
                 dtype=torch.float32, mul=False, perm=False, rotation=None, seed=0)
@@ -216,13 +239,15 @@ def _valid_arguments():
 @pytest.mark.parametrize("index,value,message", [
     (0, torch.randn(3, 63), "x must be"),
     (0, torch.randint(0, 3, (3, 64)), "x must be float32"),
-    (1, torch.zeros(5, 64, dtype=torch.uint8), "qweight for w_bits=4"),
+    (1, torch.zeros(5, 64, dtype=torch.uint8), "qweight for w_format='int4'"),
     (2, torch.ones(5, 3), "w_scale must be float32"),
     (4, torch.zeros(4), "bias must have shape"),
     (5, torch.ones(63), "act_mul must have shape"),
     (7, torch.eye(48), "act_rotation must be square"),
     (11, 48, "w_group must be 0"),
-    (10, 3, "a_bits must be 4, 8 or 16"),
+    (10, "int5", "unknown number format 'int5'"),
+    (9, "none", "w_format must be a weight format"),
+    (9, "e4m3", "e4m3 cannot be multiplied with activations in int4"),
 ])
 def test_bad_arguments_raise_clear_errors(index, value, message):
     args = _valid_arguments()

@@ -189,8 +189,8 @@ def check_case(case: Case, seed: int, device: str) -> list[dict]:
     bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).to(device)
     wq, layer = _weights(case, g, device)
     mul, perm, rot = _transform(case, g, device)
-    args = (layer["qweight"], layer["w_scale"], layer["w_zero"], bias, mul, perm, rot, k, v.w_bits, v.a_bits,
-            v.w_group, v.a_group)
+    args = (layer["qweight"], layer["w_scale"], layer["w_zero"], bias, mul, perm, rot, k, f"int{v.w_bits}",
+            f"int{v.a_bits}", v.w_group, v.a_group)
     results = []
 
     def result(check: str, ok: bool, **measured) -> None:

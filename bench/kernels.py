@@ -163,7 +163,8 @@ def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
 
     def layer(bits: int, transform: tuple = (None, None, None)):
         _, qweight, scale = layers[bits]
-        return lambda: quant_linear_triton(x, qweight, scale, None, None, *transform, k, bits, bits, 0, 0)
+        return lambda: quant_linear_triton(x, qweight, scale, None, None, *transform, k, f"int{bits}", f"int{bits}",
+                                           0, 0)
 
     xq, x_scale = quantize_activation_triton(x, 4)
     fns = {

@@ -7,9 +7,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import read_manifest
-from clq_compile.choices import BITS, KERNELS
+from clq_compile.choices import BITS, KERNELS, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
-from clq_compile.passes.recipes import RECIPES
 
 GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")
@@ -105,6 +104,9 @@ class Options:
         return {k: v for k, v in self.as_dict().items() if k not in RUNTIME_KEYS}
 
 
+_DEFAULTS = Options().as_dict()
+
+
 def _allowed(key: str, value: Any, choices: tuple) -> None:
     # Exact type match: 32.0 or True must not pass for a group size of 32 or 1.
     if not any(type(value) is type(c) and value == c for c in choices):
@@ -151,46 +153,44 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
                          f"the options are {', '.join(sorted(known))}")
-    values = dict(options)
-    _allowed("bits", values.get("bits", "w4a4"), BITS)
-    _allowed("recipe", values.get("recipe", "clq"), tuple(RECIPES))
-    _allowed("kernels", values.get("kernels", "auto"), KERNELS)
-    _allowed("inductor", values.get("inductor", "auto"), INDUCTOR)
+    given = dict(options)
+    values = {**_DEFAULTS, **given}
+    _allowed("bits", values["bits"], BITS)
+    _allowed("recipe", values["recipe"], RECIPE_NAMES)
+    _allowed("kernels", values["kernels"], KERNELS)
+    _allowed("inductor", values["inductor"], INDUCTOR)
     for key in ("weight_group", "act_group"):
-        _allowed(key, values.get(key), GROUPS)
-    _allowed("hadamard_block", values.get("hadamard_block", 128), HADAMARD_BLOCKS)
-    _allowed("cbc_reference", values.get("cbc_reference", "fp-layer"), CBC_REFERENCES)
-    _allowed("obs_statistics", values.get("obs_statistics", "quantized-prefix"), OBS_STATISTICS)
-    _allowed("clps_window", values.get("clps_window", 1), CLPS_WINDOWS)
-    if "clps_grid" in values:
-        values["clps_grid"] = _ratios(values["clps_grid"])
-    calls = values.get("search_calls", 4)
+        _allowed(key, values[key], GROUPS)
+    _allowed("hadamard_block", values["hadamard_block"], HADAMARD_BLOCKS)
+    _allowed("cbc_reference", values["cbc_reference"], CBC_REFERENCES)
+    _allowed("obs_statistics", values["obs_statistics"], OBS_STATISTICS)
+    _allowed("clps_window", values["clps_window"], CLPS_WINDOWS)
+    values["clps_grid"] = _ratios(values["clps_grid"])
+    calls = values["search_calls"]
     if type(calls) is not int or calls < 1:
         raise ValueError(f"options['search_calls'] must be a positive integer; got {calls!r}")
     for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload"):
-        if key in values:
-            _boolean(key, values[key])
-    if "skip" in values:
-        values["skip"] = _patterns(values["skip"])
+        _boolean(key, values[key])
+    values["skip"] = _patterns(values["skip"])
     _formats_allow(values)
-    if "load" in values:
-        return _with_artifact(values)
+    if "load" in given:
+        return _with_artifact({k: values[k] for k in given})
     return Options(**values)
 
 
 def _formats_allow(values: dict[str, Any]) -> None:
     """Refuse options the chosen number formats cannot honour (rather than ignore them)."""
-    weights, activations = MODES[values.get("bits", "w4a4")]
+    weights, activations = MODES[values["bits"]]
     if weights is None:
         return
-    if not weights.asymmetric and values.get("weight_symmetric") is False:
+    if not weights.asymmetric and values["weight_symmetric"] is False:
         raise ValueError(f"options['weight_symmetric']=False: bits={values['bits']!r} stores {weights.name} "
                          f"weights, which have no zero point; drop the option or choose integer bits")
     for key in ("weight_group", "act_group"):
-        if weights.kernels == ("scaled_mm",) and values.get(key) is not None:
+        if weights.kernels == ("scaled_mm",) and values[key] is not None:
             raise ValueError(f"options[{key!r}]={values[key]!r}: bits={values['bits']!r} uses one scale per "
                              f"output channel and per token (torch._scaled_mm's rowwise scaling); drop {key!r}")
-    if not activations.quantizes and values.get("act_group") is not None:
+    if not activations.quantizes and values["act_group"] is not None:
         raise ValueError(f"options['act_group']={values['act_group']!r}: bits={values['bits']!r} leaves "
                          f"activations unquantized, so they have no groups; drop 'act_group'")
 

@@ -98,7 +98,7 @@ def test_graph_is_genuinely_quantized(family_model):
         qweight = getattr(gm, call.args[1].target)
         assert qweight.dtype == torch.uint8  # two int4 per byte
         assert call.args[8] == 2 * qweight.shape[1]
-        assert call.args[9:11] == (4, 4)
+        assert call.args[9:11] == ("int4", "int4")
         # The node is named after the layer (or the merged layers) it replaces.
         assert call.name in {p.replace(".", "_") for p in quantized - merged} | {merge_name(m.paths) for m in merges}
     assert not any(n.target in (torch._C._nn.linear,) and n.name in {c.name for c in calls}

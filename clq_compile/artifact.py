@@ -416,12 +416,16 @@ _HELD: weakref.WeakValueDictionary[str, Artifact] = weakref.WeakValueDictionary(
 
 
 def _key(path: str | os.PathLike) -> str:
-    return os.fspath(Path(path))
+    return os.path.abspath(path)
 
 
 def hold(artifact: Artifact) -> Artifact:
     """Make `artifact` what `held` answers for its path for as long as something (a loaded model's
-    state) keeps it; a later read of the same path held in turn replaces it."""
+    state) keeps it; a later read of the same path held in turn replaces it (load() reads afresh).
+
+    So while a model loaded from a path lives, `options={"load": path}` means the artifact read
+    then, even if the file has changed since: the loaded model never changes under its user.
+    """
     _HELD[_key(artifact.path)] = artifact
     return artifact
 

@@ -224,11 +224,13 @@ class ModelState:
                 changed.append(path)
         if changed:
             listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            todo = (f"Load {self.options.load} into the unchanged model, or quantize the changed one "
+                    f"afresh (torch.compile it without options['load'])" if self.artifact is not None else
+                    "Calibrate again (with clq_compile.calibrating(qt)) to quantize from the new weights, "
+                    "or torch.compile the changed model afresh")
             raise RuntimeError(
                 f"{len(changed)} parameter(s) of quantized layers changed in place after quantization "
-                f"({listed}); the quantized layers still hold the old values. Calibrate again (with "
-                f"clq_compile.calibrating(qt)) to quantize from the new weights, or torch.compile the "
-                f"changed model afresh.")
+                f"({listed}); the quantized layers still hold the old values. {todo}.")
 
     def decide_sites(self, sites: Iterable[LinearSite]) -> dict[str, Decision]:
         """{node: decision} of a captured graph's linear sites (see `decide`).

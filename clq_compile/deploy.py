@@ -19,7 +19,7 @@ from .artifact import (FORMAT, FORMAT_VERSION, ArtifactError, to_json, fingerpri
 from .calibration import model_state
 from .checks import nothing_selected
 from .options import parse_options
-from .state import QUANTIZED, ModelState, state_for_module
+from .state import QUANTIZED, ModelState, loaded_state
 
 
 def _model_fingerprint(qt: torch.nn.Module, state: ModelState) -> dict[str, dict]:
@@ -127,7 +127,7 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
     refuse_other_model(path, fingerprint_differences(artifact.manifest["fingerprint"],
                                                      fingerprint(model.named_parameters())))
     _check_linear_layers(model, artifact.manifest, opts.load)
-    state = state_for_module(model, opts, artifact)
+    state = loaded_state(model, opts, artifact)
     state.verified.update(name for name, _ in model.named_parameters())
     # The parsed options themselves: the backend and calibrating/explain/save never parse them again.
     qt = torch.compile(model, backend="clq", options=opts)

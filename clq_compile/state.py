@@ -146,6 +146,8 @@ class ModelState:
     root: the user's module (weakly held) that layer paths are relative to: the first module the
         state was found for — the compiled module, or the frame Dynamo traced first — so that a
         graph traced in a submodule's frame after a graph break still names model-absolute paths
+    replaced_by: the state a later load() of the same module and options made (`loaded_state`);
+        graphs of this one then bind to that one at their next call (backend.BoundGraphs)
     """
 
     def __init__(self, options: Options, artifact: Artifact | None = None,
@@ -169,6 +171,7 @@ class ModelState:
         self.calibrating_thread: int | None = None
         self.root: weakref.ref[torch.nn.Module] | None = None
         self.watched: dict[str, tuple[weakref.ref[torch.Tensor], int, int, tuple[int, ...] | None]] = {}
+        self.replaced_by: ModelState | None = None
         if options.load is not None:
             # The manifest the options were parsed against (held), else read now and held.
             self.artifact = artifact or held(options.load) or hold(read_artifact(options.load))
@@ -176,6 +179,13 @@ class ModelState:
             self.errors = dict(self.artifact.manifest["errors"])
             self.fingerprint = self.artifact.manifest["fingerprint"]
             self.phase = QUANTIZED
+
+    def latest(self) -> ModelState:
+        """This state, or the one that replaced it last (see `replaced_by`)."""
+        state = self
+        while state.replaced_by is not None:
+            state = state.replaced_by
+        return state
 
     @property
     def graphs(self) -> list[CompiledGraph]:
@@ -461,14 +471,25 @@ def state_for_graph(params: list[torch.Tensor], options: Options) -> ModelState:
     return state
 
 
-def state_for_module(module: torch.nn.Module, options: Options, artifact: Artifact | None = None) -> ModelState:
-    """The one state of `module` under `options`, merging the states of separately captured graphs.
+def loaded_state(module: torch.nn.Module, options: Options, artifact: Artifact) -> ModelState:
+    """A new state of `module` for `artifact` (read for options.load), replacing any earlier state
+    of `module` under `options`: loading again — the file saved anew, or fixed after a refusal —
+    runs what was read now. Dynamo may reuse the graphs it compiled for the earlier state (an equal
+    backend): they bind to the new state at their next call."""
+    params = list(module.parameters())
+    state = ModelState(options, artifact, _device(params))
+    state.root = weakref.ref(module)
+    for earlier in _states_of(params, options):
+        earlier.replaced_by = state
+    _register(state, params)
+    return state
 
-    artifact: the already read artifact of options.load, if the caller has it (saves a read).
-    """
+
+def state_for_module(module: torch.nn.Module, options: Options) -> ModelState:
+    """The one state of `module` under `options`, merging the states of separately captured graphs."""
     params = list(module.parameters())
     found = _states_of(params, options)
-    state = found[0] if found else ModelState(options, artifact, _device(params))
+    state = found[0] if found else ModelState(options, device=_device(params))
     for other in found[1:]:
         for g in other.graphs:
             g.state = state

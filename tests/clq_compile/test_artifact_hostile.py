@@ -253,7 +253,7 @@ def test_a_layer_the_policy_keeps_cannot_be_quantized_by_the_artifact(copy):
         run(clq_compile.load(model, copy, release_weights=False))
 
 
-def test_a_kept_layer_in_the_artifact_leaves_every_weight_intact(copy):
+def test_a_kept_layer_in_the_artifact_leaves_every_weight_intact(copy, saved):
     """Refused at the first capture, where the policy is known: load() released nothing before."""
     model = fresh_model()
     forge_honest_layer(copy, model, KEPT)
@@ -263,6 +263,12 @@ def test_a_kept_layer_in_the_artifact_leaves_every_weight_intact(copy):
         run(qt)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     assert not changed, f"a refused artifact changed the model's {changed}"
+    # The same model takes the honest artifact afterwards.
+    if copy.is_dir():
+        shutil.copytree(saved["dir"], copy, dirs_exist_ok=True)
+    else:
+        shutil.copy(saved["file"], copy)
+    assert torch.equal(run(clq_compile.load(model, copy)), saved["output"])
 
 
 def test_weights_are_released_once_the_first_capture_checked_every_layer(copy, saved):

@@ -264,3 +264,19 @@ def test_load_builds_and_checks_the_layers_once(dit_artifact, monkeypatch):
     qt = clq_compile.load(tiny_models.build("dit", seed=7), path, options={"kernels": "reference"})
     assert torch.equal(run(qt, "dit"), expected)
     assert (len(built), len(checked)) == (1, 1)
+
+
+def test_loading_again_into_the_same_model_uses_the_artifact_read_now(tmp_path):
+    """A second load() into the same module (the file re-saved meanwhile) runs the new artifact."""
+    artifacts = []
+    for calls in (1, 3):  # smoothquant's scales depend on the calibration data
+        qt = calibrated("dit", tiny_models.build("dit", seed=7), calls=calls, recipe="smoothquant")
+        artifacts.append((clq_compile.save(qt, tmp_path / f"{calls}.safetensors"), run(qt, "dit")))
+    (first, first_out), (second, second_out) = artifacts
+    assert not torch.equal(first_out, second_out)
+    path = shutil.copy(first, tmp_path / "model.safetensors")
+    torch._dynamo.reset()
+    model = tiny_models.build("dit", seed=7)
+    assert torch.equal(run(clq_compile.load(model, path, release_weights=False), "dit"), first_out)
+    shutil.copy(second, path)
+    assert torch.equal(run(clq_compile.load(model, path, release_weights=False), "dit"), second_out)

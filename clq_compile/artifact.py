@@ -34,6 +34,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -411,6 +412,31 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         raise ArtifactError(f"{path} holds tensors that contradict its manifest: {error}. Save it again "
                             f"from the quantized model.") from None
     return Artifact(path, manifest, tensors)
+
+
+# The artifacts live loaded models hold, by the path they were read from: a loaded model's options
+# are parsed against its own manifest, read once, never against what the file holds by then.
+_HELD: weakref.WeakValueDictionary[str, Artifact] = weakref.WeakValueDictionary()
+
+
+def _key(path: str | os.PathLike) -> str:
+    return os.path.abspath(path)
+
+
+def hold(artifact: Artifact) -> Artifact:
+    """Make `artifact` what `held` answers for its path for as long as something (a loaded model's
+    state) keeps it; a later read of the same path held in turn replaces it (load() reads afresh).
+
+    So while a model loaded from a path lives, `options={"load": path}` means the artifact read
+    then, even if the file has changed since: the loaded model never changes under its user.
+    """
+    _HELD[_key(artifact.path)] = artifact
+    return artifact
+
+
+def held(path: str | os.PathLike) -> Artifact | None:
+    """The artifact read from `path` that a live loaded model holds, if any (see `hold`)."""
+    return _HELD.get(_key(path))
 
 
 def loaded_decision(path: str, policy: Decision, artifact_path: str) -> Decision:

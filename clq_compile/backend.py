@@ -74,7 +74,8 @@ class BoundGraphs:
     Dynamo lifts parameters to graph inputs and guards on their shapes, not their identity, so a
     graph traced in a block's frame (after a graph break inside the block) serves every block of
     the same shape. Each set of parameters is its own set of layers, with its own paths and
-    quantized weights; the first call with a new set binds it (`rebind`).
+    quantized weights; the first call with a new set binds it (`rebind`). A graph whose state a
+    later load() replaced binds again, to the new state, at its next call.
     """
 
     def __init__(self, graph: CompiledGraph):
@@ -87,10 +88,11 @@ class BoundGraphs:
 
     def __call__(self, *args):
         graph = self.bound.get(self._key(args))
-        if graph is None:
+        if graph is None or graph.state.replaced_by is not None:
             first = self.first
-            graph = new_graph(first.state, first.gm,
-                              rebind(first.gm, first.analysis, list(args), first.state.parameter_names()),
+            state = first.state.latest()
+            graph = new_graph(state, first.gm,
+                              rebind(first.gm, first.analysis, list(args), state.parameter_names()),
                               list(args))
             self.bound[self._key(args)] = graph
         return graph(*args)

@@ -14,14 +14,12 @@ from typing import Any, Mapping
 
 import torch
 
-from clq_compile.passes.layer import QuantizedLinear
-
 from .artifact import (FORMAT, FORMAT_VERSION, ArtifactError, to_json, fingerprint, fingerprint_differences,
-                       layer_manifest, layer_tensors, read_artifact, refuse_other_model, write_artifact)
+                       hold, layer_manifest, layer_tensors, read_artifact, refuse_other_model, write_artifact)
 from .calibration import model_state
 from .checks import nothing_selected
 from .options import parse_options
-from .state import QUANTIZED, ModelState, state_for_module
+from .state import QUANTIZED, ModelState, loaded_state
 
 
 def _model_fingerprint(qt: torch.nn.Module, state: ModelState) -> dict[str, dict]:
@@ -36,18 +34,20 @@ def _check_path(path: Any) -> None:
         raise TypeError(f"path must be a str or os.PathLike naming the artifact; got {type(path).__name__}")
 
 
-def _check_linear_layers(module: torch.nn.Module, layers: Mapping[str, QuantizedLinear], source: str) -> None:
-    """Refuse layers that are not nn.Linear modules of `module` with the layer's shape.
+def _check_linear_layers(module: torch.nn.Module, manifest: Mapping[str, Any], source: str) -> None:
+    """Refuse an artifact's layers that are not nn.Linear modules of `module` with the layer's shape.
 
     An artifact names its layers by module path; before any weight of `module` is touched, each
-    path must lead to a linear layer whose weight is [out_features, in_features] of the packed one.
+    path must lead to a linear layer whose weight is [out_features, in_features] of the layer's
+    decision (which the manifest's checks tie to its tensors' shapes).
     """
-    for path, layer in sorted(layers.items()):
+    for path in sorted(manifest["layers"]):
         try:
             target = module.get_submodule(path)
         except AttributeError:
             target = None
-        shape = (layer.weight.qweight.shape[0], layer.weight.in_features)
+        decision = manifest["decisions"][path]
+        shape = (decision["out_features"], decision["in_features"])
         if not isinstance(target, torch.nn.Linear) or (target.out_features, target.in_features) != shape:
             found = "nothing" if target is None else (
                 f"a Linear {target.out_features}x{target.in_features}" if isinstance(target, torch.nn.Linear)
@@ -78,7 +78,7 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
         raise RuntimeError(f"nothing to save: {nothing}" if nothing else
                            "nothing to save yet: calibrate the model first (with clq_compile.calibrating(qt)) "
                            "or call it once to quantize data-free")
-    state.refuse_changed_weights()
+    state.refuse_changed_weights(contents=True)
     tensors, names = layer_tensors(state.layers)
     decisions = state.site_decisions()
     manifest = {
@@ -108,7 +108,10 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
     drop the model's full-precision weights of quantized layers (see `release_weights`), so that
     memory holds the packed weights only; pass False to keep `model` usable as the reference.
 
-    Nothing in the artifact is trusted: it is checked (see artifact.py) before `model` is touched.
+    Nothing in the artifact is trusted: it is checked (see artifact.py) before `model` is touched,
+    and its layers against the model's own policy when the first call captures the graph; the
+    weights are dropped only once every layer has passed (a refused artifact gives them back).
+    The artifact is read once: the loaded model never reads it again (the file may change or go).
     """
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError(f"load() takes the original, uncompiled model (the one that was quantized); got "
@@ -119,34 +122,21 @@ def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[st
                         f"got {type(options).__name__}")
     if type(release_weights) is not bool:
         raise TypeError(f"release_weights must be True or False; got {release_weights!r:.40}")
-    opts = parse_options({**(options or {}), "load": path})
-    artifact = read_artifact(path)
+    artifact = hold(read_artifact(path))
+    opts = parse_options({**(options or {}), "load": path})  # against the held manifest
     refuse_other_model(path, fingerprint_differences(artifact.manifest["fingerprint"],
                                                      fingerprint(model.named_parameters())))
-    _check_linear_layers(model, artifact.layers(), os.fspath(path))
-    state = state_for_module(model, opts, artifact)
+    _check_linear_layers(model, artifact.manifest, opts.load)
+    state = loaded_state(model, opts, artifact)
     state.verified.update(name for name, _ in model.named_parameters())
-    qt = torch.compile(model, backend="clq", options={**(options or {}), "load": opts.load})
+    # The parsed options themselves: the backend and calibrating/explain/save never parse them again.
+    qt = torch.compile(model, backend="clq", options=opts)
     if release_weights:
-        _release(model, state)
+        state.release(model)
+    # Writes into the weights kept from now on are refused, as after quantizing (ModelState.watch).
+    state.watch({f"{layer}.{kind}": t for layer in state.layers for kind in ("weight", "bias")
+                 for t in [getattr(model.get_submodule(layer), kind)] if t is not None})
     return qt
-
-
-def _release(module: torch.nn.Module, state: ModelState) -> int:
-    if state.options.load is not None:
-        _check_linear_layers(module, state.layers, state.options.load)
-    released = 0
-    for layer_path in sorted(state.layers):
-        name = f"{layer_path}.weight"
-        if name in state.released:
-            continue
-        weight = module.get_submodule(layer_path).weight
-        # Same Parameter object (graphs and the state find it by identity), same shape, dtype and
-        # device; its values are one NaN, so running the original module shows it at once.
-        weight.data = torch.full((1,), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-        state.released.add(name)
-        released += 1
-    return released
 
 
 def release_weights(qt: torch.nn.Module) -> int:
@@ -155,7 +145,8 @@ def release_weights(qt: torch.nn.Module) -> int:
     Afterwards resident weight memory is the packed size (see memory_report's resident bytes).
     The user's module keeps its parameters' shapes, but their values are gone (NaN): it no longer
     serves as a full-precision reference, and the model cannot be calibrated again. `save(qt)`
-    still works: the model's fingerprint is taken before the weights are dropped.
+    still works: the model's fingerprint is taken before the weights are dropped. A loaded model's
+    weights are dropped once its first call has checked the artifact's layers (see `load`).
     """
     state = model_state(qt)
     if state.phase != QUANTIZED or not state.layers:
@@ -163,4 +154,6 @@ def release_weights(qt: torch.nn.Module) -> int:
         raise RuntimeError(f"release_weights() has nothing to release: {nothing}" if nothing else
                            "release_weights() needs a quantized model: calibrate it first, or call it once")
     _model_fingerprint(qt, state)
-    return _release(qt._orig_mod, state)
+    if state.artifact is not None:
+        _check_linear_layers(qt._orig_mod, state.artifact.manifest, state.options.load)
+    return state.release(qt._orig_mod)

@@ -123,6 +123,7 @@ def explain(qt, columns: int | None = None) -> str:
     data (empty before calibration or for layers kept in full precision). columns: see `table`.
     """
     state = model_state(qt)
+    state.refuse_changed_weights(contents=True)
     options = state.options
     merges = merge_notes(g.lowered.meta["clq_merges"] for g in state.graphs if g.lowered is not None)
     rows = {path: LayerRow(path, **d, error=state.errors.get(path), merge=merges.get(path, ""),
@@ -174,7 +175,8 @@ def memory_report(qt) -> dict:
     bf16; quantized_bytes: packed integers, scales and zero points, plus every online transform
     tensor (permutations, rotation blocks) and folded bias counted once however many layers share it;
     resident_fp_bytes: the bytes the user's weights of those layers still hold in memory (fp_bytes
-    until `release_weights`, next to nothing after); released: whether they were released.
+    until `release_weights`, next to nothing after; a loaded model's, until its first call has
+    checked the artifact); released: whether they were released.
     per_layer: {path: (fp_bytes, packed bytes)}.
     """
     state = model_state(qt)
@@ -196,6 +198,9 @@ def memory_report(qt) -> dict:
         for t in (layer.act_mul, layer.act_perm, layer.act_rotation, layer.bias):
             if t is not None:
                 shared[id(t)] = t.numel() * t.element_size()
+    for _, values in state.withheld.values():  # released, but kept until the artifact is trusted
+        storage = values.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
     resident = sum(storages.values())
     return {"fp_bytes": fp, "bf16_bytes": bf16, "quantized_bytes": packed + sum(shared.values()),
             "resident_fp_bytes": resident, "released": bool(state.released), "per_layer": per_layer}

@@ -150,17 +150,13 @@ def _details(value: Any, keys: tuple) -> None:
 
 
 def _options(value: Any, keys: tuple) -> None:
-    """The options that decided the layers: known keys whose values the backend accepts."""
-    from clq_compile.options import RUNTIME_KEYS, Options, parse_options
+    """The options that decided the layers: known keys (their values are parsed in check_manifest)."""
+    from clq_compile.options import RUNTIME_KEYS, Options
 
     known = {f.name for f in fields(Options) if f.name not in RUNTIME_KEYS}
     for k in _object(keys, value):
         if k not in known:
             raise ManifestError(keys + (k,), "is not an option this version knows")
-    try:
-        parse_options(value)
-    except (TypeError, ValueError) as error:
-        raise ManifestError(keys, f"are not valid options: {error}") from None
 
 
 _LAYER_FIELDS = {
@@ -211,7 +207,10 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
 
     _SCHEMAS[version](manifest, ())
     manifest = _current_form(manifest, version)
-    options = parse_options(manifest["options"])
+    try:
+        options = parse_options(manifest["options"])
+    except (TypeError, ValueError) as error:
+        raise ManifestError(("options",), f"are not valid options: {error}") from None
     if manifest["recipe"] != options.recipe:
         raise ManifestError(("recipe",), f"is {manifest['recipe']!r} but the options say {options.recipe!r}")
     if not options.quantizes and manifest["layers"]:

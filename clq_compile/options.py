@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from clq_compile.artifact import read_manifest
+from clq_compile.artifact import held, read_manifest
 from clq_compile.choices import BITS, KERNELS, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
 
@@ -201,8 +201,10 @@ def _with_artifact(values: dict[str, Any]) -> Options:
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"options['load'] must be the path of a saved artifact; got {path!r}")
     path = values["load"] = os.fspath(path)
-    saved = Options(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in read_manifest(path)["options"].items()})
+    # A loaded model's artifact was read once and is held; only a new one is read from disk.
+    artifact = held(path)
+    manifest = artifact.manifest if artifact is not None else read_manifest(path)
+    saved = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["options"].items()})
     given = Options(**values)
     conflicts = [f"{key}: {getattr(given, key)!r} given, {getattr(saved, key)!r} in the artifact"
                  for key in values if key not in RUNTIME_KEYS and getattr(given, key) != getattr(saved, key)]

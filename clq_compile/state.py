@@ -23,8 +23,8 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clq_compile.artifact import (Artifact, fingerprint_differences, loaded_decision, ordered_decisions,
-                                  parameter_entry, read_artifact, refuse_other_model)
+from clq_compile.artifact import (Artifact, ArtifactError, fingerprint_differences, held, hold, loaded_decision,
+                                  ordered_decisions, parameter_entry, read_artifact, refuse_other_model)
 from clq_compile.passes.capture import GraphAnalysis, LinearSite, module_names
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
@@ -48,12 +48,16 @@ class CompiledGraph:
         self.state = state
         self.gm = gm
         self.analysis = analysis
-        self.decisions: dict[str, Decision] = {s.node: state.decide(s) for s in analysis.sites}
+        self.decisions: dict[str, Decision] = state.decide_sites(analysis.sites)
+        self.quantized_sites = frozenset(node for node, d in self.decisions.items() if d.quantize)
         self.calibration = GraphCalibration(gm, analysis, {
             p.index: example_inputs[p.index] for p in analysis.placeholders if p.kind != "input"})
         self.lowered: fx.GraphModule | None = None
         self.run = None
         self.watched: list[str] = []  # parameters whose quantized copies this graph runs
+        # Whether the watched parameters' values were compared since the graph was lowered, or since
+        # the last calibrating() block (see ModelState.refuse_changed_weights).
+        self.contents_checked = False
         # Inductor compiles against example inputs; keep them only when it will be used.
         self.example_inputs = example_inputs if self._wants_inductor(example_inputs) else None
 
@@ -61,10 +65,6 @@ class CompiledGraph:
         mode = self.state.options.inductor
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         return mode == "always" or (mode == "auto" and on_cuda)
-
-    @property
-    def quantized_sites(self) -> set[str]:
-        return {node for node, d in self.decisions.items() if d.quantize}
 
     def weight(self, path: str) -> torch.Tensor:
         site = next(s for s in self.analysis.sites if s.path == path)
@@ -84,7 +84,8 @@ class CompiledGraph:
             state.quantize(calibrated=False)
         if self.run is None:
             self.lower()
-        state.refuse_changed_weights(self.watched)
+        state.refuse_changed_weights(self.watched, contents=not self.contents_checked)
+        self.contents_checked = True
         return self.run(*args)
 
     def record(self, args: tuple) -> None:
@@ -111,6 +112,7 @@ class CompiledGraph:
                              note="data-free: not seen during calibration")
         self.lowered = lower(self.gm, self.analysis, state.layers, self.quantized_sites,
                              state.options.kernels)
+        self.contents_checked = False
         self.watched = state.watch({f"{site.path}.{kind}": self.calibration.state[index]
                                     for site in map(self.analysis.site, self.quantized_sites)
                                     for kind, index in (("weight", site.weight_index), ("bias", site.bias_index))
@@ -135,12 +137,17 @@ class ModelState:
         once known (taken before weights are released, read from an artifact when loaded)
     verified: parameter paths already checked against the artifact's fingerprint
     released: parameter paths whose full-precision values were dropped (release_weights)
+    withheld: {parameter path: (parameter, its values)} of released weights whose values are kept
+        until every layer of the artifact has been checked against the model's policy (`release`)
+    checked: paths of the artifact's layers that a captured graph's policy accepted (`decide_sites`)
     calibrating_thread: the thread that entered the last calibrating() block (threading.get_ident)
-    watched: {parameter path: (weak reference, version counter, data pointer)} of the
-        parameters the quantized layers were made from, as they were then (see `watch`)
+    watched: {parameter path: (weak reference, version counter, data pointer, content checksum)} of
+        the parameters the quantized layers were made from, as they were then (see `watch`)
     root: the user's module (weakly held) that layer paths are relative to: the first module the
         state was found for — the compiled module, or the frame Dynamo traced first — so that a
         graph traced in a submodule's frame after a graph break still names model-absolute paths
+    replaced_by: the state a later load() of the same module and options made (`loaded_state`);
+        graphs of this one then bind to that one at their next call (backend.BoundGraphs)
     """
 
     def __init__(self, options: Options, artifact: Artifact | None = None,
@@ -159,15 +166,26 @@ class ModelState:
         self.fingerprint: dict[str, dict] | None = None
         self.verified: set[str] = set()
         self.released: set[str] = set()
+        self.withheld: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        self.checked: set[str] = set()
         self.calibrating_thread: int | None = None
         self.root: weakref.ref[torch.nn.Module] | None = None
-        self.watched: dict[str, tuple[weakref.ref[torch.Tensor], int, int]] = {}
+        self.watched: dict[str, tuple[weakref.ref[torch.Tensor], int, int, tuple[int, ...] | None]] = {}
+        self.replaced_by: ModelState | None = None
         if options.load is not None:
-            self.artifact = artifact or read_artifact(options.load)
+            # The manifest the options were parsed against (held), else read now and held.
+            self.artifact = artifact or held(options.load) or hold(read_artifact(options.load))
             self.layers = self.artifact.layers(device)
             self.errors = dict(self.artifact.manifest["errors"])
             self.fingerprint = self.artifact.manifest["fingerprint"]
             self.phase = QUANTIZED
+
+    def latest(self) -> ModelState:
+        """This state, or the one that replaced it last (see `replaced_by`)."""
+        state = self
+        while state.replaced_by is not None:
+            state = state.replaced_by
+        return state
 
     @property
     def graphs(self) -> list[CompiledGraph]:
@@ -184,34 +202,94 @@ class ModelState:
 
     def watch(self, params: dict[str, torch.Tensor]) -> list[str]:
         """Remember how `params` ({path: parameter} of quantized layers) are now, unless already
-        remembered since the last quantization; returns their paths.
+        remembered since the last quantization (or load); returns their paths.
 
         In-place writes (`p.mul_`, `p.copy_`, `load_state_dict`) bump a tensor's version counter
         and `p.data = ...` moves its data pointer: both are cheap to compare on every call. A
-        write through `p.data` in place bumps neither and is not seen.
+        write through `p.data` in place (`p.data.mul_(2)`) bumps neither; the content checksum
+        sees it, compared where trust matters (`refuse_changed_weights(contents=True)`).
         """
         for path, p in params.items():
-            self.watched.setdefault(path, (weakref.ref(p), p._version, p.data_ptr()))
+            if path not in self.watched:
+                checksum = None if path in self.released or p.is_meta else content_checksum(p)
+                self.watched[path] = (weakref.ref(p), p._version, p.data_ptr(), checksum)
         return list(params)
 
-    def refuse_changed_weights(self, paths: Iterable[str] | None = None) -> None:
+    def refuse_changed_weights(self, paths: Iterable[str] | None = None, contents: bool = True) -> None:
         """Raise RuntimeError when parameters a quantized layer was made from (all watched ones, or
-        `paths`) changed since: the layer would run the old values while the rest reads the new."""
+        `paths`) changed since: the layer would run the old values while the rest reads the new.
+
+        contents=False compares version counters and data pointers only (every call); True also
+        the values' checksums (save, explain, and a graph's first call after it was lowered or
+        after a calibrating() block): two reads of the weights.
+        """
         changed = []
         for path in self.watched if paths is None else paths:
             if path not in self.watched or path in self.released:
                 continue  # quantized again since (the graph lowers afresh), or dropped on purpose
-            ref, version, pointer = self.watched[path]
+            ref, version, pointer, checksum = self.watched[path]
             p = ref()
-            if p is not None and (p._version, p.data_ptr()) != (version, pointer):
+            if p is not None and ((p._version, p.data_ptr()) != (version, pointer) or (
+                    contents and checksum is not None and content_checksum(p) != checksum)):
                 changed.append(path)
         if changed:
             listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            todo = (f"Load {self.options.load} into the unchanged model, or quantize the changed one "
+                    f"afresh (torch.compile it without options['load'])" if self.artifact is not None else
+                    "Calibrate again (with clq_compile.calibrating(qt)) to quantize from the new weights, "
+                    "or torch.compile the changed model afresh")
             raise RuntimeError(
                 f"{len(changed)} parameter(s) of quantized layers changed in place after quantization "
-                f"({listed}); the quantized layers still hold the old values. Calibrate again (with "
-                f"clq_compile.calibrating(qt)) to quantize from the new weights, or torch.compile the "
-                f"changed model afresh.")
+                f"({listed}); the quantized layers still hold the old values. {todo}.")
+
+    def decide_sites(self, sites: Iterable[LinearSite]) -> dict[str, Decision]:
+        """{node: decision} of a captured graph's linear sites (see `decide`).
+
+        A loaded artifact is trusted layer by layer as graphs are captured: a layer the model's
+        policy keeps refuses the artifact, and then every weight withheld by `release` is given
+        back first, so a refused artifact leaves the user's model as it was.
+        """
+        sites = list(sites)
+        try:
+            decisions = {s.node: self.decide(s) for s in sites}
+        except ArtifactError:
+            for name, (weight, values) in self.withheld.items():
+                weight.data = values
+                self.released.discard(name)
+            self.withheld.clear()
+            raise
+        self.checked.update(s.path for s in sites if s.path in self.layers)
+        if self._trusted():
+            self.withheld.clear()
+        return decisions
+
+    def _trusted(self) -> bool:
+        """Whether every quantized layer is known to be one the model's policy quantizes: made by
+        the policy, or loaded and accepted by a captured graph's policy."""
+        return self.artifact is None or self.checked >= set(self.layers)
+
+    def release(self, module: torch.nn.Module) -> int:
+        """Drop the full-precision weights of the quantized layers of `module` (the root the layer
+        paths are relative to); returns how many were dropped now.
+
+        Each weight stays the same Parameter object (graphs and states find it by identity), with
+        its shape, dtype and device; its values become one NaN, so running the original module
+        shows it at once. A loaded layer not yet accepted by a captured graph's policy keeps its
+        values aside (`withheld`) until it is: until the first call, for one graph.
+        """
+        released = 0
+        for layer_path in sorted(self.layers):
+            name = f"{layer_path}.weight"
+            if name in self.released:
+                continue
+            weight = module.get_submodule(layer_path).weight
+            values = weight.data
+            weight.data = torch.full((1,), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+            self.released.add(name)
+            if not self._trusted():
+                self.withheld[name] = (weight, values)
+            released += 1
+        return released
 
     def decide(self, site: LinearSite) -> Decision:
         """Whether `site` is quantized: the policy's decision, or the artifact's when loaded."""
@@ -263,6 +341,7 @@ class ModelState:
         self._claim_calibration()
         for g in self.graphs:
             g.calibration.calls.clear()
+            g.contents_checked = False  # a block that ends without quantizing keeps the old layers
 
     def _claim_calibration(self) -> None:
         """Enter the calibrating phase for the current thread, refusing a second session."""
@@ -338,6 +417,27 @@ class ModelState:
         self.layers.update(new)
 
 
+_AS_INTEGERS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def content_checksum(t: torch.Tensor) -> tuple[int, int, int]:
+    """Three sums of the bit patterns b of `t`'s values (integers of its element size), laid out as
+    a matrix [rows, columns] (its first dimension by the rest): Σ b, Σ_i i·(row sum)_i and
+    Σ_j j·(column sum)_j (i, j from 1), in int64 arithmetic (mod 2^64).
+
+    Integer sums are exact in any order, so an unchanged tensor always gives the same checksum.
+    Changing one value changes Σ b; swapping two rows (columns) of different sums changes a
+    moment. A change escapes all three only if its bit differences sum to zero and balance both
+    moments: a guard against mistakes (a scaling, a copy from another tensor, added noise), not
+    against a forger. Reads `t` twice, on its device; the three numbers come back in one transfer.
+    """
+    bits = t.detach().view(_AS_INTEGERS[t.element_size()])
+    matrix = bits.reshape(bits.shape[0] if bits.dim() and bits.numel() else 1, -1)
+    rows, cols = matrix.sum(dim=1, dtype=torch.int64), matrix.sum(dim=0, dtype=torch.int64)
+    moments = [(v * torch.arange(1, v.numel() + 1, device=v.device)).sum() for v in (rows, cols)]
+    return tuple(torch.stack([rows.sum(), *moments]).tolist())
+
+
 # Makes checking for a running calibration and starting one a single step across threads.
 _SESSIONS = threading.Lock()
 
@@ -371,14 +471,25 @@ def state_for_graph(params: list[torch.Tensor], options: Options) -> ModelState:
     return state
 
 
-def state_for_module(module: torch.nn.Module, options: Options, artifact: Artifact | None = None) -> ModelState:
-    """The one state of `module` under `options`, merging the states of separately captured graphs.
+def loaded_state(module: torch.nn.Module, options: Options, artifact: Artifact) -> ModelState:
+    """A new state of `module` for `artifact` (read for options.load), replacing any earlier state
+    of `module` under `options`: loading again — the file saved anew, or fixed after a refusal —
+    runs what was read now. Dynamo may reuse the graphs it compiled for the earlier state (an equal
+    backend): they bind to the new state at their next call."""
+    params = list(module.parameters())
+    state = ModelState(options, artifact, _device(params))
+    state.root = weakref.ref(module)
+    for earlier in _states_of(params, options):
+        earlier.replaced_by = state
+    _register(state, params)
+    return state
 
-    artifact: the already read artifact of options.load, if the caller has it (saves a read).
-    """
+
+def state_for_module(module: torch.nn.Module, options: Options) -> ModelState:
+    """The one state of `module` under `options`, merging the states of separately captured graphs."""
     params = list(module.parameters())
     found = _states_of(params, options)
-    state = found[0] if found else ModelState(options, artifact, _device(params))
+    state = found[0] if found else ModelState(options, device=_device(params))
     for other in found[1:]:
         for g in other.graphs:
             g.state = state

@@ -110,16 +110,6 @@ def name_hint(path: str) -> str | None:
     return next((role for pattern, role in _ROLE_RULES if re.search(pattern, path)), None)
 
 
-def role_of(path: str, input_rank: int) -> str:
-    """The role of the linear layer at module `path` whose input has `input_rank` dimensions, from
-    its name alone (what a graph without shapes or structure allows).
-
-    Layers no name rule knows are classified by their input: [batch, features] inputs are
-    conditioning GEMMs (M = batch size), inputs with a token dimension are token GEMMs.
-    """
-    return name_hint(path) or ("token" if input_rank >= 3 else "conditioning")
-
-
 def _role(structural: str | None, path: str) -> str:
     """Kept if the structure or the name says so (keeping costs speed, never quality); the name
     labels token GEMMs."""
@@ -173,6 +163,8 @@ class GraphAnalysis:
     model_inputs: frozenset[str] = frozenset()  # placeholders the user passed to the compiled module
     returns: bool = False  # the graph ends at the compiled module's return
     batch: int | None = None  # the model call's batch size, when known
+    # The dataflow facts the roles came from; a rebinding of the same graph reuses them.
+    structure: Structure | None = field(default=None, repr=False, compare=False)
 
     @property
     def input_indices(self) -> list[int]:
@@ -250,12 +242,15 @@ def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: di
     Dynamo passes parameters as graph inputs and guards on shapes, not on identity, so one graph
     traced in block 0's frame also runs block 1 with block 1's parameters. Each binding is a
     different set of layers: the paths are read again, by identity, from `names`. Dynamo's
-    source metadata is gone by now, which identity does not need.
+    source metadata is gone by now, which identity does not need. The structural analysis is the
+    graph's, not the binding's (the same nodes, and inputs of the shapes Dynamo guarded), so it is
+    reused.
     """
     placeholders = [p if p.kind == "input" else Placeholder(p.name, p.index, p.kind, path, path)
                     for p in analysis.placeholders
                     for path in [names.get(id(tensors[p.index]), p.path)]]
-    return _analyse(gm, placeholders, tensors, analysis.model_inputs, analysis.returns, analysis.batch)
+    return _analyse(gm, placeholders, tensors, analysis.model_inputs, analysis.returns, analysis.batch,
+                    analysis.structure)
 
 
 def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: list,
@@ -274,7 +269,8 @@ def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: lis
 
 
 def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs: list,
-             model_inputs: frozenset[str], returns: bool, batch: int | None) -> GraphAnalysis:
+             model_inputs: frozenset[str], returns: bool, batch: int | None,
+             structure: Structure | None = None) -> GraphAnalysis:
     by_name = {p.name: p for p in placeholders}
     found: list[tuple[fx.Node, Placeholder, Placeholder | None, str, str | None]] = []
     blocks: list[str] = []
@@ -295,7 +291,7 @@ def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs
         if block_name is not None and block_name not in blocks:
             blocks.append(block_name)
         found.append((node, w_ph, b_ph, path, block_name))
-    structure = _structure(gm, placeholders, example_inputs, model_inputs, returns, batch)
+    structure = structure or _structure(gm, placeholders, example_inputs, model_inputs, returns, batch)
     sites: list[LinearSite] = []
     for node, w_ph, b_ph, path, block_name in found:
         out_features, in_features = example_inputs[w_ph.index].shape
@@ -307,4 +303,4 @@ def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs
             role=_role(structural, path), block=blocks.index(block_name) if block_name else None,
             block_name=block_name))
     dataflow = _dataflow(gm, {s.node: s for s in sites})
-    return GraphAnalysis(placeholders, sites, blocks, dataflow, model_inputs, returns, structure.batch)
+    return GraphAnalysis(placeholders, sites, blocks, dataflow, model_inputs, returns, structure.batch, structure)

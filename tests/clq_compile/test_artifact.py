@@ -197,3 +197,15 @@ def test_fingerprint_differences_name_each_kind():
     assert len(lines) == 4
     # A graph's view of the model: parameters it does not hold are not "missing".
     assert artifact.fingerprint_differences(a, {"x": a["x"]}, complete=False) == []
+
+
+def test_reading_a_manifest_parses_its_options_once(tmp_path, monkeypatch):
+    from clq_compile import options
+
+    path = save_layers(tmp_path / "x", {"blocks.0.proj": random_layer(torch.Generator().manual_seed(0), 4, 32, 4,
+                                                                      None, True)})
+    parsed = []
+    real = options.parse_options
+    monkeypatch.setattr(options, "parse_options", lambda value: parsed.append(value) or real(value))
+    read_manifest(path)
+    assert len(parsed) == 1

@@ -268,6 +268,33 @@ def test_a_layer_the_policy_keeps_cannot_be_quantized_by_the_artifact(copy):
         run(clq_compile.load(model, copy, release_weights=False))
 
 
+def test_a_kept_layer_in_the_artifact_leaves_every_weight_intact(copy, saved):
+    """Refused at the first capture, where the policy is known: load() released nothing before."""
+    model = fresh_model()
+    forge_honest_layer(copy, model, KEPT)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qt = clq_compile.load(model, copy)
+    with pytest.raises((ArtifactError, BackendCompilerFailed), match="policy"):
+        run(qt)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, f"a refused artifact changed the model's {changed}"
+    # The same model takes the honest artifact afterwards.
+    if copy.is_dir():
+        shutil.copytree(saved["dir"], copy, dirs_exist_ok=True)
+    else:
+        shutil.copy(saved["file"], copy)
+    assert torch.equal(run(clq_compile.load(model, copy)), saved["output"])
+
+
+def test_weights_are_released_once_the_first_capture_checked_every_layer(copy, saved):
+    model = fresh_model()
+    qt = clq_compile.load(model, copy)
+    assert torch.equal(run(qt), saved["output"])
+    report = clq_compile.memory_report(qt)
+    assert report["released"] and report["resident_fp_bytes"] < report["quantized_bytes"] / 10
+    assert torch.isnan(model.get_submodule(LAYER).weight).all()
+
+
 def test_a_well_formed_layer_on_an_embedding_is_never_released(copy):
     """An Embedding's 2-D weight passes the manifest's own checks; the model's modules do not."""
     table = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table"

@@ -1,13 +1,14 @@
 """save / load / release_weights end to end on tiny diffusers models."""
 
 import pickle
+import shutil
 
 import pytest
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 import clq_compile
-from clq_compile import tiny_models
+from clq_compile import artifact, deploy, tiny_models
 from clq_compile.artifact import ArtifactError, read_manifest
 from clq_compile.calibration import model_state
 
@@ -162,9 +163,11 @@ def test_load_releases_by_default_and_keeps_weights_when_asked(dit_artifact):
     torch._dynamo.reset()
     model = tiny_models.build("dit", seed=7)
     qt = clq_compile.load(model, path)
+    # Until the first call checks the artifact's layers against the policy, their values are kept.
+    assert clq_compile.memory_report(qt)["resident_fp_bytes"] >= clq_compile.memory_report(qt)["fp_bytes"]
+    assert torch.equal(run(qt, "dit"), expected)
     report = clq_compile.memory_report(qt)
     assert report["released"] and report["resident_fp_bytes"] < report["quantized_bytes"] / 10
-    assert torch.equal(run(qt, "dit"), expected)
 
 
 def test_loaded_model_refuses_calibration_and_explains_before_its_first_call(dit_artifact):
@@ -202,3 +205,78 @@ def test_nothing_to_save_before_quantization(tmp_path):
         clq_compile.save(plain, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="uncompiled model"):
         clq_compile.load(qt, tmp_path / "x.safetensors")
+
+
+@pytest.fixture(scope="module")
+def other_artifact(tmp_path_factory):
+    """A valid artifact of the same model with other options (w8a8, data-free)."""
+    torch._dynamo.reset()
+    qt = torch.compile(tiny_models.build("dit", seed=7), backend="clq", options={"bits": "w8a8", "recipe": "rtn"})
+    with pytest.warns(UserWarning, match="without calibration"):
+        run(qt, "dit")
+    return clq_compile.save(qt, tmp_path_factory.mktemp("other") / "dit.safetensors")
+
+
+def _count_reads(monkeypatch) -> list:
+    """Every read of an artifact from disk from now on (manifest or tensors)."""
+    reads = []
+    real = artifact._locate
+    monkeypatch.setattr(artifact, "_locate", lambda path: reads.append(path) or real(path))
+    return reads
+
+
+@pytest.mark.parametrize("how", ["load", "option"])
+def test_a_loaded_model_holds_its_manifest_and_never_reads_it_again(dit_artifact, other_artifact, tmp_path,
+                                                                    monkeypatch, how):
+    path, expected = dit_artifact
+    held = shutil.copy(path, tmp_path / "held.safetensors")
+    torch._dynamo.reset()
+    if how == "load":
+        qt = clq_compile.load(tiny_models.build("dit", seed=7), held, options={"kernels": "reference"})
+    else:
+        qt = torch.compile(tiny_models.build("dit", seed=7), backend="clq",
+                           options={"load": str(held), "kernels": "reference"})
+        assert torch.equal(run(qt, "dit"), expected)
+    table = clq_compile.explain(qt)
+    reads = _count_reads(monkeypatch)
+    shutil.copy(other_artifact, held)  # the file changes on disk: the loaded model does not
+    assert torch.equal(run(qt, "dit"), expected)
+    assert torch.equal(run(qt, "dit", seed=1, batch=3), run(qt, "dit", seed=1, batch=3))  # a recompile
+    def layers_and_bits(text):  # path, role, shape, bits of each layer (the title counts graphs)
+        return [line.split()[:6] for line in text.splitlines()[3:]]
+    now = clq_compile.explain(qt)
+    assert "bits=w4a4" in now and layers_and_bits(now) == layers_and_bits(table)
+    again = clq_compile.save(qt, tmp_path / "again.safetensors")
+    with pytest.raises(RuntimeError, match="already quantized"):
+        with clq_compile.calibrating(qt):
+            pass
+    assert reads == [], f"the artifact was read again: {reads}"
+    assert read_manifest(again) == read_manifest(path)
+
+
+def test_load_builds_and_checks_the_layers_once(dit_artifact, monkeypatch):
+    path, expected = dit_artifact
+    built, checked = [], []
+    layers, check = artifact.Artifact.layers, deploy._check_linear_layers
+    monkeypatch.setattr(artifact.Artifact, "layers", lambda self, *a: built.append(1) or layers(self, *a))
+    monkeypatch.setattr(deploy, "_check_linear_layers", lambda *a: checked.append(1) or check(*a))
+    torch._dynamo.reset()
+    qt = clq_compile.load(tiny_models.build("dit", seed=7), path, options={"kernels": "reference"})
+    assert torch.equal(run(qt, "dit"), expected)
+    assert (len(built), len(checked)) == (1, 1)
+
+
+def test_loading_again_into_the_same_model_uses_the_artifact_read_now(tmp_path):
+    """A second load() into the same module (the file re-saved meanwhile) runs the new artifact."""
+    artifacts = []
+    for calls in (1, 3):  # smoothquant's scales depend on the calibration data
+        qt = calibrated("dit", tiny_models.build("dit", seed=7), calls=calls, recipe="smoothquant")
+        artifacts.append((clq_compile.save(qt, tmp_path / f"{calls}.safetensors"), run(qt, "dit")))
+    (first, first_out), (second, second_out) = artifacts
+    assert not torch.equal(first_out, second_out)
+    path = shutil.copy(first, tmp_path / "model.safetensors")
+    torch._dynamo.reset()
+    model = tiny_models.build("dit", seed=7)
+    assert torch.equal(run(clq_compile.load(model, path, release_weights=False), "dit"), first_out)
+    shutil.copy(second, path)
+    assert torch.equal(run(clq_compile.load(model, path, release_weights=False), "dit"), second_out)

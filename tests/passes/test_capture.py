@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clq_compile import tiny_models
-from clq_compile.passes.capture import dotted_path, role_of, source_path
+from clq_compile.passes.capture import dotted_path, source_path
 from tests.helpers import dynamo_graph
 
 
@@ -97,6 +97,32 @@ def test_dataflow_follows_attention_and_feed_forward(captured):
     assert not flow.has_edge(node[f"transformer_blocks.0.{attn}.to_q"], node[f"transformer_blocks.0.{attn}.to_k"])
 
 
+class _Unnamed(torch.nn.Module):
+    """Linears no name rule knows: one reads a [batch, features] vector, one a token stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.mystery_vector = torch.nn.Linear(8, 8)
+        self.mystery_tokens = torch.nn.Linear(8, 8)
+
+    def forward(self, tokens, vector):
+        return self.mystery_tokens(tokens) + self.mystery_vector(vector)[:, None]
+
+
 def test_unknown_layers_are_classified_by_their_input():
-    assert role_of("encoder.mystery", 3) == "token"
-    assert role_of("encoder.mystery", 2) == "conditioning"
+    gm, _, analysis = dynamo_graph(_Unnamed(), {"tokens": torch.randn(2, 5, 8), "vector": torch.randn(2, 8)})
+    roles = {s.path: s.role for s in analysis.sites}
+    assert roles == {"mystery_tokens": "token", "mystery_vector": "conditioning"}
+
+
+def test_rebinding_other_parameters_reuses_the_structural_analysis(monkeypatch):
+    from clq_compile.passes import capture
+
+    model = tiny_models.build("dit")
+    gm, example_inputs, analysis = dynamo_graph(model, tiny_models.make_inputs("dit"))
+    built = []
+    real = capture.Structure
+    monkeypatch.setattr(capture, "Structure", lambda *a: built.append(1) or real(*a))
+    rebound = capture.rebind(gm, analysis, list(example_inputs), capture.module_names(model))
+    assert built == []
+    assert [(s.path, s.role) for s in rebound.sites] == [(s.path, s.role) for s in analysis.sites]

@@ -202,8 +202,8 @@ def test_fingerprint_differences_name_each_kind():
 def test_reading_a_manifest_parses_its_options_once(tmp_path, monkeypatch):
     from clq_compile import options
 
-    path = save_layers(tmp_path / "x", {"blocks.0.proj": random_layer(torch.Generator().manual_seed(0), 4, 32, 4,
-                                                                      None, True)})
+    path = save_layers(tmp_path / "x", {"blocks.0.proj": random_layer(torch.Generator().manual_seed(0), 4, 32,
+                                                                      "w4a4", None, True)})
     parsed = []
     real = options.parse_options
     monkeypatch.setattr(options, "parse_options", lambda value: parsed.append(value) or real(value))

@@ -1,0 +1,398 @@
+"""Triton weight-only GEMM for W4A16, W8A16 and W3A16: y = x · Ŵᵀ + bias, Ŵ = scale · (q − zero).
+
+Activations stay in their 16-bit type; weights are stored as kernels/packing.py writes them (signed
+int4 nibbles, int8, or int3 bit planes) with float32 scales per output channel or per group of
+channels along K and optional signed int8 zero points. The math is the a_bits >= 16 branch of
+`quant_linear_reference` (kernels/reference.py), which computes it in float32.
+
+Each K tile of the weight is dequantized in registers — unpacked, the zero point subtracted and the
+scale multiplied in float32 (q − zero is an exact integer there), then rounded to x's dtype — and
+multiplied with x on the tensor cores in that dtype with float32 accumulation. float32 x keeps Ŵ in
+float32 and runs the dot with input_precision="ieee" (no TF32 rounding; on GPUs that is FFMA, not
+tensor cores: float32 DiTs are rare, and at small M the kernel is bound by the weight bytes anyway).
+A NaN in x reaches every output of its row through the dot; nothing on the way takes a min or max.
+
+The product is computed transposed, acc [BLOCK_N, BLOCK_M] = Ŵ_tile · x_tileᵀ: the weight rows are
+the MMA's M dimension, so that a small M (the conditioning GEMMs, M = batch) is the MMA's narrow N
+side, and the dequantized operand is the one that may stay in registers.
+
+Unpacking without interleaving. The elements of a K tile are taken in phases, one dot per phase: a
+4-bit tile is its low nibbles (elements k0 + 2j) and its high nibbles (k0 + 2j + 1), a 3-bit tile the
+four positions i of its low-bit plane (elements k0 + 4j + i, whose third bit is bit 4·(j mod 2) + i of
+high-plane byte j // 2); x is loaded with the same stride. Since Σ_k x_k Ŵ_k is the same sum in any
+order, no tile is ever re-interleaved into K order.
+
+Scales: when the K tile lies inside one group (BLOCK_K divides the group, or one group spans K) a
+tile reads one scale and zero point per row; narrower groups are gathered per element.
+
+Weight-only GEMM on H200, a bandwidth MODEL (not a measurement; no GPU ran this kernel). At small M a
+GEMM reads its weight once and little else, so its time is bounded below by weight bytes / HBM
+bandwidth (4.8 TB/s), plus a launch floor of a few microseconds that this model leaves out. Bytes
+read, weight plus per-channel scales (4 B per row) plus x and y in bf16, against bf16 cuBLAS's bf16
+weight, x and y (`bench/weight_only_model.py` prints this table):
+
+    (N, K)        M      bf16 MB   w8a16   w4a16   w3a16   (ratio of bf16 bytes to the mode's; speedup bound)
+    (1152, 1152)  1      2.66      2.0     3.99    5.31
+    (1152, 1152)  2      2.66      2.0     3.98    5.30
+    (1152, 1152)  16     2.73      1.97    3.84    5.06
+    (1152, 1152)  4096   22.5      1.11    1.19    1.20    (compute-bound: no win; see below)
+    (4608, 1152)  1      10.6      2.0     3.99    5.32
+    (4608, 1152)  16     10.8      1.97    3.86    5.08
+    (4608, 1152)  4096   58.3      1.10    1.16    1.17
+    (1152, 4608)  1      10.6      2.0     3.99    5.32
+    (1152, 4608)  16     10.8      1.98    3.91    5.17
+    (1152, 4608)  4096   58.3      1.10    1.16    1.17
+
+At M = 4096 all three shapes are compute-bound for bf16 (2·M·N·K / 790 TFLOP/s measured here exceeds
+their bytes / 4.8 TB/s by 3-5x), and dequantizing adds instructions to a tensor-core loop that was
+the bottleneck already: the bound is at best bf16's speed, the ratios above are not reachable there.
+At M ≤ 16 the model's bound is 4x (w4a16) and 5.3x (w3a16) fewer bytes; how close the kernel comes
+depends on keeping HBM busy with few programs (a (1152, 1152) layer with BLOCK_N = 32 is 36
+programs on 132 SMs; split-K is not implemented) and on the dequantization instructions per byte,
+for which the offline build's facts are below.
+
+Offline build (bench/weight_only_build.py, Triton 3.9's ptxas, no GPU): see that script's table;
+tests/kernels/test_weight_only_build.py checks on sm_90 and sm_80 that every shipped configuration
+spills nothing, fits shared memory and runs its 16-bit dots on tensor cores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_gemm import SHARED_MEMORY_LIMIT, _round_to_bfloat16, _tile_indices, m_bucket
+from .triton_quantize import interpreted
+
+# Storage bits of each weight format and the phases a K tile is split into (see the module docstring).
+PHASES = {8: 1, 4: 2, 3: 4}
+# A 16-bit tl.dot on NVIDIA GPUs needs K >= 16 per product (float32: 8); each phase is BLOCK_K / PHASES.
+MIN_GPU_DOT_K = 16
+
+_INTERPRET = tl.constexpr(interpreted())
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, cols, stride_sn, gk, K, GROUP, HAS_ZERO: tl.constexpr, MASK_K: tl.constexpr):
+    """(scale, zero) float32 [len(cols), len(gk)] of the groups holding channels gk (0 past K when MASK_K)."""
+    offsets = cols.to(tl.int64)[:, None] * stride_sn + (gk // GROUP)[None, :]
+    if MASK_K:
+        valid = (gk < K)[None, :]
+        scale = tl.load(s_ptr + offsets, mask=valid, other=0.0)
+    else:
+        scale = tl.load(s_ptr + offsets)
+    if HAS_ZERO:
+        if MASK_K:
+            zero = tl.load(z_ptr + offsets, mask=valid, other=0).to(tl.float32)
+        else:
+            zero = tl.load(z_ptr + offsets).to(tl.float32)
+    else:
+        zero = tl.zeros_like(scale)
+    return scale, zero
+
+
+@triton.jit
+def _dot_operand(v, DTYPE: tl.constexpr):
+    """float32 v rounded to DTYPE (to nearest even), as the dot takes it.
+
+    The interpreter's float32 -> bfloat16 cast truncates and its bfloat16 dot is wrong, so there the
+    rounded values are returned in float32 (every product of two 16-bit values is exact in float32).
+    """
+    if DTYPE == tl.float32:
+        return v
+    elif _INTERPRET:
+        if DTYPE == tl.bfloat16:
+            return _round_to_bfloat16(v).to(tl.float32)
+        else:
+            return v.to(DTYPE).to(tl.float32)
+    else:
+        return v.to(DTYPE)
+
+
+@triton.jit
+def _accumulate_phase(acc, q, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks, k0, K, GROUP,
+                      HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr):
+    """acc + Ŵ[cols, ks] · x[rows, ks]ᵀ for the integers q = int32 [len(cols), len(ks)] of channels ks."""
+    if PER_TILE:
+        scale, zero = _group_params(s_ptr, z_ptr, cols, stride_sn, k0 + tl.zeros([1], dtype=tl.int32), K, GROUP,
+                                    HAS_ZERO, False)
+    else:
+        scale, zero = _group_params(s_ptr, z_ptr, cols, stride_sn, ks, K, GROUP, HAS_ZERO, MASK_K)
+    x_offsets = rows.to(tl.int64)[None, :] * stride_xm + ks[:, None]
+    if MASK_K:
+        x = tl.load(x_ptr + x_offsets, mask=(ks < K)[:, None], other=0.0)
+    else:
+        x = tl.load(x_ptr + x_offsets)
+    w = _dot_operand((q.to(tl.float32) - zero) * scale, x_ptr.dtype.element_ty)
+    if _INTERPRET:
+        x = x.to(tl.float32)
+    return tl.dot(w, x, acc, input_precision="ieee")
+
+
+@triton.jit
+def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_wn, stride_sn, k0, K,
+                     GROUP, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr,
+                     BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """acc + Ŵ[cols, k0:k0 + BLOCK_K] · x[rows, k0:k0 + BLOCK_K]ᵀ, one dot per phase.
+
+    Channels at or past K contribute nothing when MASK_K.
+    """
+    w_rows = cols.to(tl.int64)[:, None] * stride_wn
+    if W_BITS == 8:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if MASK_K:
+            q = tl.load(w_ptr + w_rows + ks[None, :], mask=(ks < K)[None, :], other=0)
+        else:
+            q = tl.load(w_ptr + w_rows + ks[None, :])
+        acc = _accumulate_phase(acc, q.to(tl.int32), x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks,
+                                k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+    elif W_BITS == 4:
+        j = tl.arange(0, BLOCK_K // 2)
+        ks = k0 + 2 * j
+        # Bytes read as int8 and widened to int32 keep the high nibble's sign for the shift.
+        if MASK_K:
+            p = tl.load(w_ptr + w_rows + (k0 // 2 + j)[None, :], mask=(ks < K)[None, :], other=0)
+        else:
+            p = tl.load(w_ptr + w_rows + (k0 // 2 + j)[None, :])
+        p = p.to(tl.int32)
+        acc = _accumulate_phase(acc, (p << 28) >> 28, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks,
+                                k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, p >> 4, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks + 1,
+                                k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+    else:
+        j = tl.arange(0, BLOCK_K // 4)
+        ks = k0 + 4 * j
+        low_cols = (k0 // 4 + j)[None, :]
+        # High-plane byte j // 2 holds the third bits of elements k0 + 4j .. k0 + 4j + 3 from bit 4·(j mod 2).
+        high_cols = (K // 4 + k0 // 8 + j // 2)[None, :]
+        if MASK_K:
+            valid = (ks < K)[None, :]
+            low = tl.load(w_ptr + w_rows + low_cols, mask=valid, other=0)
+            high = tl.load(w_ptr + w_rows + high_cols, mask=valid, other=0)
+        else:
+            low = tl.load(w_ptr + w_rows + low_cols)
+            high = tl.load(w_ptr + w_rows + high_cols)
+        low = low.to(tl.int32)
+        high = high.to(tl.int32) >> (4 * (j % 2))[None, :]
+        for i in tl.static_range(4):
+            bits = ((low >> (2 * i)) & 3) | (((high >> i) & 1) << 2)
+            # Two's complement of three bits: 4..7 are -4..-1.
+            acc = _accumulate_phase(acc, (bits ^ 4) - 4, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn,
+                                    ks + i, k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+    return acc
+
+
+# Contract:
+#   x:     float16/bfloat16/float32 [M, K], row stride stride_xm, columns contiguous
+#   w:     int8 [N, K // 2] (W_BITS 4: element 2j in the low nibble of byte j, two's complement, read
+#          as int8), int8 [N, K] (W_BITS 8) or uint8 [N, 3K // 8] (W_BITS 3: two bit planes,
+#          `pack_int3`); row stride stride_wn
+#   scale: float32 [N, K // GROUP], row stride stride_sn
+#   zero:  int8 [N, K // GROUP], row stride stride_sn (HAS_ZERO)
+#   bias:  [N] float (HAS_BIAS)
+#   out:   [M, N] float32/float16/bfloat16, row stride stride_om
+# GROUP divides K. PER_TILE: every K tile lies inside one group (GROUP == K or BLOCK_K divides
+# GROUP). BLOCK_K is a multiple of 8 for W_BITS 3; a last, masked K tile takes what the full ones
+# leave. M_BUCKET only keys the autotuner. Grid: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N).
+@triton.jit
+def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                        stride_om, GROUP, M_BUCKET, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    rows, cols, row_mask, col_mask = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # Full tiles unmasked (their loads software-pipelined), then one masked tile if K needs one.
+    k_full = K - K % BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        acc = _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_wn, stride_sn, k0,
+                               K, GROUP, W_BITS, HAS_ZERO, PER_TILE, BLOCK_K, False)
+    if k_full < K:
+        acc = _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_wn, stride_sn,
+                               k_full, K, GROUP, W_BITS, HAS_ZERO, PER_TILE, BLOCK_K, True)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + cols).to(tl.float32)[:, None]
+    if _INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
+        out = _round_to_bfloat16(acc)
+    else:
+        out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None], out,
+             mask=col_mask[:, None] & row_mask[None, :])
+
+
+def _per_tile(args: dict) -> bool:
+    return args["GROUP"] == args["K"] or args["GROUP"] % args["BLOCK_K"] == 0
+
+
+_weight_only = triton.heuristics({"PER_TILE": _per_tile})(_weight_only_kernel)
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# BLOCK_M 16 serves M <= 16 (the conditioning GEMMs): memory-bound, so narrow weight tiles give more
+# programs to keep HBM busy, and wide K tiles long loads. Taller tiles serve token GEMMs, where each
+# dequantized weight tile is reused across BLOCK_M rows. BLOCK_N >= 64 with 4 warps per 64 rows
+# lets Hopper use wgmma; narrower tiles run mma.sync.
+CONFIGS = [
+    _config(16, 32, 128, 2, 3),
+    _config(16, 32, 256, 2, 3),
+    _config(16, 64, 128, 4, 3),
+    _config(16, 64, 256, 4, 3),
+    _config(16, 128, 128, 4, 3),
+    _config(32, 64, 128, 4, 3),
+    _config(64, 64, 128, 4, 3),
+    _config(64, 128, 64, 4, 3),
+    _config(128, 128, 64, 8, 3),
+    _config(128, 64, 64, 4, 3),
+]
+
+# The most 32-bit registers per thread that the accumulator and one phase's float32 weight tile may
+# take (`register_estimate`) for a configuration to compile without spills: measured offline with
+# bench/weight_only_build.py on sm_80 and sm_90 (tests/kernels/test_weight_only_build.py).
+MAX_REGISTER_ESTIMATE = 160
+
+
+def shared_memory_bytes(cfg: triton.Config, w_bits: int, x_bytes: int) -> int:
+    """An upper bound on the shared memory the kernel takes with this configuration: num_stages
+    buffered x and packed weight tiles, and the dequantized weight and x operand tiles of one phase
+    staged for the tensor-core product."""
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    loaded = bm * bk * x_bytes + bn * bk * w_bits // 8
+    phase_k = bk // PHASES[w_bits]
+    return cfg.num_stages * loaded + (bn + bm) * phase_k * x_bytes
+
+
+def register_estimate(cfg: triton.Config, w_bits: int) -> int:
+    """32-bit registers per thread held by the float32 accumulator and one phase's float32 weight tile."""
+    kw = cfg.kwargs
+    threads = 32 * cfg.num_warps
+    phase_k = kw["BLOCK_K"] // PHASES[w_bits]
+    return (kw["BLOCK_M"] * kw["BLOCK_N"] + kw["BLOCK_N"] * phase_k) // threads
+
+
+def fits(cfg: triton.Config, w_bits: int, x_bytes: int, capability: int) -> bool:
+    """Whether the configuration fits the device's shared memory, compiles without spills, and its
+    phases are wide enough for a tensor-core dot."""
+    smem = SHARED_MEMORY_LIMIT.get(capability, SHARED_MEMORY_LIMIT[89])
+    min_k = MIN_GPU_DOT_K * 2 // x_bytes
+    return (shared_memory_bytes(cfg, w_bits, x_bytes) <= smem
+            and register_estimate(cfg, w_bits) <= MAX_REGISTER_ESTIMATE
+            and cfg.kwargs["BLOCK_K"] // PHASES[w_bits] >= min_k)
+
+
+def prune_configs(configs: list[triton.Config], m_bucket_: int, w_bits: int, x_bytes: int,
+                  capability: int) -> list[triton.Config]:
+    """The configurations to try for a launch, before anything is compiled: tiles no taller than the
+    M bucket (and, from M = 128, at least 64 rows: large M is compute-bound and reuses each dequantized
+    tile across rows), those that fit the device (`fits`)."""
+    kept = [cfg for cfg in configs
+            if cfg.kwargs["BLOCK_M"] <= max(m_bucket_, 16) and (m_bucket_ < 128 or cfg.kwargs["BLOCK_M"] >= 64)
+            and fits(cfg, w_bits, x_bytes, capability)]
+    if not kept:
+        raise ValueError(f"no weight-only GEMM configuration fits a device of compute capability {capability} "
+                         f"(M bucket {m_bucket_}, {w_bits}-bit weights, {8 * x_bytes}-bit activations)")
+    return kept
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # The launch's own device (sm_86/89 have less shared memory than sm_80).
+    major, minor = torch.cuda.get_device_capability(named_args["x_ptr"].device)
+    x = named_args["x_ptr"]
+    capability = 10 * major + minor
+    return prune_configs(configs, named_args["M_BUCKET"], kwargs["W_BITS"], x.element_size(), capability)
+
+
+_weight_only_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "W_BITS", "HAS_ZERO"],
+                                     prune_configs_by={"early_config_prune": _prune})(_weight_only)
+
+# The interpreter's tiles: smaller than the tests' shapes so that masking and several programs are
+# exercised; 32-wide K tiles take the per-tile scales for groups of 32 and wider, gathered ones below.
+SMALL_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+
+_STORAGE = {4: (torch.uint8, lambda k: k // 2, "two 4-bit values per byte"),
+            8: (torch.int8, lambda k: k, "one value per byte"),
+            3: (torch.uint8, lambda k: 3 * k // 8, "two bit planes, `pack_int3`")}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                     bias: torch.Tensor | None, k: int, w_bits: int, group: int,
+                     out_dtype: torch.dtype) -> None:
+    if w_bits not in _STORAGE:
+        raise ValueError(f"w_bits must be 3, 4 or 8; got {w_bits}")
+    if k <= 0 or k % {3: 8, 4: 2, 8: 1}[w_bits]:
+        raise ValueError(f"in_features must be a positive multiple of {({3: 8, 4: 2, 8: 1})[w_bits]} for "
+                         f"{w_bits}-bit weights; got {k}")
+    if group <= 0 or k % group:
+        raise ValueError(f"w_group must be None (one group per row) or a positive divisor of in_features = {k}; "
+                         f"got {group}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}] (in_features = {k}; reshape leading dimensions into M); got "
+                         f"shape {tuple(x.shape)}")
+    dtype, width, layout = _STORAGE[w_bits]
+    if qweight.dim() != 2 or qweight.dtype != dtype or qweight.shape[1] != width(k):
+        raise ValueError(f"qweight for w_bits={w_bits} must be {dtype} [N, {width(k)}] ({layout}, "
+                         f"kernels/packing.py); got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    scale_shape = (n, k // group)
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != scale_shape:
+        raise ValueError(f"w_scale must be float32 {list(scale_shape)}; got {w_scale.dtype} {tuple(w_scale.shape)}")
+    if w_zero is not None and (w_zero.dtype != torch.int8 or tuple(w_zero.shape) != scale_shape):
+        raise ValueError(f"w_zero must be int8 {list(scale_shape)} or None; got {w_zero.dtype} "
+                         f"{tuple(w_zero.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"bias must be a float tensor of shape [{n}] or None; got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
+    if any(t.device != x.device for t in (qweight, w_scale, w_zero, bias) if t is not None):
+        raise ValueError("x, qweight, w_scale, w_zero and bias must be on the same device")
+    if not x.is_cuda and not interpreted():
+        raise RuntimeError("the weight-only Triton kernel runs on CUDA tensors, or on CPU tensors under Triton's "
+                           "interpreter: set TRITON_INTERPRET=1 in the environment before importing "
+                           "clq_compile, or use the torch reference (kernels/reference.py)")
+
+
+def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                       bias: torch.Tensor | None, in_features: int, w_bits: int, w_group: int | None,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only quantized product: out [M, N] = x · (w_scale ⊙ (q − w_zero))ᵀ + bias.
+
+    x:       float16/bfloat16/float32 [M, K] (K = in_features)
+    qweight: uint8 [N, K // 2] (w_bits 4), int8 [N, K] (w_bits 8) or uint8 [N, 3K // 8] (w_bits 3),
+             the signed storage of kernels/packing.py
+    w_scale: float32 [N, K // g] with g = w_group or K;  w_zero: int8 [N, K // g] or None
+    bias:    [N] float or None.  Returns out_dtype [M, N].
+
+    Ŵ is rounded to x's dtype before the product (float32 x: Ŵ stays float32); the sum is float32.
+    """
+    k = in_features
+    group = w_group or k
+    _check_arguments(x, qweight, w_scale, w_zero, bias, k, w_bits, group, out_dtype)
+    m, n = x.shape[0], qweight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    x = x.contiguous()
+    qweight = qweight.contiguous()
+    w_scale = w_scale.contiguous()
+    w_zero = None if w_zero is None else w_zero.contiguous()
+    w = qweight.view(torch.int8) if w_bits == 4 else qweight
+    args = (x, w, w_scale, w_zero, bias, out, m, n, k, x.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
+            group, m_bucket(m))
+    meta = dict(W_BITS=w_bits, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None)
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    if interpreted():
+        _weight_only[grid(SMALL_CONFIG)](*args, **meta, **SMALL_CONFIG)
+    else:
+        _weight_only_tuned[grid](*args, **meta)
+    return out

@@ -234,31 +234,34 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, g
 
 # BLOCK_M 16 serves M <= 16 (the conditioning GEMMs): memory-bound, so narrow weight tiles give more
 # programs to keep HBM busy, and wide K tiles long loads. Taller tiles serve token GEMMs, where each
-# dequantized weight tile is reused across BLOCK_M rows. BLOCK_N >= 64 with 4 warps per 64 rows
-# lets Hopper use wgmma; narrower tiles run mma.sync.
+# dequantized weight tile is reused across BLOCK_M rows. BLOCK_N 64 per 4 warps lets Hopper use
+# wgmma (one warp group per 64 weight rows); other tiles run mma.sync. Every tile holds at most 64
+# weights per thread (see MAX_REGISTER_ESTIMATE).
 CONFIGS = [
     _config(16, 32, 128, 2, 3),
-    _config(16, 32, 256, 2, 3),
+    _config(16, 32, 256, 4, 3),
     _config(16, 64, 128, 4, 3),
-    _config(16, 64, 256, 4, 3),
-    _config(16, 128, 128, 4, 3),
+    _config(16, 64, 256, 8, 3),
+    _config(16, 128, 128, 8, 3),
     _config(32, 64, 128, 4, 3),
-    _config(64, 64, 128, 4, 3),
-    _config(64, 128, 64, 4, 3),
-    _config(128, 128, 64, 8, 3),
+    _config(64, 64, 64, 4, 3),
+    _config(64, 128, 64, 8, 3),
     _config(128, 64, 64, 4, 3),
+    _config(128, 128, 64, 8, 3),
 ]
 
-# The most 32-bit registers per thread that the accumulator and one phase's float32 weight tile may
-# take (`register_estimate`) for a configuration to compile without spills: measured offline with
-# bench/weight_only_build.py on sm_80 and sm_90 (tests/kernels/test_weight_only_build.py).
-MAX_REGISTER_ESTIMATE = 160
+# Register estimates (below) that compile without spills. Measured offline with
+# bench/weight_only_build.py (checked by tests/kernels/test_weight_only_build.py): the compiler keeps
+# about 1.5 registers per weight of a K tile a thread dequantizes, beside the accumulator; tiles of
+# 128 weights per thread took 219-255 registers at BLOCK_M 16 (3- and 8-bit) and spilled with zero
+# points, tiles of 64 at most 138 + the accumulator.
+MAX_REGISTER_ESTIMATE = 128
 
 
 def shared_memory_bytes(cfg: triton.Config, w_bits: int, x_bytes: int) -> int:
-    """An upper bound on the shared memory the kernel takes with this configuration: num_stages
-    buffered x and packed weight tiles, and the dequantized weight and x operand tiles of one phase
-    staged for the tensor-core product."""
+    """An upper bound on the shared memory the kernel takes with this configuration (when the
+    scales are read per tile): num_stages buffered x and packed weight tiles, and the dequantized
+    weight and x operand tiles of one phase staged for the tensor-core product."""
     kw = cfg.kwargs
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
     loaded = bm * bk * x_bytes + bn * bk * w_bits // 8
@@ -266,32 +269,50 @@ def shared_memory_bytes(cfg: triton.Config, w_bits: int, x_bytes: int) -> int:
     return cfg.num_stages * loaded + (bn + bm) * phase_k * x_bytes
 
 
-def register_estimate(cfg: triton.Config, w_bits: int) -> int:
-    """32-bit registers per thread held by the float32 accumulator and one phase's float32 weight tile."""
+def register_estimate(cfg: triton.Config) -> int:
+    """32-bit registers per thread: the float32 accumulator and 1.5 per weight of a K tile."""
     kw = cfg.kwargs
     threads = 32 * cfg.num_warps
-    phase_k = kw["BLOCK_K"] // PHASES[w_bits]
-    return (kw["BLOCK_M"] * kw["BLOCK_N"] + kw["BLOCK_N"] * phase_k) // threads
+    return (kw["BLOCK_M"] * kw["BLOCK_N"] + 3 * kw["BLOCK_N"] * kw["BLOCK_K"] // 2) // threads
+
+
+def min_block_k(w_bits: int, x_bytes: int) -> int:
+    """The narrowest K tile on GPUs: each phase (BLOCK_K / PHASES) must be a tensor-core dot's K."""
+    return PHASES[w_bits] * MIN_GPU_DOT_K * 2 // x_bytes
 
 
 def fits(cfg: triton.Config, w_bits: int, x_bytes: int, capability: int) -> bool:
     """Whether the configuration fits the device's shared memory, compiles without spills, and its
     phases are wide enough for a tensor-core dot."""
     smem = SHARED_MEMORY_LIMIT.get(capability, SHARED_MEMORY_LIMIT[89])
-    min_k = MIN_GPU_DOT_K * 2 // x_bytes
-    return (shared_memory_bytes(cfg, w_bits, x_bytes) <= smem
-            and register_estimate(cfg, w_bits) <= MAX_REGISTER_ESTIMATE
-            and cfg.kwargs["BLOCK_K"] // PHASES[w_bits] >= min_k)
+    return (shared_memory_bytes(cfg, w_bits, x_bytes) <= smem and register_estimate(cfg) <= MAX_REGISTER_ESTIMATE
+            and cfg.kwargs["BLOCK_K"] >= min_block_k(w_bits, x_bytes))
 
 
-def prune_configs(configs: list[triton.Config], m_bucket_: int, w_bits: int, x_bytes: int,
+def _narrowed(cfg: triton.Config, group: int, k: int, w_bits: int, x_bytes: int) -> triton.Config:
+    """cfg with BLOCK_K narrowed to the widest power of two dividing the group (when groups split K),
+    so that a tile reads one scale per row; not below `min_block_k`, where scales are gathered."""
+    block_k = cfg.kwargs["BLOCK_K"]
+    if group < k:
+        block_k = min(block_k, max(group & -group, min_block_k(w_bits, x_bytes)))
+    return triton.Config(dict(cfg.kwargs, BLOCK_K=block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def prune_configs(configs: list[triton.Config], m_bucket_: int, group: int, k: int, w_bits: int, x_bytes: int,
                   capability: int) -> list[triton.Config]:
-    """The configurations to try for a launch, before anything is compiled: tiles no taller than the
-    M bucket (and, from M = 128, at least 64 rows: large M is compute-bound and reuses each dequantized
-    tile across rows), those that fit the device (`fits`)."""
-    kept = [cfg for cfg in configs
-            if cfg.kwargs["BLOCK_M"] <= max(m_bucket_, 16) and (m_bucket_ < 128 or cfg.kwargs["BLOCK_M"] >= 64)
-            and fits(cfg, w_bits, x_bytes, capability)]
+    """The configurations to try for a launch, before anything is compiled: K tiles fitted to the
+    groups (`_narrowed`), tiles no taller than the M bucket (and, from M = 128, at least 64 rows:
+    large M is compute-bound and reuses each dequantized tile across rows), those that fit the
+    device (`fits`), duplicates removed."""
+    kept, seen = [], set()
+    for cfg in configs:
+        cfg = _narrowed(cfg, group, k, w_bits, x_bytes)
+        key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+        block_m = cfg.kwargs["BLOCK_M"]
+        if (key not in seen and block_m <= max(m_bucket_, 16) and (m_bucket_ < 128 or block_m >= 64)
+                and fits(cfg, w_bits, x_bytes, capability)):
+            seen.add(key)
+            kept.append(cfg)
     if not kept:
         raise ValueError(f"no weight-only GEMM configuration fits a device of compute capability {capability} "
                          f"(M bucket {m_bucket_}, {w_bits}-bit weights, {8 * x_bytes}-bit activations)")
@@ -300,10 +321,10 @@ def prune_configs(configs: list[triton.Config], m_bucket_: int, w_bits: int, x_b
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     # The launch's own device (sm_86/89 have less shared memory than sm_80).
-    major, minor = torch.cuda.get_device_capability(named_args["x_ptr"].device)
     x = named_args["x_ptr"]
-    capability = 10 * major + minor
-    return prune_configs(configs, named_args["M_BUCKET"], kwargs["W_BITS"], x.element_size(), capability)
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return prune_configs(configs, named_args["M_BUCKET"], named_args["GROUP"], named_args["K"], kwargs["W_BITS"],
+                         x.element_size(), 10 * major + minor)
 
 
 _weight_only_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "W_BITS", "HAS_ZERO"],

@@ -47,13 +47,15 @@ def config_text(cfg: triton.Config) -> str:
     return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def build(targets: tuple[str, ...]) -> list[dict]:
+def build(targets: tuple[str, ...], variants: tuple[str, ...], tokens: tuple[int, ...]) -> list[dict]:
     rows = []
     n, k = SHAPE_NK
     for target in targets:
         capability = TARGETS[target].capability
         for name, w_bits, group, zero in VARIANTS:
-            for m in TOKENS:
+            if name not in variants:
+                continue
+            for m in tokens:
                 args = launch_args(m, n, k, w_bits, group, zero)
                 for cfg in wo.prune_configs(wo.CONFIGS, wo.m_bucket(m), group or k, k, w_bits, 2, capability):
                     binary = compile_kernel(wo._weight_only, args, target, cfg)
@@ -62,6 +64,7 @@ def build(targets: tuple[str, ...]) -> list[dict]:
                     mma = loop.opcode_count(MMA_FAMILIES) if loop else 0
                     rows.append({
                         "target": target, "variant": name, "M": m, "config": config_text(cfg),
+                        "BLOCK_N": cfg.kwargs["BLOCK_N"], "num_warps": cfg.num_warps,
                         "registers": binary.registers, "spill_bytes": binary.spill_bytes,
                         "shared_bytes": binary.shared_bytes, "shared_limit": binary.target.shared_limit,
                         "shared_estimate": wo.shared_memory_bytes(cfg, w_bits, 2),
@@ -86,9 +89,12 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="sm_90,sm_80", help="comma-separated, from " + ", ".join(TARGETS))
+    parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS), help="comma-separated")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated values of M")
     parser.add_argument("--json", type=Path, help="write the rows here as JSON instead of printing a table")
     opts = parser.parse_args()
-    rows = build(tuple(opts.targets.split(",")))
+    rows = build(tuple(opts.targets.split(",")), tuple(opts.variants.split(",")),
+                 tuple(int(m) for m in opts.tokens.split(",")))
     if opts.json:
         opts.json.write_text(json.dumps({"binaries": rows}, indent=1))
     else:

@@ -71,6 +71,9 @@ PHASES = {8: 1, 4: 2, 3: 4}
 MIN_GPU_DOT_K = 16
 
 _INTERPRET = tl.constexpr(interpreted())
+# 2^23 and its float32 bits: for 0 <= u < 2^23, the bits 0x4B000000 | u are the float 2^23 + u.
+_FLOAT_2_23 = tl.constexpr(8388608.0)
+_FLOAT_2_23_BITS = tl.constexpr(0x4B000000)
 
 
 @triton.jit
@@ -111,9 +114,14 @@ def _dot_operand(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_phase(acc, q, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks, k0, K, GROUP,
-                      HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr):
-    """acc + Ŵ[cols, ks] · x[rows, ks]ᵀ for the integers q = int32 [len(cols), len(ks)] of channels ks."""
+def _accumulate_phase(acc, u, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks, k0, K, GROUP,
+                      OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr):
+    """acc + Ŵ[cols, ks] · x[rows, ks]ᵀ for the codes u = q + OFFSET, int32 [len(cols), len(ks)] in [0, 2^b).
+
+    u's bits under float32's exponent of 2^23 are the float 2^23 + u, so q − zero is one subtraction
+    of 2^23 + OFFSET + zero (a per-row constant): exact, as every integer below 2^24 is in float32.
+    That replaces an integer-to-float conversion and a zero-point subtraction per weight.
+    """
     if PER_TILE:
         scale, zero = _group_params(s_ptr, z_ptr, cols, stride_sn, k0 + tl.zeros([1], dtype=tl.int32), K, GROUP,
                                     HAS_ZERO, False)
@@ -124,7 +132,8 @@ def _accumulate_phase(acc, q, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride
         x = tl.load(x_ptr + x_offsets, mask=(ks < K)[:, None], other=0.0)
     else:
         x = tl.load(x_ptr + x_offsets)
-    w = _dot_operand((q.to(tl.float32) - zero) * scale, x_ptr.dtype.element_ty)
+    q_minus_zero = (u | _FLOAT_2_23_BITS).to(tl.float32, bitcast=True) - (_FLOAT_2_23 + OFFSET + zero)
+    w = _dot_operand(q_minus_zero * scale, x_ptr.dtype.element_ty)
     if _INTERPRET:
         x = x.to(tl.float32)
     return tl.dot(w, x, acc, input_precision="ieee")
@@ -139,27 +148,27 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
     Channels at or past K contribute nothing when MASK_K.
     """
     w_rows = cols.to(tl.int64)[:, None] * stride_wn
+    # Codes u = q + 2^(b-1) (offset binary): flipping the sign bit of a two's complement b-bit value.
     if W_BITS == 8:
         ks = k0 + tl.arange(0, BLOCK_K)
         if MASK_K:
             q = tl.load(w_ptr + w_rows + ks[None, :], mask=(ks < K)[None, :], other=0)
         else:
             q = tl.load(w_ptr + w_rows + ks[None, :])
-        acc = _accumulate_phase(acc, q.to(tl.int32), x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks,
-                                k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, (q.to(tl.int32) & 0xFF) ^ 0x80, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm,
+                                stride_sn, ks, k0, K, GROUP, 128, HAS_ZERO, PER_TILE, MASK_K)
     elif W_BITS == 4:
         j = tl.arange(0, BLOCK_K // 2)
         ks = k0 + 2 * j
-        # Bytes read as int8 and widened to int32 keep the high nibble's sign for the shift.
         if MASK_K:
             p = tl.load(w_ptr + w_rows + (k0 // 2 + j)[None, :], mask=(ks < K)[None, :], other=0)
         else:
             p = tl.load(w_ptr + w_rows + (k0 // 2 + j)[None, :])
         p = p.to(tl.int32)
-        acc = _accumulate_phase(acc, (p << 28) >> 28, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks,
-                                k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
-        acc = _accumulate_phase(acc, p >> 4, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks + 1,
-                                k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, (p & 0xF) ^ 8, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks,
+                                k0, K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, ((p >> 4) & 0xF) ^ 8, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn,
+                                ks + 1, k0, K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K)
     else:
         j = tl.arange(0, BLOCK_K // 4)
         ks = k0 + 4 * j
@@ -174,12 +183,12 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
             low = tl.load(w_ptr + w_rows + low_cols)
             high = tl.load(w_ptr + w_rows + high_cols)
         low = low.to(tl.int32)
-        high = high.to(tl.int32) >> (4 * (j % 2))[None, :]
+        # The third bit of element k0 + 4j (phase 0) moved to bit 2, inverted: the sign bit flipped.
+        high = ~(high.to(tl.int32) >> (4 * (j % 2))[None, :] << 2)
         for i in tl.static_range(4):
-            bits = ((low >> (2 * i)) & 3) | (((high >> i) & 1) << 2)
-            # Two's complement of three bits: 4..7 are -4..-1.
-            acc = _accumulate_phase(acc, (bits ^ 4) - 4, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn,
-                                    ks + i, k0, K, GROUP, HAS_ZERO, PER_TILE, MASK_K)
+            u = ((low >> (2 * i)) & 3) | ((high >> i) & 4)
+            acc = _accumulate_phase(acc, u, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks + i, k0, K,
+                                    GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
     return acc
 
 

@@ -4,7 +4,7 @@
     python bench/weight_only_build.py --targets sm_90 --json build.json
 
 Every configuration the kernel module would try (its config list after its own pruning) for a
-launch with bf16 x, per-channel scales, no zero point, no bias, bf16 out, at M = 1 and M = 4096
+launch with bf16 x, per-channel scales, no zero point, no bias, bf16 out, at M = 1, 32 and 4096
 (where the pruning keeps different tiles) on K = N = 1152, for each weight format, is compiled with
 Triton's bundled ptxas (bench/offline_compile.py). Grouped weights with zero points (group 128)
 are compiled too. Per binary: registers, spill bytes, shared memory against the module's own
@@ -26,7 +26,7 @@ from offline_compile import TARGETS, Pointer, compile_kernel
 from clq_compile.kernels import triton_weight_only as wo
 
 SHAPE_NK = (1152, 1152)
-TOKENS = (1, 4096)
+TOKENS = (1, 32, 4096)
 # (name, w_bits, group, zero point)
 VARIANTS = (("w4a16", 4, None, False), ("w8a16", 8, None, False), ("w3a16", 3, None, False),
             ("w4a16_g128_zero", 4, 128, True), ("w3a16_g128_zero", 3, 128, True))

@@ -7,10 +7,14 @@ channels along K and optional signed int8 zero points. The math is the a_bits >=
 
 Each K tile of the weight is dequantized in registers — unpacked, the zero point subtracted and the
 scale multiplied in float32 (q − zero is an exact integer there), then rounded to x's dtype — and
-multiplied with x on the tensor cores in that dtype with float32 accumulation. float32 x keeps Ŵ in
-float32 and runs the dot with input_precision="ieee" (no TF32 rounding; on GPUs that is FFMA, not
-tensor cores: float32 DiTs are rare, and at small M the kernel is bound by the weight bytes anyway).
-A NaN in x reaches every output of its row through the dot; nothing on the way takes a min or max.
+multiplied with x on the tensor cores in that dtype with float32 accumulation. The integers become
+floats without a conversion instruction (32-bit conversions issue at 16 per clock per SM on Hopper,
+an eighth of the float32 rate): the offset code u = q + 2^(b-1) placed under float32's exponent of
+2^23 is the float 2^23 + u, and one subtraction of 2^23 + 2^(b-1) + zero gives q − zero exactly.
+float32 x keeps Ŵ in float32 and runs the dot with input_precision="ieee" (no TF32 rounding; on
+GPUs that is FFMA, not tensor cores: float32 DiTs are rare, and at small M the kernel is bound by
+the weight bytes anyway). A NaN in x reaches every output of its row through the dot; nothing on the
+way takes a min or max.
 
 The product is computed transposed, acc [BLOCK_N, BLOCK_M] = Ŵ_tile · x_tileᵀ: the weight rows are
 the MMA's M dimension, so that a small M (the conditioning GEMMs, M = batch) is the MMA's narrow N
@@ -25,35 +29,32 @@ order, no tile is ever re-interleaved into K order.
 Scales: when the K tile lies inside one group (BLOCK_K divides the group, or one group spans K) a
 tile reads one scale and zero point per row; narrower groups are gathered per element.
 
-Weight-only GEMM on H200, a bandwidth MODEL (not a measurement; no GPU ran this kernel). At small M a
-GEMM reads its weight once and little else, so its time is bounded below by weight bytes / HBM
-bandwidth (4.8 TB/s), plus a launch floor of a few microseconds that this model leaves out. Bytes
-read, weight plus per-channel scales (4 B per row) plus x and y in bf16, against bf16 cuBLAS's bf16
-weight, x and y (`bench/weight_only_model.py` prints this table):
+Weight-only GEMM on H200, a bandwidth MODEL (not a measurement; no GPU ran this kernel). A GEMM
+takes at least max(bytes / 4.8 TB/s, 2·M·N·K / 790 TFLOP/s, the bf16 rate measured here). bf16
+reads 2 bytes of weight per weight, a weight-only mode bits / 8 plus a float32 scale per row: per
+output element, 2K / M bytes of weight against K·bits / (8M). `python bench/weight_only_model.py`
+prints the ratio of bf16's bound to each mode's (the speedup the model allows; launch floor of a few
+microseconds left out, which dominates every M <= 16 row):
 
-    (N, K)        M      bf16 MB   w8a16   w4a16   w3a16   (ratio of bf16 bytes to the mode's; speedup bound)
-    (1152, 1152)  1      2.66      2.0     3.99    5.31
-    (1152, 1152)  2      2.66      2.0     3.98    5.30
-    (1152, 1152)  16     2.73      1.97    3.84    5.06
-    (1152, 1152)  4096   22.5      1.11    1.19    1.20    (compute-bound: no win; see below)
-    (4608, 1152)  1      10.6      2.0     3.99    5.32
-    (4608, 1152)  16     10.8      1.97    3.86    5.08
-    (4608, 1152)  4096   58.3      1.10    1.16    1.17
-    (1152, 4608)  1      10.6      2.0     3.99    5.32
-    (1152, 4608)  16     10.8      1.98    3.91    5.17
-    (1152, 4608)  4096   58.3      1.10    1.16    1.17
+    (N, K)        M     bf16 MB  bf16 µs (limit)   w8a16  w4a16  w3a16
+    (1152, 1152)  1     2.66     0.55 (memory)     1.99   3.95   5.25
+    (1152, 1152)  2     2.66     0.55 (memory)     1.99   3.93   5.21
+    (1152, 1152)  16    2.73     0.57 (memory)     1.94   3.68   4.74
+    (1152, 1152)  4096  21.53    13.76 (compute)   1.00   1.00   1.00
+    (4608, 1152)  1     10.63    2.21 (memory)     1.99   3.96   5.26
+    (4608, 1152)  2     10.64    2.22 (memory)     1.99   3.95   5.24
+    (4608, 1152)  16    10.80    2.25 (memory)     1.96   3.78   4.92
+    (4608, 1152)  4096  57.80    55.05 (compute)   1.00   1.00   1.00
+    (1152, 4608)  1     10.63    2.21 (memory)     2.00   3.98   5.30
+    (1152, 4608)  2     10.64    2.22 (memory)     1.99   3.97   5.27
+    (1152, 4608)  16    10.80    2.25 (memory)     1.96   3.80   4.96
+    (1152, 4608)  4096  57.80    55.05 (compute)   1.00   1.00   1.00
 
-At M = 4096 all three shapes are compute-bound for bf16 (2·M·N·K / 790 TFLOP/s measured here exceeds
-their bytes / 4.8 TB/s by 3-5x), and dequantizing adds instructions to a tensor-core loop that was
-the bottleneck already: the bound is at best bf16's speed, the ratios above are not reachable there.
-At M ≤ 16 the model's bound is 4x (w4a16) and 5.3x (w3a16) fewer bytes; how close the kernel comes
-depends on keeping HBM busy with few programs (a (1152, 1152) layer with BLOCK_N = 32 is 36
-programs on 132 SMs; split-K is not implemented) and on the dequantization instructions per byte,
-for which the offline build's facts are below.
+At M = 4096 every shape is compute-bound and dequantizing only adds work to the tensor-core loop:
+weight-only is for the small-M conditioning GEMMs (and for memory), not for token GEMMs. At M <= 16
+the bound leaves out two things that the offline build shows to matter:
 
-Offline build (bench/weight_only_build.py, Triton 3.9's ptxas, no GPU): see that script's table;
-tests/kernels/test_weight_only_build.py checks on sm_90 and sm_80 that every shipped configuration
-spills nothing, fits shared memory and runs its 16-bit dots on tensor cores.
+BUILD_FACTS
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemm import SHARED_MEMORY_LIMIT, _round_to_bfloat16, _tile_indices, m_bucket
+from .triton_gemm import SHARED_MEMORY_LIMIT, _config, _round_to_bfloat16, _tile_indices, m_bucket
 from .triton_quantize import interpreted
 
 # Storage bits of each weight format and the phases a K tile is split into (see the module docstring).
@@ -236,34 +237,27 @@ def _per_tile(args: dict) -> bool:
 _weight_only = triton.heuristics({"PER_TILE": _per_tile})(_weight_only_kernel)
 
 
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
-
-
 # BLOCK_M 16 serves M <= 16 (the conditioning GEMMs): memory-bound, so narrow weight tiles give more
-# programs to keep HBM busy, and wide K tiles long loads. Taller tiles serve token GEMMs, where each
-# dequantized weight tile is reused across BLOCK_M rows. BLOCK_N 64 per 4 warps lets Hopper use
-# wgmma (one warp group per 64 weight rows); other tiles run mma.sync. Every tile holds at most 64
-# weights per thread (see MAX_REGISTER_ESTIMATE).
+# programs to keep HBM busy. Taller tiles serve token GEMMs, where each dequantized weight tile is
+# reused across BLOCK_M rows. BLOCK_N 64 per 4 warps lets Hopper use wgmma (one warp group per 64
+# weight rows); other tiles run mma.sync (or wgmma split along M). K tiles of 256 and 128 x 64 tiles
+# on 4 warps spilled or came within a few registers of it on sm_80 (bench/weight_only_build.py).
 CONFIGS = [
     _config(16, 32, 128, 2, 3),
-    _config(16, 32, 256, 4, 3),
+    _config(16, 32, 128, 4, 3),
     _config(16, 64, 128, 4, 3),
-    _config(16, 64, 256, 8, 3),
     _config(16, 128, 128, 8, 3),
     _config(32, 64, 128, 4, 3),
-    _config(64, 64, 64, 4, 3),
+    _config(64, 64, 64, 8, 3),
     _config(64, 128, 64, 8, 3),
-    _config(128, 64, 64, 4, 3),
+    _config(128, 64, 64, 8, 3),
     _config(128, 128, 64, 8, 3),
 ]
 
-# Register estimates (below) that compile without spills. Measured offline with
-# bench/weight_only_build.py (checked by tests/kernels/test_weight_only_build.py): the compiler keeps
-# about 1.5 registers per weight of a K tile a thread dequantizes, beside the accumulator; tiles of
-# 128 weights per thread took 219-255 registers at BLOCK_M 16 (3- and 8-bit) and spilled with zero
-# points, tiles of 64 at most 138 + the accumulator.
+# A coarse guard on registers per thread (`register_estimate`), against configurations added later:
+# the shipped ones estimate at most 104 and compiled with 80-201 registers and no spills on sm_80
+# and sm_90 (bench/weight_only_build.py; tests/kernels/test_weight_only_build.py is the check);
+# tiles of 128 weights per thread (estimate 200) took 219-255 registers and spilled with zero points.
 MAX_REGISTER_ESTIMATE = 128
 
 

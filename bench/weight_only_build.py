@@ -1,6 +1,7 @@
 """What the weight-only GEMM (kernels/triton_weight_only.py) compiles to, without a GPU.
 
     python bench/weight_only_build.py                      # sm_90 and sm_80, every variant, a table
+                                                           # (kept in bench/results/weight-only-build.md)
     python bench/weight_only_build.py --targets sm_90 --json build.json
 
 Every configuration the kernel module would try (its config list after its own pruning) for a
@@ -76,7 +77,10 @@ def build(targets: tuple[str, ...], variants: tuple[str, ...], tokens: tuple[int
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| target | variant | M | config | regs (est.) | spill B | shared KB (est.) | MMA | loads | "
+    lines = [f"Offline compile, no GPU: Triton {triton.__version__}'s ptxas and cuobjdump "
+             "(python bench/weight_only_build.py). N = K = 1152, bf16 x and out; regs and shared memory with the "
+             "module's estimates in parentheses; main loop per K tile of BLOCK_K channels.", "",
+             "| target | variant | M | config | regs (est.) | spill B | shared KB (est.) | MMA | loads | "
              "main loop: instr. / K tile, MMAs, int % |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['target']} | {r['variant']} | {r['M']} | {r['config']} | {r['registers']} "

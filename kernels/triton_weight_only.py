@@ -12,9 +12,8 @@ floats without a conversion instruction (32-bit conversions issue at 16 per cloc
 an eighth of the float32 rate): the offset code u = q + 2^(b-1) placed under float32's exponent of
 2^23 is the float 2^23 + u, and one subtraction of 2^23 + 2^(b-1) + zero gives q − zero exactly.
 float32 x keeps Ŵ in float32 and runs the dot with input_precision="ieee" (no TF32 rounding; on
-GPUs that is FFMA, not tensor cores: float32 DiTs are rare, and at small M the kernel is bound by
-the weight bytes anyway). A NaN in x reaches every output of its row through the dot; nothing on the
-way takes a min or max.
+GPUs that is FFMA, not tensor cores: float32 DiTs are rare, and small M is not bound by the math).
+A NaN in x reaches every output of its row through the dot; nothing on the way takes a min or max.
 
 The product is computed transposed, acc [BLOCK_N, BLOCK_M] = Ŵ_tile · x_tileᵀ: the weight rows are
 the MMA's M dimension, so that a small M (the conditioning GEMMs, M = batch) is the MMA's narrow N
@@ -52,9 +51,29 @@ microseconds left out, which dominates every M <= 16 row):
 
 At M = 4096 every shape is compute-bound and dequantizing only adds work to the tensor-core loop:
 weight-only is for the small-M conditioning GEMMs (and for memory), not for token GEMMs. At M <= 16
-the bound leaves out two things that the offline build shows to matter:
+the bound leaves out what the offline build shows to matter:
 
-BUILD_FACTS
+- Instruction issue, not HBM, bounds the dequantizing loop (offline build, sm_90, M = 1; a MODEL
+  from it). Per 128-wide K tile a thread dequantizes 64 weights and issues, in the main loop,
+  475 (w4a16), 609 (w8a16) or 709 (w3a16) SASS instructions at 16 x 128 x 128 on 8 warps, and
+  501 / 627 / 731 at 16 x 64 x 128 on 4 warps: 7.4-11.4 per weight (per weight one LOP3, one FADD,
+  one FMUL, half an F2FP, plus byte extraction, and the 3-bit planes' shifts), against 8 HGMMA.
+  An SM issues 4 warp-instructions per clock, so a block streams 8.6 (w4a16), 13.5 (w8a16) or 4.3
+  (w3a16) bytes of weight per SM clock, where 4.8 TB/s over 132 SMs at 1.83 GHz is 19.9: 43%, 68%
+  and 22% of HBM. Times the bandwidth ratios above, the model's bound at M <= 16 with every SM
+  busy is about 1.7x bf16 for w4a16, 1.35x for w8a16 and 1.1x for w3a16, not 4x / 2x / 5.3x.
+- Programs: a (1152, 1152) layer at BLOCK_N = 32 is 36 programs on 132 SMs (split-K is not
+  implemented), so there even that bound is out of reach; (4608, 1152) gives 144.
+- Resources (bench/weight_only_build.py, table in bench/results/weight-only-build.md): 130 binaries,
+  every shipped config after pruning at M = 1, 32, 4096, N = K = 1152, for w4a16, w8a16, w3a16 per
+  channel and w4a16 / w3a16 with groups of 128 and zero points: no spills; 80-201 registers on
+  sm_90, 70-243 on sm_80; shared memory at most 65 KiB (sm_90) and 49 KiB (sm_80), always within
+  `shared_memory_bytes`; loads by cp.async. MMAs: HGMMA.64xNx16.F32.BF16 (N from 16 to 128) for
+  every tile of 64 or more weight rows on sm_90, HMMA.16816.F32.BF16 for 32-row tiles and on sm_80.
+  float32 x: FFMA (1024 per tile at 16 x 64 x 128), no tensor cores, as documented above.
+  Groups narrower than the narrowest K tile (32 channels at 4 bits, 64 at 3, 16 at 8) gather
+  their scales per element: 705 instructions per 32-wide tile at 4 bits (16 weights per thread at
+  16 x 32 x 32 on 2 warps), correct but slow.
 """
 
 from __future__ import annotations
@@ -255,8 +274,8 @@ CONFIGS = [
 ]
 
 # A coarse guard on registers per thread (`register_estimate`), against configurations added later:
-# the shipped ones estimate at most 104 and compiled with 80-201 registers and no spills on sm_80
-# and sm_90 (bench/weight_only_build.py; tests/kernels/test_weight_only_build.py is the check);
+# the shipped ones estimate at most 112 and compiled with 80-201 (sm_90) and 70-243 (sm_80)
+# registers and no spills (bench/weight_only_build.py; tests/kernels/test_weight_only_build.py is the check);
 # tiles of 128 weights per thread (estimate 200) took 219-255 registers and spilled with zero points.
 MAX_REGISTER_ESTIMATE = 128
 

@@ -87,7 +87,7 @@ def cases(draw):
 
 def operands(case):
     """(x, qweight, scale, zero, bias) for a case: integers over the whole signed range, scales in
-    [2^-6, 2^-2) (normal in float16, products far from float16's overflow)."""
+    [2^-6, 2^-2) (Ŵ normal in float16, outputs far from float16's overflow)."""
     g = torch.Generator().manual_seed(case["seed"])
     m, n, k, bits = case["m"], case["n"], case["k"], case["bits"]
     groups = k // (case["group"] or k)
@@ -95,7 +95,8 @@ def operands(case):
     q = torch.randint(-lim, lim, (n, k), generator=g, dtype=torch.int8)
     scale = 2.0 ** (torch.rand(n, groups, generator=g) * 4 - 6)
     zero = torch.randint(-lim, lim, (n, groups), generator=g, dtype=torch.int8) if case["zero"] else None
-    bias = torch.randn(n, generator=g) if case["bias"] else None
+    # A linear layer's bias has its weight's (here x's) dtype.
+    bias = torch.randn(n, generator=g).to(case["x_dtype"]) if case["bias"] else None
     x = torch.randn(m, k, generator=g).to(case["x_dtype"])
     return x, stored_weight(q, bits), scale, zero, bias
 

@@ -22,8 +22,8 @@ side, and the dequantized operand is the one that may stay in registers.
 Unpacking without interleaving. The elements of a K tile are taken in phases, one dot per phase: a
 4-bit tile is its low nibbles (elements k0 + 2j) and its high nibbles (k0 + 2j + 1), a 3-bit tile the
 four positions i of its low-bit plane (elements k0 + 4j + i, whose third bit is bit 4·(j mod 2) + i of
-high-plane byte j // 2); x is loaded with the same stride. Since Σ_k x_k Ŵ_k is the same sum in any
-order, no tile is ever re-interleaved into K order.
+high-plane byte j // 2); x's tile, loaded in K order, is split the same way in registers. Since
+Σ_k x_k Ŵ_k is the same sum in any order, no weight tile is ever re-interleaved into K order.
 
 Scales: when the K tile lies inside one group (BLOCK_K divides the group, or one group spans K) a
 tile reads one scale and zero point per row; narrower groups are gathered per element.
@@ -134,9 +134,24 @@ def _dot_operand(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_phase(acc, u, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks, k0, K, GROUP,
-                      OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr):
-    """acc + Ŵ[cols, ks] · x[rows, ks]ᵀ for the codes u = q + OFFSET, int32 [len(cols), len(ks)] in [0, 2^b).
+def _x_tile(x_ptr, rows, stride_xm, k0, K, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    """x[rows, k0:k0 + BLOCK_K] (0 past K when MASK_K), in float32 under the interpreter (see `_dot_operand`)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    offsets = rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    if MASK_K:
+        x = tl.load(x_ptr + offsets, mask=(ks < K)[None, :], other=0.0)
+    else:
+        x = tl.load(x_ptr + offsets)
+    if _INTERPRET:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _accumulate_phase(acc, u, x, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K, GROUP, OFFSET: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr):
+    """acc + Ŵ[cols, ks] · x[:, ks]ᵀ for the codes u = q + OFFSET, int32 [len(cols), len(ks)] in [0, 2^b),
+    and x's columns ks, [BLOCK_M, len(ks)].
 
     u's bits under float32's exponent of 2^23 are the float 2^23 + u, so q − zero is one subtraction
     of 2^23 + OFFSET + zero (a per-row constant): exact, as every integer below 2^24 is in float32.
@@ -147,16 +162,15 @@ def _accumulate_phase(acc, u, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride
                                     HAS_ZERO, False)
     else:
         scale, zero = _group_params(s_ptr, z_ptr, cols, stride_sn, ks, K, GROUP, HAS_ZERO, MASK_K)
-    x_offsets = rows.to(tl.int64)[None, :] * stride_xm + ks[:, None]
-    if MASK_K:
-        x = tl.load(x_ptr + x_offsets, mask=(ks < K)[:, None], other=0.0)
-    else:
-        x = tl.load(x_ptr + x_offsets)
     q_minus_zero = (u | _FLOAT_2_23_BITS).to(tl.float32, bitcast=True) - (_FLOAT_2_23 + OFFSET + zero)
     w = _dot_operand(q_minus_zero * scale, x_ptr.dtype.element_ty)
-    if _INTERPRET:
-        x = x.to(tl.float32)
-    return tl.dot(w, x, acc, input_precision="ieee")
+    return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+
+
+@triton.jit
+def _int3_codes(low, high, i: tl.constexpr):
+    """Codes q + 4 of phase i from the low plane and the shifted, inverted high plane (`_accumulate_tile`)."""
+    return ((low >> (2 * i)) & 3) | ((high >> i) & 4)
 
 
 @triton.jit
@@ -165,8 +179,10 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
                      BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
     """acc + Ŵ[cols, k0:k0 + BLOCK_K] · x[rows, k0:k0 + BLOCK_K]ᵀ, one dot per phase.
 
-    Channels at or past K contribute nothing when MASK_K.
+    Channels at or past K contribute nothing when MASK_K. x is loaded in K order (contiguous, so
+    software-pipelined by cp.async) and split into the phases in registers.
     """
+    x = _x_tile(x_ptr, rows, stride_xm, k0, K, BLOCK_K, MASK_K)
     w_rows = cols.to(tl.int64)[:, None] * stride_wn
     # Codes u = q + 2^(b-1) (offset binary): flipping the sign bit of a two's complement b-bit value.
     if W_BITS == 8:
@@ -175,8 +191,8 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
             q = tl.load(w_ptr + w_rows + ks[None, :], mask=(ks < K)[None, :], other=0)
         else:
             q = tl.load(w_ptr + w_rows + ks[None, :])
-        acc = _accumulate_phase(acc, (q.to(tl.int32) & 0xFF) ^ 0x80, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm,
-                                stride_sn, ks, k0, K, GROUP, 128, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, (q.to(tl.int32) & 0xFF) ^ 0x80, x, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks,
+                                k0, K, GROUP, 128, HAS_ZERO, PER_TILE, MASK_K)
     elif W_BITS == 4:
         j = tl.arange(0, BLOCK_K // 2)
         ks = k0 + 2 * j
@@ -185,10 +201,11 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
         else:
             p = tl.load(w_ptr + w_rows + (k0 // 2 + j)[None, :])
         p = p.to(tl.int32)
-        acc = _accumulate_phase(acc, (p & 0xF) ^ 8, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks,
-                                k0, K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K)
-        acc = _accumulate_phase(acc, ((p >> 4) & 0xF) ^ 8, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn,
-                                ks + 1, k0, K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K)
+        x_even, x_odd = tl.split(tl.reshape(x, [x.shape[0], BLOCK_K // 2, 2]))
+        acc = _accumulate_phase(acc, (p & 0xF) ^ 8, x_even, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K, GROUP,
+                                8, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, ((p >> 4) & 0xF) ^ 8, x_odd, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 1, k0,
+                                K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K)
     else:
         j = tl.arange(0, BLOCK_K // 4)
         ks = k0 + 4 * j
@@ -205,10 +222,18 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
         low = low.to(tl.int32)
         # The third bit of element k0 + 4j (phase 0) moved to bit 2, inverted: the sign bit flipped.
         high = ~(high.to(tl.int32) >> (4 * (j % 2))[None, :] << 2)
-        for i in tl.static_range(4):
-            u = ((low >> (2 * i)) & 3) | ((high >> i) & 4)
-            acc = _accumulate_phase(acc, u, x_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_sn, ks + i, k0, K,
-                                    GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+        # Element k0 + 4j + 2a + b of x: split on b, then on a.
+        x_b0, x_b1 = tl.split(tl.reshape(x, [x.shape[0], BLOCK_K // 4, 2, 2]))
+        x0, x2 = tl.split(x_b0)
+        x1, x3 = tl.split(x_b1)
+        acc = _accumulate_phase(acc, _int3_codes(low, high, 0), x0, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K,
+                                GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, _int3_codes(low, high, 1), x1, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 1, k0,
+                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, _int3_codes(low, high, 2), x2, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 2, k0,
+                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+        acc = _accumulate_phase(acc, _int3_codes(low, high, 3), x3, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 3, k0,
+                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
     return acc
 
 

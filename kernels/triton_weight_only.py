@@ -55,24 +55,24 @@ the bound leaves out what the offline build shows to matter:
 
 - Instruction issue, not HBM, bounds the dequantizing loop (offline build, sm_90, M = 1; a MODEL
   from it). Per 128-wide K tile a thread dequantizes 64 weights and issues, in the main loop,
-  475 (w4a16), 609 (w8a16) or 709 (w3a16) SASS instructions at 16 x 128 x 128 on 8 warps, and
-  501 / 627 / 731 at 16 x 64 x 128 on 4 warps: 7.4-11.4 per weight (per weight one LOP3, one FADD,
+  462 (w4a16), 628 (w8a16) or 702 (w3a16) SASS instructions at 16 x 128 x 128 on 8 warps, and
+  467 / 626 / 709 at 16 x 64 x 128 on 4 warps: 7.2-11.1 per weight (per weight one LOP3, one FADD,
   one FMUL, half an F2FP, plus byte extraction, and the 3-bit planes' shifts), against 8 HGMMA.
-  An SM issues 4 warp-instructions per clock, so a block streams 8.6 (w4a16), 13.5 (w8a16) or 4.3
-  (w3a16) bytes of weight per SM clock, where 4.8 TB/s over 132 SMs at 1.83 GHz is 19.9: 43%, 68%
+  An SM issues 4 warp-instructions per clock, so a block streams 8.9 (w4a16), 13.0 (w8a16) or 4.4
+  (w3a16) bytes of weight per SM clock, where 4.8 TB/s over 132 SMs at 1.83 GHz is 19.9: 45%, 66%
   and 22% of HBM. Times the bandwidth ratios above, the model's bound at M <= 16 with every SM
-  busy is about 1.7x bf16 for w4a16, 1.35x for w8a16 and 1.1x for w3a16, not 4x / 2x / 5.3x.
+  busy is about 1.8x bf16 for w4a16, 1.3x for w8a16 and 1.2x for w3a16, not 4x / 2x / 5.3x.
 - Programs: a (1152, 1152) layer at BLOCK_N = 32 is 36 programs on 132 SMs (split-K is not
   implemented), so there even that bound is out of reach; (4608, 1152) gives 144.
 - Resources (bench/weight_only_build.py, table in bench/results/weight-only-build.md): 130 binaries,
   every shipped config after pruning at M = 1, 32, 4096, N = K = 1152, for w4a16, w8a16, w3a16 per
-  channel and w4a16 / w3a16 with groups of 128 and zero points: no spills; 80-201 registers on
-  sm_90, 70-243 on sm_80; shared memory at most 65 KiB (sm_90) and 49 KiB (sm_80), always within
+  channel and w4a16 / w3a16 with groups of 128 and zero points: no spills; 93-163 registers on
+  sm_90, 104-242 on sm_80; shared memory at most 65 KiB (sm_90) and 49 KiB (sm_80), always within
   `shared_memory_bytes`; loads by cp.async. MMAs: HGMMA.64xNx16.F32.BF16 (N from 16 to 128) for
   every tile of 64 or more weight rows on sm_90, HMMA.16816.F32.BF16 for 32-row tiles and on sm_80.
   float32 x: FFMA (1024 per tile at 16 x 64 x 128), no tensor cores, as documented above.
   Groups narrower than the narrowest K tile (32 channels at 4 bits, 64 at 3, 16 at 8) gather
-  their scales per element: 705 instructions per 32-wide tile at 4 bits (16 weights per thread at
+  their scales per element: 644 instructions per 32-wide tile at 4 bits (16 weights per thread at
   16 x 32 x 32 on 2 warps), correct but slow.
 """
 
@@ -286,7 +286,13 @@ _weight_only = triton.heuristics({"PER_TILE": _per_tile})(_weight_only_kernel)
 # reused across BLOCK_M rows. BLOCK_N 64 per 4 warps lets Hopper use wgmma (one warp group per 64
 # weight rows); other tiles run mma.sync (or wgmma split along M). K tiles of 256 and 128 x 64 tiles
 # on 4 warps spilled or came within a few registers of it on sm_80 (bench/weight_only_build.py).
-CONFIGS = [
+def _unspilled(cfg: triton.Config) -> triton.Config:
+    """cfg with every register a thread may have (255): left to itself ptxas stopped at 128 registers
+    and spilled 4-12 bytes on some of these tiles (3-bit 16 x 32 x 128 on 2 warps: 149 suffice)."""
+    return triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=255)
+
+
+CONFIGS = [_unspilled(cfg) for cfg in (
     _config(16, 32, 128, 2, 3),
     _config(16, 32, 128, 4, 3),
     _config(16, 64, 128, 4, 3),
@@ -296,10 +302,10 @@ CONFIGS = [
     _config(64, 128, 64, 8, 3),
     _config(128, 64, 64, 8, 3),
     _config(128, 128, 64, 8, 3),
-]
+)]
 
 # A coarse guard on registers per thread (`register_estimate`), against configurations added later:
-# the shipped ones estimate at most 112 and compiled with 80-201 (sm_90) and 70-243 (sm_80)
+# the shipped ones estimate at most 112 and compiled with 93-163 (sm_90) and 104-242 (sm_80)
 # registers and no spills (bench/weight_only_build.py; tests/kernels/test_weight_only_build.py is the check);
 # tiles of 128 weights per thread (estimate 200) took 219-255 registers and spilled with zero points.
 MAX_REGISTER_ESTIMATE = 128
@@ -342,7 +348,8 @@ def _narrowed(cfg: triton.Config, group: int, k: int, w_bits: int, x_bytes: int)
     block_k = cfg.kwargs["BLOCK_K"]
     if group < k:
         block_k = min(block_k, max(group & -group, min_block_k(w_bits, x_bytes)))
-    return triton.Config(dict(cfg.kwargs, BLOCK_K=block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return triton.Config(dict(cfg.kwargs, BLOCK_K=block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                         maxnreg=cfg.maxnreg)
 
 
 def prune_configs(configs: list[triton.Config], m_bucket_: int, group: int, k: int, w_bits: int, x_bytes: int,
@@ -354,7 +361,7 @@ def prune_configs(configs: list[triton.Config], m_bucket_: int, group: int, k: i
     kept, seen = [], set()
     for cfg in configs:
         cfg = _narrowed(cfg, group, k, w_bits, x_bytes)
-        key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+        key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
         block_m = cfg.kwargs["BLOCK_M"]
         if (key not in seen and block_m <= max(m_bucket_, 16) and (m_bucket_ < 128 or block_m >= 64)
                 and fits(cfg, w_bits, x_bytes, capability)):

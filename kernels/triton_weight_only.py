@@ -281,17 +281,17 @@ def _per_tile(args: dict) -> bool:
 _weight_only = triton.heuristics({"PER_TILE": _per_tile})(_weight_only_kernel)
 
 
-# BLOCK_M 16 serves M <= 16 (the conditioning GEMMs): memory-bound, so narrow weight tiles give more
-# programs to keep HBM busy. Taller tiles serve token GEMMs, where each dequantized weight tile is
-# reused across BLOCK_M rows. BLOCK_N 64 per 4 warps lets Hopper use wgmma (one warp group per 64
-# weight rows); other tiles run mma.sync (or wgmma split along M). K tiles of 256 and 128 x 64 tiles
-# on 4 warps spilled or came within a few registers of it on sm_80 (bench/weight_only_build.py).
 def _unspilled(cfg: triton.Config) -> triton.Config:
     """cfg with every register a thread may have (255): left to itself ptxas stopped at 128 registers
     and spilled 4-12 bytes on some of these tiles (3-bit 16 x 32 x 128 on 2 warps: 149 suffice)."""
     return triton.Config(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=255)
 
 
+# BLOCK_M 16 serves M <= 16 (the conditioning GEMMs): memory-bound, so narrow weight tiles give more
+# programs to keep HBM busy. Taller tiles serve token GEMMs, where each dequantized weight tile is
+# reused across BLOCK_M rows. BLOCK_N 64 per 4 warps lets Hopper use wgmma (one warp group per 64
+# weight rows); other tiles run mma.sync (or wgmma split along M). K tiles of 256 and 128 x 64 tiles
+# on 4 warps spilled or came within a few registers of it on sm_80 (bench/weight_only_build.py).
 CONFIGS = [_unspilled(cfg) for cfg in (
     _config(16, 32, 128, 2, 3),
     _config(16, 32, 128, 4, 3),

@@ -3,7 +3,9 @@
 - integer weights and activations (int4 / int8): the activation-quantize kernel, then the integer
   GEMM (generated Triton, kernels/triton_quantize.py and kernels/triton_gemm.py);
 - e4m3 weights and activations: torch._scaled_mm with rowwise scales (kernels/float8_linear.py);
-- weight-only layers (activation format "none"): a dequantized weight and a float matmul.
+- weight-only layers (activation format "none", integer weights): the weight-only GEMM, which
+  dequantizes the weight tile in registers and multiplies in x's 16-bit dtype
+  (kernels/triton_weight_only.py); the online transform, if any, runs first in float32.
 
 Same arguments and same result as `quant_linear_reference` (kernels/reference.py). On CPU tensors
 the Triton kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels
@@ -16,9 +18,10 @@ import torch
 
 from .float8_linear import float8_linear
 from .formats import check_pair, get_format
-from .reference import quant_linear_reference
+from .reference import quant_linear_reference, transform_activation
 from .triton_gemm import quant_matmul
 from .triton_quantize import interpreted, quantize_activation_triton
+from .triton_weight_only import weight_only_matmul
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,11 +75,14 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
     w_fmt, a_fmt = get_format(w_format), get_format(a_format)
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_features)
-    if not a_fmt.quantizes:
-        # Weight-only layers: a dequantized weight and a float matmul, exactly as the reference.
+    if not a_fmt.quantizes and w_fmt.integer:
+        if any(t is not None for t in (act_mul, act_perm, act_rotation)):
+            rows = transform_activation(rows.float(), act_mul, act_perm, act_rotation).to(x.dtype)
+        out = weight_only_matmul(rows, qweight, w_scale, w_zero, bias, in_features, w_fmt.bits, w_group, x.dtype)
+    elif not a_fmt.quantizes:
         return quant_linear_reference(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
                                       in_features, w_format, a_format, w_group, a_group)
-    if "scaled_mm" in w_fmt.kernels:
+    elif "scaled_mm" in w_fmt.kernels:
         out = float8_linear(rows, qweight, w_scale, bias, act_mul, act_perm, act_rotation, a_fmt, w_group, a_group)
     elif w_fmt.bits in (4, 8) and a_fmt.bits in (4, 8):
         xq, x_scale = quantize_activation_triton(rows, a_fmt.bits, a_group or None, act_mul, act_perm,

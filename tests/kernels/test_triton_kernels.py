@@ -22,13 +22,14 @@ from hypothesis import strategies as st  # noqa: E402
 from clq_compile.kernels import ops, triton_gemm, triton_linear, triton_quantize  # noqa: E402
 from clq_compile.kernels.formats import E4M3  # noqa: E402
 from clq_compile.kernels.hadamard import hadamard, normalized_hadamard  # noqa: E402
-from clq_compile.kernels.packing import pack_int4, pack_weight, unpack_int4  # noqa: E402
+from clq_compile.kernels.packing import pack_int4, pack_weight, unpack_int4, unpack_weight  # noqa: E402
 from clq_compile.kernels.quantize import quantize, quantize_activation  # noqa: E402
 from clq_compile.kernels.reference import (  # noqa: E402
     int_matmul,
     quant_linear_reference,
     transform_activation,
 )
+from tests.kernels.test_triton_weight_only import tolerance  # noqa: E402
 
 if not triton_quantize.interpreted():
     pytest.skip("the kernels were defined without TRITON_INTERPRET=1 (imported before this module)",
@@ -195,11 +196,21 @@ def test_bfloat16_outputs_round_ties_to_even():
     assert torch.equal(out[0], args[4].to(torch.bfloat16))
 
 
-def test_weight_only_layers_follow_the_reference():
-    case = dict(m=5, n=6, k=64, w_bits=4, a_bits=16, w_group=32, a_group=0, symmetric=False, bias=True,
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
+def test_weight_only_layers_run_the_weight_only_gemm_within_its_rounding_bound(w_bits):
+    """The online transform in float32, rounded to x's dtype, then the weight-only GEMM
+    (kernels/triton_weight_only.py, whose tests derive the bound)."""
+    case = dict(m=5, n=6, k=64, w_bits=w_bits, a_bits=16, w_group=32, a_group=0, symmetric=False, bias=True,
                 dtype=torch.bfloat16, mul=True, perm=True, rotation=32, seed=3)
     args = linear_arguments(case, torch.randn(5, 64).to(torch.bfloat16), dyadic=False)
-    assert torch.equal(triton_linear.quant_linear_triton(*args), quant_linear_reference(*args))
+    out = triton_linear.quant_linear_triton(*args)
+    x, qweight, scale, zero, bias = args[:5]
+    xt = transform_activation(x.float(), *args[5:8]).to(x.dtype)
+    codes = unpack_weight(qweight, w_bits).double().reshape(6, 2, 32) - zero.double()[..., None]
+    w64 = (codes * scale.double()[..., None]).reshape(6, 64)
+    y64 = xt.double() @ w64.t() + bias.double()
+    assert out.dtype == x.dtype
+    assert ((out.double() - y64).abs() <= tolerance(xt, w64, bias, y64, x.dtype)).all()
 
 
 @settings(max_examples=15, deadline=None)

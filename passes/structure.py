@@ -11,8 +11,13 @@ kept roles (conditioning, modulation, embedding, final projection) are decided f
 - conditioning: the rows are the batch only (M = B), or the input does not depend on any token
   stream among the graph's inputs (a timestep, a pooled text vector, a learned per-token
   modulation table as in Chroma's approximator).
-- embed: the input reads a model input (a tensor the user passed to the compiled module) through
-  no linear, convolution or attention: the patch / context embedding.
+- embed: the input reads a token stream among the model inputs (a tensor the user passed to the
+  compiled module) through no linear, convolution or attention: the patch / context embedding.
+  Masks, indicators and indexes the user passed carry no tokens: a final projection reading its
+  rows back at given positions is not an embedding.
+
+Token streams are followed through in-place writes too: a packed sequence built as a zero buffer
+with the text and image tokens written into it at index positions carries both.
 - final: the output reaches the model's return value through no other linear (only when the graph
   ends at the compiled module's own return).
 
@@ -44,6 +49,21 @@ _BARRIERS = {torch.conv1d, torch.conv2d, torch.conv3d, torch._C._nn.scaled_dot_p
              torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.conv2d,
              torch.nn.functional.conv3d, torch.nn.functional.conv1d, torch.matmul, torch.bmm,
              torch.einsum, operator.matmul}
+
+
+# In-place writes into their first argument, with the written value's position.
+_WRITES_FUNCTIONS = {operator.setitem: 2}
+_WRITES_METHODS = {"index_put_": 2}
+
+
+def _written(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(buffer, value) of an in-place write `node` into a tensor, else None."""
+    position = (_WRITES_FUNCTIONS.get(node.target) if node.op == "call_function"
+                else _WRITES_METHODS.get(node.target) if node.op == "call_method" else None)
+    if position is None or len(node.args) <= position:
+        return None
+    target, value = node.args[0], node.args[position]
+    return (target, value) if isinstance(target, fx.Node) and isinstance(value, fx.Node) else None
 
 
 @dataclass(frozen=True)
@@ -160,6 +180,15 @@ class Structure:
             if node.op == "get_attr" or node.name in parameter_nodes or (
                     node.op in ("call_function", "call_method") and all(a in self.constants for a in inputs)):
                 self.constants.add(node)
+            written = _written(node)
+            if written is not None:
+                # An in-place write (`buffer[index] = value`) gives the buffer the value's meaning
+                # for every later reader: a packed sequence made by `new_zeros` and index writes.
+                target, value = written
+                if value in self.token_derived:
+                    self.token_derived.add(target)
+                if not self._constant(value):
+                    self.constants.discard(target)
 
     def _constant(self, arg) -> bool:
         return not isinstance(arg, fx.Node) or arg in self.constants
@@ -214,7 +243,8 @@ class Structure:
             seen.add(current)
             if current is not node and (current.target in _BARRIERS or current.target in LINEAR_TARGETS):
                 continue
-            todo.extend(a for a in value_inputs(current) if a.name not in self.parameters)
+            # Masks, indicators and indexes read from the inputs carry no token values.
+            todo.extend(a for a in value_inputs(current) if a in self.token_derived)
         return False
 
     def feeds_output(self, linear: fx.Node) -> bool:

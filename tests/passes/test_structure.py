@@ -128,3 +128,39 @@ def test_routed_experts_on_token_rows_are_token_gemms_in_a_graph_of_their_own():
     found = decisions(MoEModel().eval(), torch.randn(1, 16, 32), torch.rand(1))
     assert found["time_in"] == ("conditioning", False)
     assert found["blocks.0.experts.0"] == ("token", True) and found["blocks.0.experts.1"] == ("token", True)
+
+
+class PackedSequenceModel(nn.Module):
+    """Text ids and patch tokens written into one packed [tokens, C] buffer (no batch dimension),
+    as Cosmos3-Omni does: the text comes from an embedding lookup of 1-D ids, both streams enter
+    the buffer by in-place index writes (`[...] =`, `index_put_`), the timestep is given per token, and the prediction is
+    read back at the positions an index input names, masked by an integer indicator input. The
+    patches arrive as [1, tokens, latent]: the call's batch size is 1."""
+
+    def __init__(self, width=32, latent=8, vocab=16):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, width)
+        self.proj_in = nn.Linear(latent, width)
+        self.time_in = nn.Linear(1, width)
+        self.blocks = nn.ModuleList([nn.ModuleDict(dict(text_q=nn.Linear(width, width),
+                                                        image_q=nn.Linear(width, width)))])
+        self.proj_out = nn.Linear(width, latent)
+
+    def forward(self, input_ids, text_indexes, patches, image_indexes, timesteps, indicator):
+        text, patches = self.embed_tokens(input_ids), patches.flatten(0, 1)
+        x = text.new_zeros(len(input_ids) + len(patches), text.shape[-1])
+        x[text_indexes] = text
+        x.index_put_((image_indexes,), self.proj_in(patches) + self.time_in(timesteps[:, None]))
+        block = self.blocks[0]
+        n = len(input_ids)
+        x = x + torch.cat([block.text_q(x[:n]), block.image_q(x[n:])])
+        return self.proj_out(x[image_indexes] * (indicator[image_indexes, None] == 2))
+
+
+def test_a_packed_sequence_written_in_place_carries_its_tokens():
+    torch.manual_seed(0)
+    found = decisions(PackedSequenceModel().eval(), torch.tensor([1, 2, 3]), torch.arange(3),
+                      torch.randn(1, 4, 8), torch.arange(3, 7), torch.rand(4), torch.tensor([3, 3, 3, 2, 2, 2, 2]))
+    assert found["blocks.0.text_q"] == ("token", True) and found["blocks.0.image_q"] == ("token", True)
+    assert found["proj_in"] == ("embed", False) and found["time_in"] == ("conditioning", False)
+    assert found["proj_out"] == ("final", False)

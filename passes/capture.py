@@ -42,7 +42,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(norm1|norm1_context|norm|norm_out|adaln_single)\.linear$", "adaln"),
     # Outside blocks (no numbered segment), at the root or under wrappers.
     (r"^([A-Za-z_]\w*\.)*(x_embedder|context_embedder|pos_embed|proj_in|patch_embed\w*|img_in|txt_in)"
-     r"(\.(proj|linear))?$|^([A-Za-z_]\w*\.)*x_embedders\.\w+$", "embed"),
+     r"(\.(proj|linear(_\d+)?))?$|^([A-Za-z_]\w*\.)*x_embedders\.\w+$", "embed"),
     (r"^([A-Za-z_]\w*\.)*(proj_out|proj_out_1|proj_out_2)$", "final"),
     (r"\.attn2\.to_q$", "cross_q"),
     (r"\.attn2\.to_k$", "cross_k"),

@@ -100,3 +100,9 @@ def test_dataflow_follows_attention_and_feed_forward(captured):
 def test_unknown_layers_are_classified_by_their_input():
     assert role_of("encoder.mystery", 3) == "token"
     assert role_of("encoder.mystery", 2) == "conditioning"
+
+
+def test_every_layer_of_an_embedding_mlp_is_named_an_embedding():
+    # Motif's context_embedder and Krea2's txt_in are two linears around an activation.
+    for path in ("context_embedder.linear_1", "context_embedder.linear_2", "txt_in.linear_1", "txt_in.linear_2"):
+        assert role_of(path, 3) == "embed", path

@@ -14,7 +14,9 @@ kept roles (conditioning, modulation, embedding, final projection) are decided f
 - embed: the input reads a token stream among the model inputs (a tensor the user passed to the
   compiled module) through no linear, convolution or attention: the patch / context embedding.
   Masks, indicators and indexes the user passed carry no tokens: a final projection reading its
-  rows back at given positions is not an embedding.
+  rows back at given positions is not an embedding. The next layer of an embedding MLP (two
+  linears around an activation) is an embedding too: it reads that layer alone, which feeds
+  nothing else.
 
 Token streams are followed through in-place writes too: a packed sequence built as a zero buffer
 with the text and image tokens written into it at index positions carries both.
@@ -172,6 +174,7 @@ class Structure:
         # Constant: computed from parameters, buffers and literals only.
         self.token_derived: set[fx.Node] = set()
         self.constants: set[fx.Node] = set()
+        self._embeddings: set[fx.Node] = set()  # linears role() found to be embeddings so far
         for node in self.nodes:
             inputs = value_inputs(node)
             if node.name in token_inputs or (
@@ -231,40 +234,55 @@ class Structure:
                     return True
         return False
 
-    def reads_model_input(self, node: fx.Node) -> bool:
-        """`node` depends on a model input through no linear, convolution or attention."""
-        todo, seen = [node], set()
+    def _upstream(self, node: fx.Node) -> tuple[bool, set[fx.Node], bool]:
+        """Walking back from `node` through token values: (a model input is reached through no
+        linear, convolution or attention; the linears where the walk stopped; it met a
+        convolution or attention)."""
+        todo, seen, linears, barrier = [node], set(), set(), False
         while todo:
             current = todo.pop()
             if current.name in self.model_inputs:
-                return True
+                return True, linears, barrier
             if current in seen or current.op not in ("call_function", "call_method", "placeholder"):
                 continue
             seen.add(current)
-            if current is not node and (current.target in _BARRIERS or current.target in LINEAR_TARGETS):
+            if current is not node and current.target in LINEAR_TARGETS:
+                linears.add(current)
+                continue
+            if current is not node and current.target in _BARRIERS:
+                barrier = True
                 continue
             # Masks, indicators and indexes read from the inputs carry no token values.
             todo.extend(a for a in value_inputs(current) if a in self.token_derived)
-        return False
+        return False, linears, barrier
 
-    def feeds_output(self, linear: fx.Node) -> bool:
-        """`linear`'s output reaches the graph's output through no other linear."""
-        todo, seen = [linear], set()
+    def _downstream(self, linear: fx.Node) -> set[fx.Node]:
+        """The linears and the output node that `linear`'s output reaches through no other linear."""
+        todo, seen, found = [linear], set(), set()
         while todo:
-            current = todo.pop()
-            for user in current.users:
-                if user.op == "output":
-                    return True
-                if user in seen or user.target in LINEAR_TARGETS:
-                    continue
-                seen.add(user)
-                todo.append(user)
-        return False
+            for user in todo.pop().users:
+                if user.op == "output" or user.target in LINEAR_TARGETS:
+                    found.add(user)
+                elif user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        return found
+
+    def is_embedding(self, linear: fx.Node) -> bool:
+        """`linear` reads a model input through no linear, convolution or attention, or it is the
+        next layer of an embedding MLP: it reads one embedding layer only, which feeds nothing
+        else (a refiner reading the patch embedding shares it with its residual and q/k/v)."""
+        reads, linears, barrier = self._upstream(linear.args[0])
+        if reads:
+            return True
+        first = next(iter(linears)) if len(linears) == 1 and not barrier else None
+        return first in self._embeddings and self._downstream(first) == {linear}
 
     def role(self, linear: fx.Node, outside_blocks: bool) -> str | None:
         """The kept role of `linear` ("adaln", "conditioning", "embed", "final"), or None for a
         token GEMM. Embedding and final projection are recognized only outside the transformer
-        blocks of a graph that has some: a small model's first and last layers are token GEMMs."""
+        blocks of a graph that has some: a small model's first and last layers are token GEMMs.
+        Ask in graph order: an embedding MLP's later layers are known by its earlier ones."""
         x = linear.args[0]
         if self.is_modulation(linear):
             return "adaln"
@@ -272,9 +290,10 @@ class Structure:
         # An empty call (batch 0) gives every linear 0 rows: its row counts tell nothing.
         if (m is not None and m > 0 and m == self.batch) or x not in self.token_derived:
             return "conditioning"
-        if outside_blocks and self.model_inputs and self.reads_model_input(x):
+        if outside_blocks and self.model_inputs and self.is_embedding(linear):
+            self._embeddings.add(linear)
             return "embed"
-        if outside_blocks and self.returns and self.feeds_output(linear):
+        if outside_blocks and self.returns and any(n.op == "output" for n in self._downstream(linear)):
             return "final"
         return None
 

@@ -164,3 +164,38 @@ def test_a_packed_sequence_written_in_place_carries_its_tokens():
     assert found["blocks.0.text_q"] == ("token", True) and found["blocks.0.image_q"] == ("token", True)
     assert found["proj_in"] == ("embed", False) and found["time_in"] == ("conditioning", False)
     assert found["proj_out"] == ("final", False)
+
+
+class EmbeddingMLPModel(nn.Module):
+    """A context embedding made of two linears around an activation (under a name no rule knows,
+    as LTX-2's audio_caption_projection), and a refiner layer outside the numbered blocks reading
+    the patch embedding (as Z-Image's noise_refiner): only the former is an embedding."""
+
+    def __init__(self, width=32, latent=8, text=16):
+        super().__init__()
+        self.patches_in = nn.Linear(latent, width)
+        self.audio_text = nn.ModuleDict(dict(first=nn.Linear(text, width), second=nn.Linear(width, width)))
+        self.refiner = nn.ModuleList([nn.ModuleDict(dict(q=nn.Linear(width, width), k=nn.Linear(width, width),
+                                                         v=nn.Linear(width, width)))])
+        self.blocks = nn.ModuleList([nn.ModuleDict(dict(mix=nn.Linear(width, width)))])
+        self.head = nn.Linear(width, latent)
+
+    def forward(self, latents, text):
+        x = self.patches_in(latents)
+        refiner = self.refiner[0]
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        x = x + torch.nn.functional.scaled_dot_product_attention(refiner.q(h), refiner.k(h), refiner.v(h))
+        context = self.audio_text.second(torch.nn.functional.gelu(self.audio_text.first(text)))
+        x = torch.cat([context, x], 1)
+        x = x + self.blocks[0].mix(x)
+        return self.head(x[:, text.shape[1]:])
+
+
+def test_every_layer_of_an_embedding_mlp_is_an_embedding_and_a_refiner_is_not():
+    torch.manual_seed(0)
+    found = decisions(EmbeddingMLPModel().eval(), torch.randn(1, 16, 8), torch.randn(1, 6, 16))
+    assert found["patches_in"] == ("embed", False)
+    assert found["audio_text.first"] == ("embed", False) and found["audio_text.second"] == ("embed", False)
+    for name in ("q", "k", "v"):
+        assert found[f"refiner.0.{name}"] == ("token", True), name
+    assert found["blocks.0.mix"] == ("token", True) and found["head"] == ("final", False)

@@ -241,7 +241,14 @@ def capture(gm: fx.GraphModule, example_inputs: list, names: dict[int, str] | No
     placeholders = _placeholders(gm, example_inputs, names or {})
     model_inputs = frozenset(p.name for p in placeholders if p.kind == "input"
                              and id(example_inputs[p.index]) in context.model_inputs)
-    return _analyse(gm, placeholders, example_inputs, model_inputs, context.returns, context.batch)
+    return _analyse(gm, placeholders, example_inputs, model_inputs, context.returns, context.batch,
+                    _has_blocks(names or {}))
+
+
+def _has_blocks(names: dict[int, str]) -> bool:
+    """The model has transformer blocks: a graph holding none (the embeddings before a graph
+    break) still lies outside them."""
+    return any(BLOCK_PATTERN.match(path) for path in names.values())
 
 
 def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: dict[int, str]) -> GraphAnalysis:
@@ -255,7 +262,8 @@ def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: di
     placeholders = [p if p.kind == "input" else Placeholder(p.name, p.index, p.kind, path, path)
                     for p in analysis.placeholders
                     for path in [names.get(id(tensors[p.index]), p.path)]]
-    return _analyse(gm, placeholders, tensors, analysis.model_inputs, analysis.returns, analysis.batch)
+    return _analyse(gm, placeholders, tensors, analysis.model_inputs, analysis.returns, analysis.batch,
+                    _has_blocks(names))
 
 
 def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: list,
@@ -274,7 +282,8 @@ def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: lis
 
 
 def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs: list,
-             model_inputs: frozenset[str], returns: bool, batch: int | None) -> GraphAnalysis:
+             model_inputs: frozenset[str], returns: bool, batch: int | None,
+             model_has_blocks: bool) -> GraphAnalysis:
     by_name = {p.name: p for p in placeholders}
     found: list[tuple[fx.Node, Placeholder, Placeholder | None, str, str | None]] = []
     blocks: list[str] = []
@@ -299,7 +308,7 @@ def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs
     sites: list[LinearSite] = []
     for node, w_ph, b_ph, path, block_name in found:
         out_features, in_features = example_inputs[w_ph.index].shape
-        structural = structure.role(node, outside_blocks=bool(blocks) and block_name is None)
+        structural = structure.role(node, outside_blocks=(bool(blocks) or model_has_blocks) and block_name is None)
         sites.append(LinearSite(
             node=node.name, path=path, weight_index=w_ph.index,
             bias_index=b_ph.index if b_ph is not None else None,

@@ -281,7 +281,7 @@ class Structure:
     def role(self, linear: fx.Node, outside_blocks: bool) -> str | None:
         """The kept role of `linear` ("adaln", "conditioning", "embed", "final"), or None for a
         token GEMM. Embedding and final projection are recognized only outside the transformer
-        blocks of a graph that has some: a small model's first and last layers are token GEMMs.
+        blocks of a model that has some: a small model's first and last layers are token GEMMs.
         Ask in graph order: an embedding MLP's later layers are known by its earlier ones."""
         x = linear.args[0]
         if self.is_modulation(linear):

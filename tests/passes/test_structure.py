@@ -169,10 +169,13 @@ def test_a_packed_sequence_written_in_place_carries_its_tokens():
 class EmbeddingMLPModel(nn.Module):
     """A context embedding made of two linears around an activation (under a name no rule knows,
     as LTX-2's audio_caption_projection), and a refiner layer outside the numbered blocks reading
-    the patch embedding (as Z-Image's noise_refiner): only the former is an embedding."""
+    the patch embedding (as Z-Image's noise_refiner): only the former is an embedding. With
+    `graph_break`, the embeddings are traced in a graph of their own, without any block (as
+    QwenImage-2.1's `.item()` before its blocks does)."""
 
-    def __init__(self, width=32, latent=8, text=16):
+    def __init__(self, width=32, latent=8, text=16, graph_break=False):
         super().__init__()
+        self.graph_break = graph_break
         self.patches_in = nn.Linear(latent, width)
         self.audio_text = nn.ModuleDict(dict(first=nn.Linear(text, width), second=nn.Linear(width, width)))
         self.refiner = nn.ModuleList([nn.ModuleDict(dict(q=nn.Linear(width, width), k=nn.Linear(width, width),
@@ -186,14 +189,17 @@ class EmbeddingMLPModel(nn.Module):
         h = torch.nn.functional.layer_norm(x, x.shape[-1:])
         x = x + torch.nn.functional.scaled_dot_product_attention(refiner.q(h), refiner.k(h), refiner.v(h))
         context = self.audio_text.second(torch.nn.functional.gelu(self.audio_text.first(text)))
+        if self.graph_break:
+            torch._dynamo.graph_break()
         x = torch.cat([context, x], 1)
         x = x + self.blocks[0].mix(x)
         return self.head(x[:, text.shape[1]:])
 
 
-def test_every_layer_of_an_embedding_mlp_is_an_embedding_and_a_refiner_is_not():
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_every_layer_of_an_embedding_mlp_is_an_embedding_and_a_refiner_is_not(graph_break):
     torch.manual_seed(0)
-    found = decisions(EmbeddingMLPModel().eval(), torch.randn(1, 16, 8), torch.randn(1, 6, 16))
+    found = decisions(EmbeddingMLPModel(graph_break=graph_break).eval(), torch.randn(1, 16, 8), torch.randn(1, 6, 16))
     assert found["patches_in"] == ("embed", False)
     assert found["audio_text.first"] == ("embed", False) and found["audio_text.second"] == ("embed", False)
     for name in ("q", "k", "v"):

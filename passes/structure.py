@@ -290,10 +290,12 @@ class Structure:
         # An empty call (batch 0) gives every linear 0 rows: its row counts tell nothing.
         if (m is not None and m > 0 and m == self.batch) or x not in self.token_derived:
             return "conditioning"
+        # The final projection first: the residual stream it reads may hold a model input as given
+        # (text tokens joining the stream with no projection).
+        if outside_blocks and self.returns and any(n.op == "output" for n in self._downstream(linear)):
+            return "final"
         if outside_blocks and self.model_inputs and self.is_embedding(linear):
             self._embeddings.add(linear)
             return "embed"
-        if outside_blocks and self.returns and any(n.op == "output" for n in self._downstream(linear)):
-            return "final"
         return None
 

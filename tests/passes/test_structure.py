@@ -205,3 +205,26 @@ def test_every_layer_of_an_embedding_mlp_is_an_embedding_and_a_refiner_is_not(gr
     for name in ("q", "k", "v"):
         assert found[f"refiner.0.{name}"] == ("token", True), name
     assert found["blocks.0.mix"] == ("token", True) and found["head"] == ("final", False)
+
+
+class UnprojectedTextModel(nn.Module):
+    """Text tokens joining the stream as given, with no projection (ErnieImage when the text width
+    is the model's): the last layer reads a model input through the residual stream alone."""
+
+    def __init__(self, width=32, latent=8):
+        super().__init__()
+        self.patches_in = nn.Linear(latent, width)
+        self.blocks = nn.ModuleList([nn.ModuleDict(dict(mix=nn.Linear(width, width)))])
+        self.head = nn.Linear(width, latent)
+
+    def forward(self, latents, text):
+        x = torch.cat([self.patches_in(latents), text], 1)
+        x = x + self.blocks[0].mix(x)
+        return self.head(x[:, :latents.shape[1]])
+
+
+def test_the_layer_feeding_the_output_is_the_final_projection_even_when_it_reads_an_input():
+    torch.manual_seed(0)
+    found = decisions(UnprojectedTextModel().eval(), torch.randn(1, 16, 8), torch.randn(1, 6, 32))
+    assert found["patches_in"] == ("embed", False) and found["blocks.0.mix"] == ("token", True)
+    assert found["head"] == ("final", False)

@@ -106,3 +106,9 @@ def test_every_layer_of_an_embedding_mlp_is_named_an_embedding():
     # Motif's context_embedder and Krea2's txt_in are two linears around an activation.
     for path in ("context_embedder.linear_1", "context_embedder.linear_2", "txt_in.linear_1", "txt_in.linear_2"):
         assert role_of(path, 3) == "embed", path
+
+
+def test_an_output_head_traced_in_its_own_frame_is_named_a_final_projection():
+    # WanAnimate-2's forward falls back to eager at a graph break: its Head module is traced alone,
+    # where the graph neither reads the model's inputs nor ends at its return.
+    assert role_of("head.head", 3) == "final"

@@ -672,7 +672,10 @@ SPECS: dict[str, Spec] = {s.cls: s for s in (
 CI_FAMILIES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
                "FluxTransformer2DModel", "SanaTransformer2DModel", "WanTransformer3DModel",
                "HunyuanVideoTransformer3DModel", "HiDreamImageTransformer2DModel",
-               "QwenImageTransformer2DModel", "MochiTransformer3DModel")
+               "QwenImageTransformer2DModel", "MochiTransformer3DModel",
+               # A packed sequence written in place (Cosmos3-Omni), an indicator-masked packed
+               # sequence (Ideogram4), text-fusion blocks before an embedding MLP (Krea2).
+               "Cosmos3OmniTransformer", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel")
 
 # Classes exported next to the transformers that are not diffusion transformers of images/video.
 NOT_A_DIT = {

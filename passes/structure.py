@@ -17,11 +17,12 @@ kept roles (conditioning, modulation, embedding, final projection) are decided f
   rows back at given positions is not an embedding. The next layer of an embedding MLP (two
   linears around an activation) is an embedding too: it reads that layer alone, which feeds
   nothing else.
+- final: the output reaches the model's return value through no other linear (only when the graph
+  ends at the compiled module's own return). Asked before embed: the residual stream it reads may
+  hold a model input as given.
 
 Token streams are followed through in-place writes too: a packed sequence built as a zero buffer
 with the text and image tokens written into it at index positions carries both.
-- final: the output reaches the model's return value through no other linear (only when the graph
-  ends at the compiled module's own return).
 
 Anything else is a token GEMM; names only label it (attn_q, ff_up, ...).
 """
@@ -166,7 +167,6 @@ class Structure:
     def __init__(self, gm: fx.GraphModule, parameter_nodes: set[str], token_inputs: set[str],
                  batch: int | None, returns: bool, model_input_nodes: set[str]):
         self.nodes = list(gm.graph.nodes)
-        self.parameters = parameter_nodes
         self.batch = batch
         self.returns = returns
         self.model_inputs = model_input_nodes

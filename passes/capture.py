@@ -43,7 +43,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # Outside blocks (no numbered segment), at the root or under wrappers.
     (r"^([A-Za-z_]\w*\.)*(x_embedder|context_embedder|pos_embed|proj_in|patch_embed\w*|img_in|txt_in)"
      r"(\.(proj|linear(_\d+)?))?$|^([A-Za-z_]\w*\.)*x_embedders\.\w+$", "embed"),
-    (r"^([A-Za-z_]\w*\.)*(proj_out|proj_out_1|proj_out_2|head\.head)$", "final"),
+    (r"^([A-Za-z_]\w*\.)*(proj_out|proj_out_1|proj_out_2|head\.head|final_layer\.linear)$", "final"),
     (r"\.attn2\.to_q$", "cross_q"),
     (r"\.attn2\.to_k$", "cross_k"),
     (r"\.attn2\.to_v$", "cross_v"),

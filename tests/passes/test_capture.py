@@ -109,6 +109,8 @@ def test_every_layer_of_an_embedding_mlp_is_named_an_embedding():
 
 
 def test_an_output_head_traced_in_its_own_frame_is_named_a_final_projection():
-    # WanAnimate-2's forward falls back to eager at a graph break: its Head module is traced alone,
-    # where the graph neither reads the model's inputs nor ends at its return.
+    # WanAnimate-2's forward falls back to eager at a graph break, HiDream's breaks before its
+    # output layer: their output heads are traced alone, where the graph neither reads the
+    # model's inputs nor ends at its return.
     assert role_of("head.head", 3) == "final"
+    assert role_of("final_layer.linear", 3) == "final"

@@ -42,8 +42,8 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(norm1|norm1_context|norm|norm_out|adaln_single)\.linear$", "adaln"),
     # Outside blocks (no numbered segment), at the root or under wrappers.
     (r"^([A-Za-z_]\w*\.)*(x_embedder|context_embedder|pos_embed|proj_in|patch_embed\w*|img_in|txt_in)"
-     r"(\.(proj|linear))?$|^([A-Za-z_]\w*\.)*x_embedders\.\w+$", "embed"),
-    (r"^([A-Za-z_]\w*\.)*(proj_out|proj_out_1|proj_out_2)$", "final"),
+     r"(\.(proj|linear(_\d+)?))?$|^([A-Za-z_]\w*\.)*x_embedders\.\w+$", "embed"),
+    (r"^([A-Za-z_]\w*\.)*(proj_out|proj_out_1|proj_out_2|head\.head|final_layer\.linear)$", "final"),
     (r"\.attn2\.to_q$", "cross_q"),
     (r"\.attn2\.to_k$", "cross_k"),
     (r"\.attn2\.to_v$", "cross_v"),
@@ -233,7 +233,14 @@ def capture(gm: fx.GraphModule, example_inputs: list, names: dict[int, str] | No
     placeholders = _placeholders(gm, example_inputs, names or {})
     model_inputs = frozenset(p.name for p in placeholders if p.kind == "input"
                              and id(example_inputs[p.index]) in context.model_inputs)
-    return _analyse(gm, placeholders, example_inputs, model_inputs, context.returns, context.batch)
+    return _analyse(gm, placeholders, example_inputs, model_inputs, context.returns, context.batch,
+                    _has_blocks(names or {}))
+
+
+def _has_blocks(names: dict[int, str]) -> bool:
+    """The model has transformer blocks: a graph holding none (the embeddings before a graph
+    break) still lies outside them."""
+    return any(BLOCK_PATTERN.match(path) for path in names.values())
 
 
 def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: dict[int, str]) -> GraphAnalysis:
@@ -250,7 +257,7 @@ def rebind(gm: fx.GraphModule, analysis: GraphAnalysis, tensors: list, names: di
                     for p in analysis.placeholders
                     for path in [names.get(id(tensors[p.index]), p.path)]]
     return _analyse(gm, placeholders, tensors, analysis.model_inputs, analysis.returns, analysis.batch,
-                    analysis.structure)
+                    _has_blocks(names), analysis.structure)
 
 
 def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: list,
@@ -270,7 +277,7 @@ def _structure(gm: fx.GraphModule, placeholders: list[Placeholder], tensors: lis
 
 def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs: list,
              model_inputs: frozenset[str], returns: bool, batch: int | None,
-             structure: Structure | None = None) -> GraphAnalysis:
+             model_has_blocks: bool, structure: Structure | None = None) -> GraphAnalysis:
     by_name = {p.name: p for p in placeholders}
     found: list[tuple[fx.Node, Placeholder, Placeholder | None, str, str | None]] = []
     blocks: list[str] = []
@@ -295,7 +302,7 @@ def _analyse(gm: fx.GraphModule, placeholders: list[Placeholder], example_inputs
     sites: list[LinearSite] = []
     for node, w_ph, b_ph, path, block_name in found:
         out_features, in_features = example_inputs[w_ph.index].shape
-        structural = structure.role(node, outside_blocks=bool(blocks) and block_name is None)
+        structural = structure.role(node, outside_blocks=(bool(blocks) or model_has_blocks) and block_name is None)
         sites.append(LinearSite(
             node=node.name, path=path, weight_index=w_ph.index,
             bias_index=b_ph.index if b_ph is not None else None,

@@ -11,10 +11,18 @@ kept roles (conditioning, modulation, embedding, final projection) are decided f
 - conditioning: the rows are the batch only (M = B), or the input does not depend on any token
   stream among the graph's inputs (a timestep, a pooled text vector, a learned per-token
   modulation table as in Chroma's approximator).
-- embed: the input reads a model input (a tensor the user passed to the compiled module) through
-  no linear, convolution or attention: the patch / context embedding.
+- embed: the input reads a token stream among the model inputs (a tensor the user passed to the
+  compiled module) through no linear, convolution or attention: the patch / context embedding.
+  Masks, indicators and indexes the user passed carry no tokens: a final projection reading its
+  rows back at given positions is not an embedding. The next layer of an embedding MLP (two
+  linears around an activation) is an embedding too: it reads that layer alone, which feeds
+  nothing else.
 - final: the output reaches the model's return value through no other linear (only when the graph
-  ends at the compiled module's own return).
+  ends at the compiled module's own return). Asked before embed: the residual stream it reads may
+  hold a model input as given.
+
+Token streams are followed through in-place writes too: a packed sequence built as a zero buffer
+with the text and image tokens written into it at index positions carries both.
 
 Anything else is a token GEMM; names only label it (attn_q, ff_up, ...).
 """
@@ -44,6 +52,21 @@ _BARRIERS = {torch.conv1d, torch.conv2d, torch.conv3d, torch._C._nn.scaled_dot_p
              torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.conv2d,
              torch.nn.functional.conv3d, torch.nn.functional.conv1d, torch.matmul, torch.bmm,
              torch.einsum, operator.matmul}
+
+
+# In-place writes into their first argument, with the written value's position.
+_WRITES_FUNCTIONS = {operator.setitem: 2}
+_WRITES_METHODS = {"index_put_": 2}
+
+
+def _written(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(buffer, value) of an in-place write `node` into a tensor, else None."""
+    position = (_WRITES_FUNCTIONS.get(node.target) if node.op == "call_function"
+                else _WRITES_METHODS.get(node.target) if node.op == "call_method" else None)
+    if position is None or len(node.args) <= position:
+        return None
+    target, value = node.args[0], node.args[position]
+    return (target, value) if isinstance(target, fx.Node) and isinstance(value, fx.Node) else None
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,6 @@ class Structure:
     def __init__(self, gm: fx.GraphModule, parameter_nodes: set[str], token_inputs: set[str],
                  batch: int | None, returns: bool, model_input_nodes: set[str]):
         self.nodes = list(gm.graph.nodes)
-        self.parameters = parameter_nodes
         self.batch = batch
         self.returns = returns
         self.model_inputs = model_input_nodes
@@ -152,6 +174,7 @@ class Structure:
         # Constant: computed from parameters, buffers and literals only.
         self.token_derived: set[fx.Node] = set()
         self.constants: set[fx.Node] = set()
+        self._embeddings: set[fx.Node] = set()  # linears role() found to be embeddings so far
         for node in self.nodes:
             inputs = value_inputs(node)
             if node.name in token_inputs or (
@@ -160,6 +183,15 @@ class Structure:
             if node.op == "get_attr" or node.name in parameter_nodes or (
                     node.op in ("call_function", "call_method") and all(a in self.constants for a in inputs)):
                 self.constants.add(node)
+            written = _written(node)
+            if written is not None:
+                # An in-place write (`buffer[index] = value`) gives the buffer the value's meaning
+                # for every later reader: a packed sequence made by `new_zeros` and index writes.
+                target, value = written
+                if value in self.token_derived:
+                    self.token_derived.add(target)
+                if not self._constant(value):
+                    self.constants.discard(target)
 
     def _constant(self, arg) -> bool:
         return not isinstance(arg, fx.Node) or arg in self.constants
@@ -202,39 +234,55 @@ class Structure:
                     return True
         return False
 
-    def reads_model_input(self, node: fx.Node) -> bool:
-        """`node` depends on a model input through no linear, convolution or attention."""
-        todo, seen = [node], set()
+    def _upstream(self, node: fx.Node) -> tuple[bool, set[fx.Node], bool]:
+        """Walking back from `node` through token values: (a model input is reached through no
+        linear, convolution or attention; the linears where the walk stopped; it met a
+        convolution or attention)."""
+        todo, seen, linears, barrier = [node], set(), set(), False
         while todo:
             current = todo.pop()
             if current.name in self.model_inputs:
-                return True
+                return True, linears, barrier
             if current in seen or current.op not in ("call_function", "call_method", "placeholder"):
                 continue
             seen.add(current)
-            if current is not node and (current.target in _BARRIERS or current.target in LINEAR_TARGETS):
+            if current is not node and current.target in LINEAR_TARGETS:
+                linears.add(current)
                 continue
-            todo.extend(a for a in value_inputs(current) if a.name not in self.parameters)
-        return False
+            if current is not node and current.target in _BARRIERS:
+                barrier = True
+                continue
+            # Masks, indicators and indexes read from the inputs carry no token values.
+            todo.extend(a for a in value_inputs(current) if a in self.token_derived)
+        return False, linears, barrier
 
-    def feeds_output(self, linear: fx.Node) -> bool:
-        """`linear`'s output reaches the graph's output through no other linear."""
-        todo, seen = [linear], set()
+    def _downstream(self, linear: fx.Node) -> set[fx.Node]:
+        """The linears and the output node that `linear`'s output reaches through no other linear."""
+        todo, seen, found = [linear], set(), set()
         while todo:
-            current = todo.pop()
-            for user in current.users:
-                if user.op == "output":
-                    return True
-                if user in seen or user.target in LINEAR_TARGETS:
-                    continue
-                seen.add(user)
-                todo.append(user)
-        return False
+            for user in todo.pop().users:
+                if user.op == "output" or user.target in LINEAR_TARGETS:
+                    found.add(user)
+                elif user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        return found
+
+    def is_embedding(self, linear: fx.Node) -> bool:
+        """`linear` reads a model input through no linear, convolution or attention, or it is the
+        next layer of an embedding MLP: it reads one embedding layer only, which feeds nothing
+        else (a refiner reading the patch embedding shares it with its residual and q/k/v)."""
+        reads, linears, barrier = self._upstream(linear.args[0])
+        if reads:
+            return True
+        first = next(iter(linears)) if len(linears) == 1 and not barrier else None
+        return first in self._embeddings and self._downstream(first) == {linear}
 
     def role(self, linear: fx.Node, outside_blocks: bool) -> str | None:
         """The kept role of `linear` ("adaln", "conditioning", "embed", "final"), or None for a
         token GEMM. Embedding and final projection are recognized only outside the transformer
-        blocks of a graph that has some: a small model's first and last layers are token GEMMs."""
+        blocks of a model that has some: a small model's first and last layers are token GEMMs.
+        Ask in graph order: an embedding MLP's later layers are known by its earlier ones."""
         x = linear.args[0]
         if self.is_modulation(linear):
             return "adaln"
@@ -242,9 +290,12 @@ class Structure:
         # An empty call (batch 0) gives every linear 0 rows: its row counts tell nothing.
         if (m is not None and m > 0 and m == self.batch) or x not in self.token_derived:
             return "conditioning"
-        if outside_blocks and self.model_inputs and self.reads_model_input(x):
-            return "embed"
-        if outside_blocks and self.returns and self.feeds_output(linear):
+        # The final projection first: the residual stream it reads may hold a model input as given
+        # (text tokens joining the stream with no projection).
+        if outside_blocks and self.returns and any(n.op == "output" for n in self._downstream(linear)):
             return "final"
+        if outside_blocks and self.model_inputs and self.is_embedding(linear):
+            self._embeddings.add(linear)
+            return "embed"
         return None
 

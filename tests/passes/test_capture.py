@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clq_compile import tiny_models
-from clq_compile.passes.capture import dotted_path, source_path
+from clq_compile.passes.capture import dotted_path, name_hint, source_path
 from tests.helpers import dynamo_graph
 
 
@@ -126,3 +126,17 @@ def test_rebinding_other_parameters_reuses_the_structural_analysis(monkeypatch):
     rebound = capture.rebind(gm, analysis, list(example_inputs), capture.module_names(model))
     assert built == []
     assert [(s.path, s.role) for s in rebound.sites] == [(s.path, s.role) for s in analysis.sites]
+
+
+def test_every_layer_of_an_embedding_mlp_is_named_an_embedding():
+    # Motif's context_embedder and Krea2's txt_in are two linears around an activation.
+    for path in ("context_embedder.linear_1", "context_embedder.linear_2", "txt_in.linear_1", "txt_in.linear_2"):
+        assert name_hint(path) == "embed", path
+
+
+def test_an_output_head_traced_in_its_own_frame_is_named_a_final_projection():
+    # WanAnimate-2's forward falls back to eager at a graph break, HiDream's breaks before its
+    # output layer: their output heads are traced alone, where the graph neither reads the
+    # model's inputs nor ends at its return.
+    assert name_hint("head.head") == "final"
+    assert name_hint("final_layer.linear") == "final"

@@ -331,7 +331,8 @@ class ModelState:
 
     def add_layers(self, weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
                    note: str | None = None) -> None:
-        new = run_recipe(weights, self.options, calibration)
+        new = run_recipe(self.options.recipe, weights, self.options.method_configs(), calibration,
+                         self.options.execution())
         if note:
             for layer in new.values():
                 layer.notes.append(note)

@@ -19,7 +19,7 @@ calibration, where every layer sees the full-precision model's activations. The 
 CLPS compares against are the full-precision layers applied to the same inputs ("fp-layer",
 default) or the full-precision model's own activations ("fp-model", option `cbc_reference`).
 Peak memory: one window of activations for the calls used by the search, plus the live
-activations at the current boundary for every call; with option `offload` those boundary
+activations at the current boundary for every call; with `Execution.offload` those boundary
 activations (and the recordings) wait in CPU memory, and each call visits the device only to run.
 """
 
@@ -28,14 +28,13 @@ from __future__ import annotations
 from collections import ChainMap
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
-
 import torch
 from tqdm.auto import tqdm
 
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
 
+from .configs import Execution, GPTQConfig, MethodConfigs, QuantizerConfig
 from .cross_layer_search import clip_candidates, pick_target, search_clip
 from .folding import find_folds
 from .layer import QuantizedLinear
@@ -44,9 +43,6 @@ from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
 from .segments import SegmentedGraph, fp_linear
 from .statistics import LayerStats
-
-if TYPE_CHECKING:
-    from clq_compile.options import Options
 
 
 @dataclass(frozen=True)
@@ -84,15 +80,16 @@ def _smoothed_hessian(hessian: torch.Tensor, smoothing: Smoothing | None) -> tor
 class _LayerQuantizer:
     """Builds the QuantizedLinear of one layer for a given clip, under its smoothing.
 
-    smoothing: G of the layer's input; online: whether the op applies it (False: the producers
-    already output x·G); output: the G of the consumers this layer's output rows are folded for.
+    gptq: GPTQ's config for the final weights (None: round to nearest); smoothing: G of the
+    layer's input; online: whether the op applies it (False: the producers already output x·G);
+    output: the G of the consumers this layer's output rows are folded for.
     fp_weight / bias: the full-precision layer in those coordinates, for search runs.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
-                 options: Options, parts: Components, smoothing: Smoothing | None,
+                 quantizer: QuantizerConfig, gptq: GPTQConfig | None, smoothing: Smoothing | None,
                  online: bool = True, output: Smoothing | None = None):
-        self.options, self.parts, self.smoothing, self.online = options, parts, smoothing, online
+        self.quantizer, self.gptq, self.smoothing, self.online = quantizer, gptq, smoothing, online
         self.fold_in = (None, smoothing.act_perm, smoothing.act_rotation) if smoothing is not None and not online else None
         self.fold_out = None if output is None else (None, output.act_perm, output.act_rotation)
         rows = _output_transformed(weight, output)
@@ -108,16 +105,16 @@ class _LayerQuantizer:
         return torch.nn.functional.linear(x, self.fp_weight.to(x.dtype), None if b is None else b.to(x.dtype))
 
     def __call__(self, clip: tuple[float, float], final: bool = False) -> QuantizedLinear:
-        o = self.options
-        if final and self.parts.gptq:
+        w, a = self.quantizer.weight, self.quantizer.activation
+        if final and self.gptq is not None:
             from .gptq import gptq
 
-            q = gptq(self.weight, _smoothed_hessian(self.stats.hessian, self.smoothing), o.w_format,
-                     o.weight_symmetric, o.weight_group, act_order=o.gptq_act_order, clip=clip)
+            q = gptq(self.weight, _smoothed_hessian(self.stats.hessian, self.smoothing), w.format,
+                     w.symmetric, w.group, act_order=self.gptq.act_order, clip=clip)
         else:
-            q = quantize(self.weight, o.w_format, o.weight_symmetric, o.weight_group, clip)
+            q = quantize(self.weight, w.format, w.symmetric, w.group, clip)
         s = self.smoothing if self.online else None
-        return QuantizedLinear(pack_weight(q), o.a_format, o.act_group,
+        return QuantizedLinear(pack_weight(q), a.format, a.group,
                                act_perm=None if s is None else s.act_perm,
                                act_rotation=None if s is None else s.act_rotation, bias=self.bias,
                                fold_in=self.fold_in, fold_out=self.fold_out)
@@ -154,24 +151,25 @@ def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
 class _GraphQuantizer:
     """CBC over one captured graph and its recorded calls."""
 
-    def __init__(self, cal: GraphCalibration, options: Options, parts: Components, weights: dict[str, torch.Tensor]):
+    def __init__(self, cal: GraphCalibration, configs: MethodConfigs, parts: Components,
+                 weights: dict[str, torch.Tensor], execution: Execution):
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
-        self.cal, self.options, self.parts = cal, options, parts
-        self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not options.offload)]
+        self.cal, self.configs, self.parts, self.kernels = cal, configs, parts, execution.kernels
+        self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not execution.offload)]
         # Under CBC the calls are also carried through the full-precision prefix when CLPS's
         # targets come from it ("fp-model") or OBS takes its outlier scores from it ("fp").
-        self.fp_model = parts.cbc and options.cbc_reference == "fp-model"
-        self.fp_scores = parts.cbc and parts.obs and options.obs_statistics == "fp"
+        self.fp_model = parts.cbc and configs.clps.reference == "fp-model"
+        self.fp_scores = parts.cbc and parts.obs and configs.obs.statistics == "fp"
         self.fp_envs = [dict(e) for e in self.envs] if self.fp_model or self.fp_scores else None
-        self.search_calls = min(len(self.envs), options.search_calls)
+        self.search_calls = min(len(self.envs), configs.clps.search_calls)
         # With `offload`, activations wait in CPU memory and visit the model's device to run.
-        self.device = next(iter(cal.state.values())).device if options.offload and cal.state else None
+        self.device = next(iter(cal.state.values())).device if execution.offload and cal.state else None
         candidates = {x.node for x in cal.analysis.sites if x.path in weights}
-        self.folds = find_folds(cal.gm, cal.analysis, candidates) if parts.obs and options.fold else []
+        self.folds = find_folds(cal.gm, cal.analysis, candidates) if parts.obs and configs.obs.fold else []
 
     def run(self, weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLinear], bar) -> None:
         seg = self.seg
-        kernels = self.options.kernels
+        kernels = self.kernels
 
         def quantized(site, x, w, b):
             layer = layers.get(site.path)
@@ -192,7 +190,9 @@ class _GraphQuantizer:
         stats: the layers' inputs (GPTQ's Hessian; None when nothing needs them); scores: what OBS
         scores the channels on.
         """
-        options, parts, seg = self.options, self.parts, self.seg
+        configs, parts, seg = self.configs, self.parts, self.seg
+        block = configs.obs.hadamard_block
+        gptq = configs.gptq if parts.gptq else None
         smoothing: dict[str, Smoothing | None] = {}
         output: dict[str, Smoothing] = {}
         folds: dict[str, dict] = {}
@@ -200,26 +200,26 @@ class _GraphQuantizer:
             if not all(m in scores for m in group.producers + group.consumers):
                 continue
             absmax = torch.stack([scores[c].absmax for c in group.consumers]).amax(dim=0)
-            shared = orthogonal_smoothing(group.width, absmax, options.hadamard_block, granule=group.granule)
+            shared = orthogonal_smoothing(group.width, absmax, block, granule=group.granule)
             folds.update(group.decisions({n: x.path for n, x in seg.sites.items()}))
             smoothing.update(dict.fromkeys(group.consumers, shared))
             output.update(dict.fromkeys(group.producers, shared))
         plan = {}
         for x in todo:
             if x.node not in smoothing:
-                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, options.hadamard_block)
+                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, block)
                                      if parts.obs else None)
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
             online = "producers" not in folds.get(x.node, {})
             inputs = None if stats is None else stats[x.node]
-            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, options, parts, smoothing[x.node],
+            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, configs.quantizer, gptq, smoothing[x.node],
                                             online, output.get(x.node)), folds.get(x.node))
         return plan
 
     def _quantize_segment(self, s, todo, weights, layers, bar) -> None:
-        seg, options = self.seg, self.options
+        seg = self.seg
         lo, end = seg.bounds[s]
-        hi = seg.bounds[min(s + options.clps_window, len(seg) - 1)][1]
+        hi = seg.bounds[min(s + self.configs.clps.window, len(seg) - 1)][1]
         window = seg.nodes[lo:hi]
         # Inputs as the quantized prefix gives them (GPTQ's Hessian), and the activations OBS
         # scores its channels on: the same, or the full-precision prefix's (`obs_statistics`).
@@ -263,13 +263,13 @@ class _GraphQuantizer:
             bar.update()
 
     def _quantize_site(self, site, make, fold, stand_in, runs, references, window_sites, hi) -> QuantizedLinear:
-        seg, options, parts = self.seg, self.options, self.parts
+        seg, configs, parts = self.seg, self.configs, self.parts
         clip, target, objective_values = (1.0, 1.0), None, {}
         later = [x.node for x in window_sites if seg.index[seg.node(x.node)] > seg.index[seg.node(site.node)]]
         if parts.clps and later:
             def rerun(nodes, layer):
                 def linear(s_, x, w, b):
-                    return layer.forward(x, b, options.kernels) if s_.node == site.node else stand_in(s_, x, w, b)
+                    return layer.forward(x, b, self.kernels) if s_.node == site.node else stand_in(s_, x, w, b)
                 return [seg.run(nodes, env, linear, device=self.device) for env in runs]
 
             downstream = seg.descendants(site.node, hi)
@@ -284,7 +284,7 @@ class _GraphQuantizer:
                     return _relative_errors(rerun(cone, make(c)), references, [target_node])[target_node]
 
                 clip, objective_values = search_clip(
-                    objective, clip_candidates(options.clps_grid, options.weight_symmetric))
+                    objective, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
         layer = make(clip, final=True)
         layer.method, layer.notes = _describe(parts, make.smoothing, clip, target, fold)
         layer.details = {"clip": clip, "target": target, "objective": objective_values,
@@ -294,8 +294,9 @@ class _GraphQuantizer:
         return layer
 
 
-def clq_quantize(weights: dict[str, torch.Tensor], options: Options,
-                 calibrations: list[GraphCalibration] | None, parts: Components) -> dict[str, QuantizedLinear]:
+def clq_quantize(weights: dict[str, torch.Tensor], configs: MethodConfigs,
+                 calibrations: list[GraphCalibration] | None, parts: Components,
+                 execution: Execution) -> dict[str, QuantizedLinear]:
     """Quantize `weights` ({module path: weight}) with CLQ's components `parts` switched on.
 
     Data-free (no calibration): every layer gets the block Hadamard alone (no channel swap, no
@@ -304,11 +305,11 @@ def clq_quantize(weights: dict[str, torch.Tensor], options: Options,
     layers: dict[str, QuantizedLinear] = {}
     with torch.no_grad(), tqdm(total=len(weights), desc="clq", leave=False, disable=len(weights) < 8) as bar:
         for cal in calibrations or []:
-            _GraphQuantizer(cal, options, parts, weights).run(weights, layers, bar)
+            _GraphQuantizer(cal, configs, parts, weights, execution).run(weights, layers, bar)
         for path in [p for p in weights if p not in layers]:
-            smoothing = (orthogonal_smoothing(weights[path].shape[1], None, options.hadamard_block)
+            smoothing = (orthogonal_smoothing(weights[path].shape[1], None, configs.obs.hadamard_block)
                          if parts.obs else None)
-            layer = _LayerQuantizer(weights[path], None, None, options, Components(gptq=False), smoothing)((1.0, 1.0))
+            layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing)((1.0, 1.0))
             layer.method = "data-free: " + (f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn")
             layers[path] = layer
             bar.update()

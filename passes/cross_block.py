@@ -10,7 +10,8 @@ recorded call is carried through the segments in order. At segment s:
 2. each layer gets its OBS transform G = S·H from those statistics (with option `fold`, one G
    per fold group, folded into the producers: passes/folding.py); the segment and the next one
    (CLPS's window) run in full precision in the coordinates those transforms put the activations
-   in, and CLPS picks each layer's clipping bounds against its downstream target layer;
+   in, and CLPS (passes/cross_layer_search.py) picks each layer's clipping bounds against its
+   downstream target layer;
 3. the calls advance through segment s with its layers now *quantized*, so segment s+1 is
    calibrated on the inputs it will really see at inference, accumulated error included.
 
@@ -25,7 +26,6 @@ activations (and the recordings) wait in CPU memory, and each call visits the de
 
 from __future__ import annotations
 
-from collections import ChainMap
 from dataclasses import dataclass
 from functools import partial
 import torch
@@ -35,10 +35,10 @@ from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
 
 from .configs import Execution, GPTQConfig, MethodConfigs, QuantizerConfig
-from .cross_layer_search import clip_candidates, pick_target, search_clip
-from .folding import find_folds
+from .cross_layer_search import NO_CLIP, WindowSearch, clip_candidates
+from .folding import find_folds, plan_folds
 from .layer import QuantizedLinear
-from .observers import GraphCalibration, RelativeError, check_finite_input
+from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
 from .segments import SegmentedGraph, fp_linear
@@ -120,15 +120,6 @@ class _LayerQuantizer:
                                fold_in=self.fold_in, fold_out=self.fold_out)
 
 
-def _relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:
-    """||Y - Ŷ|| / ||Y|| at each node over all search calls."""
-    meter = RelativeError()
-    for out, reference in zip(outputs, references):
-        for n in nodes:
-            meter.add(n, reference[n], out[n])
-    return meter.result()
-
-
 def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
               fold: dict | None) -> tuple[str, list[str]]:
     method = "clq" if parts.cbc else "clq (no cbc)"
@@ -196,12 +187,11 @@ class _GraphQuantizer:
         smoothing: dict[str, Smoothing | None] = {}
         output: dict[str, Smoothing] = {}
         folds: dict[str, dict] = {}
-        for group in self.folds:
-            if not all(m in scores for m in group.producers + group.consumers):
-                continue
-            absmax = torch.stack([scores[c].absmax for c in group.consumers]).amax(dim=0)
-            shared = orthogonal_smoothing(group.width, absmax, block, granule=group.granule)
-            folds.update(group.decisions({n: x.path for n, x in seg.sites.items()}))
+        absmax = {n: s.absmax for n, s in scores.items()}
+        for planned in plan_folds(self.folds, absmax, {n: x.path for n, x in seg.sites.items()}):
+            group = planned.group
+            shared = orthogonal_smoothing(group.width, planned.absmax, block, granule=group.granule)
+            folds.update(planned.decisions)
             smoothing.update(dict.fromkeys(group.consumers, shared))
             output.update(dict.fromkeys(group.producers, shared))
         plan = {}
@@ -220,7 +210,6 @@ class _GraphQuantizer:
         seg = self.seg
         lo, end = seg.bounds[s]
         hi = seg.bounds[min(s + self.configs.clps.window, len(seg) - 1)][1]
-        window = seg.nodes[lo:hi]
         # Inputs as the quantized prefix gives them (GPTQ's Hessian), and the activations OBS
         # scores its channels on: the same, or the full-precision prefix's (`obs_statistics`).
         scores = {x.node: LayerStats(x.in_features) for x in todo} if self.fp_scores else None
@@ -248,43 +237,20 @@ class _GraphQuantizer:
                 return fp_linear(site, x, w, b)
             return quantizer.stand_in(x, b)
 
-        # CLPS's runs, in the coordinates the plan's folded transforms put the activations in.
-        runs, references = [], []
-        for c in range(self.search_calls):
-            local = seg.run(window, self.envs[c], stand_in, device=self.device)
-            runs.append(ChainMap(local, self.envs[c]))
-            references.append(seg.run(window, self.fp_envs[c], stand_in, device=self.device)
-                              if self.fp_model else local)
-        window_sites = [seg.sites[n.name] for n in window if n.name in seg.sites]
+        calls = self.search_calls
+        search = WindowSearch(seg, lo, hi, self.envs[:calls], self.fp_envs[:calls] if self.fp_model else None,
+                              stand_in, self.kernels, self.device)
         for site in todo:
             quantizer, fold = plan[site.node]
-            layers[site.path] = self._quantize_site(site, quantizer, fold, stand_in, runs, references,
-                                                    window_sites, hi)
+            layers[site.path] = self._quantize_site(site, quantizer, fold, search)
             bar.update()
 
-    def _quantize_site(self, site, make, fold, stand_in, runs, references, window_sites, hi) -> QuantizedLinear:
-        seg, configs, parts = self.seg, self.configs, self.parts
-        clip, target, objective_values = (1.0, 1.0), None, {}
-        later = [x.node for x in window_sites if seg.index[seg.node(x.node)] > seg.index[seg.node(site.node)]]
-        if parts.clps and later:
-            def rerun(nodes, layer):
-                def linear(s_, x, w, b):
-                    return layer.forward(x, b, self.kernels) if s_.node == site.node else stand_in(s_, x, w, b)
-                return [seg.run(nodes, env, linear, device=self.device) for env in runs]
-
-            downstream = seg.descendants(site.node, hi)
-            reached = [n for n in later if seg.node(n) in set(downstream)]
-            if reached:
-                outs = rerun(downstream, make((1.0, 1.0)))
-                target_node = pick_target(_relative_errors(outs, references, [seg.node(n) for n in reached]))
-                target = seg.sites[target_node.name].path
-                cone = seg.cone(site.node, target_node.name)
-
-                def objective(c):
-                    return _relative_errors(rerun(cone, make(c)), references, [target_node])[target_node]
-
-                clip, objective_values = search_clip(
-                    objective, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
+    def _quantize_site(self, site, make, fold, search: WindowSearch) -> QuantizedLinear:
+        configs, parts = self.configs, self.parts
+        clip, target, objective_values = NO_CLIP, None, {}
+        if parts.clps:
+            clip, target, objective_values = search.search(
+                site, make, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
         layer = make(clip, final=True)
         layer.method, layer.notes = _describe(parts, make.smoothing, clip, target, fold)
         layer.details = {"clip": clip, "target": target, "objective": objective_values,

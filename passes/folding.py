@@ -71,6 +71,27 @@ class FoldGroup:
                 **{p: {"consumers": consumers} for p in self.producers}}
 
 
+@dataclass(frozen=True)
+class PlannedFold:
+    """A fold group ready to quantize: absmax: [width] max |x| per channel over every consumer's
+    input (what the one shared transform is computed from); decisions: `FoldGroup.decisions`."""
+
+    group: FoldGroup
+    absmax: torch.Tensor
+    decisions: dict[str, dict]
+
+
+def plan_folds(groups: list[FoldGroup], absmax: Mapping[str, torch.Tensor],
+               path_of: Mapping[str, str]) -> list[PlannedFold]:
+    """The groups all of whose members have statistics (`absmax`: node name -> [width]), planned.
+
+    path_of: node name -> module path, for the decisions.
+    """
+    return [PlannedFold(group, torch.stack([absmax[c] for c in group.consumers]).amax(dim=0),
+                        group.decisions(path_of))
+            for group in groups if all(m in absmax for m in group.producers + group.consumers)]
+
+
 class _NotFoldable(Exception):
     pass
 

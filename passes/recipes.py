@@ -84,22 +84,22 @@ def _smoothquant_recipe(weights, configs, calibration, execution):
 def _folded_smoothquant(weights, quantizer, calibration, stats) -> dict[str, QuantizedLinear]:
     """SmoothQuant for the fold groups (passes/folding.py): consumers share one s, searched
     jointly, and read their input already divided by s from the producers' scaled output rows."""
-    from .folding import find_folds
+    from .folding import find_folds, plan_folds
     from .smoothquant import smoothquant_layer, smoothquant_shared
 
     layers: dict[str, QuantizedLinear] = {}
     for cal in calibration:
         paths = {x.node: x.path for x in cal.analysis.sites}
         biases = {x.path: None if x.bias_index is None else cal.state[x.bias_index] for x in cal.analysis.sites}
-        for group in find_folds(cal.gm, cal.analysis, {n for n, p in paths.items() if p in weights}):
-            decisions = {paths[n]: d for n, d in group.decisions(paths).items()}
-            producers = [paths[n] for n in group.producers]
-            consumers = [paths[n] for n in group.consumers]
+        absmax = {n: stats[p].absmax for n, p in paths.items() if p in weights}
+        for planned in plan_folds(find_folds(cal.gm, cal.analysis, set(absmax)), absmax, paths):
+            decisions = {paths[n]: d for n, d in planned.decisions.items()}
+            producers = [paths[n] for n in planned.group.producers]
+            consumers = [paths[n] for n in planned.group.consumers]
             if any(p in layers for p in decisions):
                 continue
-            absmax = torch.stack([stats[c].absmax for c in consumers]).amax(dim=0)
             shared = smoothquant_shared([weights[c] for c in consumers], [stats[c].samples for c in consumers],
-                                        absmax, quantizer)
+                                        planned.absmax, quantizer)
             mul = shared[0].act_mul
             for path, layer in zip(consumers, shared):
                 layer.act_mul, layer.fold_in = None, (mul, None, None)

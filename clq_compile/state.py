@@ -13,6 +13,7 @@ registry keyed by parameter identity: a graph finds its state through any of its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import warnings
@@ -334,8 +335,7 @@ class ModelState:
         new = run_recipe(self.options.recipe, weights, self.options.method_configs(), calibration,
                          self.options.execution())
         if note:
-            for layer in new.values():
-                layer.notes.append(note)
+            new = {p: dataclasses.replace(layer, notes=[*layer.notes, note]) for p, layer in new.items()}
         self.layers.update(new)
 
 

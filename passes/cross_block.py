@@ -26,7 +26,7 @@ activations (and the recordings) wait in CPU memory, and each call visits the de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from clq_compile.kernels.quantize import quantize
 
 from .configs import Execution, GPTQConfig, MethodConfigs, QuantizerConfig
 from .cross_layer_search import NO_CLIP, WindowSearch, clip_candidates
-from .folding import find_folds, plan_folds
+from .folding import FoldDecision, find_folds, plan_folds
 from .layer import QuantizedLinear
 from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
@@ -121,16 +121,15 @@ class _LayerQuantizer:
 
 
 def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
-              fold: dict | None) -> tuple[str, list[str]]:
+              fold: FoldDecision | None) -> tuple[str, list[str]]:
     method = "clq" if parts.cbc else "clq (no cbc)"
     notes = []
     if smoothing is not None:
         method += f" {smoothing.note}"
-        where = (f"folded into {', '.join(fold['producers'])}" if fold and "producers" in fold
-                 else "online")
+        where = f"folded into {', '.join(fold.producers)}" if fold and fold.producers else "online"
         notes.append(f"rotation: weight side folded offline, activation side {where}")
-    if fold and "consumers" in fold:
-        notes.append(f"output rows carry the rotation of {', '.join(fold['consumers'])}")
+    if fold and fold.consumers:
+        notes.append(f"output rows carry the rotation of {', '.join(fold.consumers)}")
     if parts.clps:
         method += f" clip {clip[0]:.2f}/{clip[1]:.2f}"
         notes.append(f"CLPS target {target}" if target else "CLPS: no downstream layer in the window")
@@ -175,7 +174,7 @@ class _GraphQuantizer:
             if self.fp_envs is not None:
                 self.fp_envs = [seg.advance(s, e, fp_linear, self.device) for e in self.fp_envs]
 
-    def _plan(self, todo, weights, stats, scores) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
+    def _plan(self, todo, weights, stats, scores) -> dict[str, tuple[_LayerQuantizer, FoldDecision | None]]:
         """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`.
 
         stats: the layers' inputs (GPTQ's Hessian; None when nothing needs them); scores: what OBS
@@ -186,7 +185,7 @@ class _GraphQuantizer:
         gptq = configs.gptq if parts.gptq else None
         smoothing: dict[str, Smoothing | None] = {}
         output: dict[str, Smoothing] = {}
-        folds: dict[str, dict] = {}
+        folds: dict[str, FoldDecision] = {}
         absmax = {n: s.absmax for n, s in scores.items()}
         for planned in plan_folds(self.folds, absmax, {n: x.path for n, x in seg.sites.items()}):
             group = planned.group
@@ -200,7 +199,7 @@ class _GraphQuantizer:
                 smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, block)
                                      if parts.obs else None)
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
-            online = "producers" not in folds.get(x.node, {})
+            online = x.node not in folds or not folds[x.node].producers
             inputs = None if stats is None else stats[x.node]
             plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, configs.quantizer, gptq, smoothing[x.node],
                                             online, output.get(x.node)), folds.get(x.node))
@@ -251,13 +250,10 @@ class _GraphQuantizer:
         if parts.clps:
             clip, target, objective_values = search.search(
                 site, make, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
-        layer = make(clip, final=True)
-        layer.method, layer.notes = _describe(parts, make.smoothing, clip, target, fold)
-        layer.details = {"clip": clip, "target": target, "objective": objective_values,
-                         "smoothing": None if make.smoothing is None else make.smoothing.note}
-        if fold:
-            layer.details["fold"] = fold
-        return layer
+        method, notes = _describe(parts, make.smoothing, clip, target, fold)
+        details = {"clip": clip, "target": target, "objective": objective_values,
+                   "smoothing": None if make.smoothing is None else make.smoothing.note}
+        return replace(make(clip, final=True), method=method, notes=notes, details=details, fold=fold)
 
 
 def clq_quantize(weights: dict[str, torch.Tensor], configs: MethodConfigs,
@@ -275,8 +271,8 @@ def clq_quantize(weights: dict[str, torch.Tensor], configs: MethodConfigs,
         for path in [p for p in weights if p not in layers]:
             smoothing = (orthogonal_smoothing(weights[path].shape[1], None, configs.obs.hadamard_block)
                          if parts.obs else None)
-            layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing)((1.0, 1.0))
-            layer.method = "data-free: " + (f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn")
-            layers[path] = layer
+            layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing)(NO_CLIP)
+            layers[path] = replace(layer, method="data-free: " + (
+                f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn"))
             bar.update()
     return layers

@@ -21,6 +21,7 @@ Recipes that need data quantize round-to-nearest when called without calibration
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Callable
 
@@ -58,9 +59,7 @@ def _per_layer(weights: dict[str, torch.Tensor], name: str, quantize_one) -> dic
 
 
 def _data_free(weight: torch.Tensor, quantizer: QuantizerConfig) -> QuantizedLinear:
-    layer = rtn(weight, quantizer)
-    layer.method = "data-free: rtn"
-    return layer
+    return dataclasses.replace(rtn(weight, quantizer), method="data-free: rtn")
 
 
 def _rtn_recipe(weights, configs, calibration, execution):
@@ -102,19 +101,17 @@ def _folded_smoothquant(weights, quantizer, calibration, stats) -> dict[str, Qua
                                         planned.absmax, quantizer)
             mul = shared[0].act_mul
             for path, layer in zip(consumers, shared):
-                layer.act_mul, layer.fold_in = None, (mul, None, None)
-                layer.notes.append(f"smoothing folded into {', '.join(producers)}")
-                layer.details["fold"] = decisions[path]
-                layers[path] = layer
+                layers[path] = dataclasses.replace(
+                    layer, act_mul=None, fold_in=(mul, None, None), fold=decisions[path],
+                    notes=[*layer.notes, f"smoothing folded into {', '.join(producers)}"])
             for path in producers:
                 rows = weights[path].detach().double() * mul.double()[:, None]
                 layer = smoothquant_layer(rows, stats[path].samples, stats[path].absmax, quantizer)
                 bias = biases[path]
-                layer.bias = None if bias is None else (bias.detach().double() * mul.double()).float()
-                layer.fold_out = (mul, None, None)
-                layer.notes.append(f"output rows carry the smoothing of {', '.join(consumers)}")
-                layer.details["fold"] = decisions[path]
-                layers[path] = layer
+                layers[path] = dataclasses.replace(
+                    layer, bias=None if bias is None else (bias.detach().double() * mul.double()).float(),
+                    fold_out=(mul, None, None), fold=decisions[path],
+                    notes=[*layer.notes, f"output rows carry the smoothing of {', '.join(consumers)}"])
     return layers
 
 
@@ -135,8 +132,7 @@ def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False)
         r = layer.act_rotation
         rotated = gptq_layer(rotate_weight(w, act_rotation=r).float(),
                              rotate_hessian(stats[path].hessian, act_rotation=r), quantizer, configs.gptq)
-        rotated.act_rotation, rotated.method, rotated.notes = r, "quarot+gptq", layer.notes
-        return rotated
+        return dataclasses.replace(rotated, act_rotation=r, method="quarot+gptq", notes=layer.notes)
 
     return _per_layer(weights, "quarot+gptq", one)
 

@@ -99,7 +99,8 @@ def test_a_differing_transform_is_kept_apart_and_said_why():
     layers, chosen = quantized("dit", {"bits": "w4a4", "recipe": "rtn"})
     k = "transformer_blocks.1.attn1.to_k"
     layers[k] = dataclasses.replace(layers[k], act_mul=torch.full((32,), 2.0))
-    layers[k].weight = rtn(torch.randn(32, 32), parse_options({"bits": "w4a4"}).method_configs().quantizer).weight
+    layers[k] = dataclasses.replace(
+        layers[k], weight=rtn(torch.randn(32, 32), parse_options({"bits": "w4a4"}).method_configs().quantizer).weight)
     plan = plan_merges(gm, analysis, layers, chosen)
     assert {m.paths for m in plan.merges if "transformer_blocks.1" in m.paths[0]} == {
         ("transformer_blocks.1.attn1.to_q", "transformer_blocks.1.attn1.to_v")}

@@ -52,7 +52,7 @@ def folded_layers(family: str) -> dict[str, int]:
         qt(**make_inputs(family, seed=0))
     layers = model_state(qt).layers
     return {"layers": len(layers),
-            "rotation_folded": sum("producers" in layer.details.get("fold", {}) for layer in layers.values())}
+            "rotation_folded": sum(bool(layer.fold and layer.fold.producers) for layer in layers.values())}
 
 
 def digits_rows(recipes: list[str], samples_per_class: int, steps: int, calib_samples: int) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ import torch
 
 from clq_compile.kernels.formats import get_format
 from clq_compile.kernels.packing import PackedWeight
+from clq_compile.passes.folding import FoldDecision
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.policy import Decision
 
@@ -182,7 +183,8 @@ def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str]) -> dict
     return {"w_format": w.format.name, "in_features": w.in_features, "w_group": w.group,
             "a_format": layer.a_format.name,
             "a_group": layer.a_group, "method": layer.method, "notes": list(layer.notes),
-            "details": to_json(layer.details), "tensors": tensor_names}
+            "details": to_json({**layer.details, **({"fold": layer.fold.to_json()} if layer.fold else {})}),
+            "tensors": tensor_names}
 
 
 def _umask() -> int:
@@ -275,7 +277,7 @@ class Artifact:
             layers[path] = QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], t.get("act_mul"),
                                            t.get("act_perm"), t.get("act_rotation"), t.get("bias"),
                                            entry["method"], list(entry["notes"]),
-                                           {"fold": fold} if fold else {})
+                                           fold=FoldDecision.from_json(fold) if fold else None)
         return layers
 
 

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 from clq_compile.artifact import held, read_manifest
 from clq_compile.choices import BITS, KERNELS, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
+from clq_compile.passes.configs import (ActivationConfig, CLPSConfig, Execution, GPTQConfig, MethodConfigs,
+                                        OBSConfig, QuantizerConfig, SmoothQuantConfig, WeightQuantizerConfig)
 
 GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")
@@ -95,6 +97,20 @@ class Options:
     def quantizes(self) -> bool:
         """False for w16a16, where the graph runs unchanged."""
         return self.w_format is not None
+
+    def method_configs(self) -> MethodConfigs:
+        """What each quantization method reads of these options (passes/configs.py)."""
+        return MethodConfigs(
+            quantizer=QuantizerConfig(WeightQuantizerConfig(self.w_format, self.weight_symmetric, self.weight_group),
+                                      ActivationConfig(self.a_format, self.act_group)),
+            gptq=GPTQConfig(self.gptq_act_order),
+            smoothquant=SmoothQuantConfig(self.fold),
+            obs=OBSConfig(self.hadamard_block, self.obs_statistics, self.fold),
+            clps=CLPSConfig(self.clps_grid, self.clps_window, self.search_calls, self.cbc_reference))
+
+    def execution(self) -> Execution:
+        """The run-time knobs the recipes' searches need: kernels and offload."""
+        return Execution(self.kernels, self.offload)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

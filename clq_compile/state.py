@@ -13,6 +13,7 @@ registry keyed by parameter identity: a graph finds its state through any of its
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import warnings
@@ -410,10 +411,10 @@ class ModelState:
 
     def add_layers(self, weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
                    note: str | None = None) -> None:
-        new = run_recipe(weights, self.options, calibration)
+        new = run_recipe(self.options.recipe, weights, self.options.method_configs(), calibration,
+                         self.options.execution())
         if note:
-            for layer in new.values():
-                layer.notes.append(note)
+            new = {p: dataclasses.replace(layer, notes=[*layer.notes, note]) for p, layer in new.items()}
         self.layers.update(new)
 
 

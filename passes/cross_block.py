@@ -10,7 +10,8 @@ recorded call is carried through the segments in order. At segment s:
 2. each layer gets its OBS transform G = S·H from those statistics (with option `fold`, one G
    per fold group, folded into the producers: passes/folding.py); the segment and the next one
    (CLPS's window) run in full precision in the coordinates those transforms put the activations
-   in, and CLPS picks each layer's clipping bounds against its downstream target layer;
+   in, and CLPS (passes/cross_layer_search.py) picks each layer's clipping bounds against its
+   downstream target layer;
 3. the calls advance through segment s with its layers now *quantized*, so segment s+1 is
    calibrated on the inputs it will really see at inference, accumulated error included.
 
@@ -19,34 +20,29 @@ calibration, where every layer sees the full-precision model's activations. The 
 CLPS compares against are the full-precision layers applied to the same inputs ("fp-layer",
 default) or the full-precision model's own activations ("fp-model", option `cbc_reference`).
 Peak memory: one window of activations for the calls used by the search, plus the live
-activations at the current boundary for every call; with option `offload` those boundary
+activations at the current boundary for every call; with `Execution.offload` those boundary
 activations (and the recordings) wait in CPU memory, and each call visits the device only to run.
 """
 
 from __future__ import annotations
 
-from collections import ChainMap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
-
 import torch
 from tqdm.auto import tqdm
 
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
 
-from .cross_layer_search import clip_candidates, pick_target, search_clip
-from .folding import find_folds
+from .configs import Execution, GPTQConfig, MethodConfigs, QuantizerConfig
+from .cross_layer_search import NO_CLIP, WindowSearch, clip_candidates
+from .folding import FoldDecision, find_folds, plan_folds
 from .layer import QuantizedLinear
-from .observers import GraphCalibration, RelativeError, check_finite_input
+from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
 from .segments import SegmentedGraph, fp_linear
 from .statistics import LayerStats
-
-if TYPE_CHECKING:
-    from clq_compile.options import Options
 
 
 @dataclass(frozen=True)
@@ -84,15 +80,16 @@ def _smoothed_hessian(hessian: torch.Tensor, smoothing: Smoothing | None) -> tor
 class _LayerQuantizer:
     """Builds the QuantizedLinear of one layer for a given clip, under its smoothing.
 
-    smoothing: G of the layer's input; online: whether the op applies it (False: the producers
-    already output x·G); output: the G of the consumers this layer's output rows are folded for.
+    gptq: GPTQ's config for the final weights (None: round to nearest); smoothing: G of the
+    layer's input; online: whether the op applies it (False: the producers already output x·G);
+    output: the G of the consumers this layer's output rows are folded for.
     fp_weight / bias: the full-precision layer in those coordinates, for search runs.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
-                 options: Options, parts: Components, smoothing: Smoothing | None,
+                 quantizer: QuantizerConfig, gptq: GPTQConfig | None, smoothing: Smoothing | None,
                  online: bool = True, output: Smoothing | None = None):
-        self.options, self.parts, self.smoothing, self.online = options, parts, smoothing, online
+        self.quantizer, self.gptq, self.smoothing, self.online = quantizer, gptq, smoothing, online
         self.fold_in = (None, smoothing.act_perm, smoothing.act_rotation) if smoothing is not None and not online else None
         self.fold_out = None if output is None else (None, output.act_perm, output.act_rotation)
         rows = _output_transformed(weight, output)
@@ -108,41 +105,31 @@ class _LayerQuantizer:
         return torch.nn.functional.linear(x, self.fp_weight.to(x.dtype), None if b is None else b.to(x.dtype))
 
     def __call__(self, clip: tuple[float, float], final: bool = False) -> QuantizedLinear:
-        o = self.options
-        if final and self.parts.gptq:
+        w, a = self.quantizer.weight, self.quantizer.activation
+        if final and self.gptq is not None:
             from .gptq import gptq
 
-            q = gptq(self.weight, _smoothed_hessian(self.stats.hessian, self.smoothing), o.w_format,
-                     o.weight_symmetric, o.weight_group, act_order=o.gptq_act_order, clip=clip)
+            q = gptq(self.weight, _smoothed_hessian(self.stats.hessian, self.smoothing), w.format,
+                     w.symmetric, w.group, act_order=self.gptq.act_order, clip=clip)
         else:
-            q = quantize(self.weight, o.w_format, o.weight_symmetric, o.weight_group, clip)
+            q = quantize(self.weight, w.format, w.symmetric, w.group, clip)
         s = self.smoothing if self.online else None
-        return QuantizedLinear(pack_weight(q), o.a_format, o.act_group,
+        return QuantizedLinear(pack_weight(q), a.format, a.group,
                                act_perm=None if s is None else s.act_perm,
                                act_rotation=None if s is None else s.act_rotation, bias=self.bias,
                                fold_in=self.fold_in, fold_out=self.fold_out)
 
 
-def _relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:
-    """||Y - Ŷ|| / ||Y|| at each node over all search calls."""
-    meter = RelativeError()
-    for out, reference in zip(outputs, references):
-        for n in nodes:
-            meter.add(n, reference[n], out[n])
-    return meter.result()
-
-
 def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
-              fold: dict | None) -> tuple[str, list[str]]:
+              fold: FoldDecision | None) -> tuple[str, list[str]]:
     method = "clq" if parts.cbc else "clq (no cbc)"
     notes = []
     if smoothing is not None:
         method += f" {smoothing.note}"
-        where = (f"folded into {', '.join(fold['producers'])}" if fold and "producers" in fold
-                 else "online")
+        where = f"folded into {', '.join(fold.producers)}" if fold and fold.producers else "online"
         notes.append(f"rotation: weight side folded offline, activation side {where}")
-    if fold and "consumers" in fold:
-        notes.append(f"output rows carry the rotation of {', '.join(fold['consumers'])}")
+    if fold and fold.consumers:
+        notes.append(f"output rows carry the rotation of {', '.join(fold.consumers)}")
     if parts.clps:
         method += f" clip {clip[0]:.2f}/{clip[1]:.2f}"
         notes.append(f"CLPS target {target}" if target else "CLPS: no downstream layer in the window")
@@ -154,24 +141,25 @@ def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
 class _GraphQuantizer:
     """CBC over one captured graph and its recorded calls."""
 
-    def __init__(self, cal: GraphCalibration, options: Options, parts: Components, weights: dict[str, torch.Tensor]):
+    def __init__(self, cal: GraphCalibration, configs: MethodConfigs, parts: Components,
+                 weights: dict[str, torch.Tensor], execution: Execution):
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
-        self.cal, self.options, self.parts = cal, options, parts
-        self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not options.offload)]
+        self.cal, self.configs, self.parts, self.kernels = cal, configs, parts, execution.kernels
+        self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not execution.offload)]
         # Under CBC the calls are also carried through the full-precision prefix when CLPS's
         # targets come from it ("fp-model") or OBS takes its outlier scores from it ("fp").
-        self.fp_model = parts.cbc and options.cbc_reference == "fp-model"
-        self.fp_scores = parts.cbc and parts.obs and options.obs_statistics == "fp"
+        self.fp_model = parts.cbc and configs.clps.reference == "fp-model"
+        self.fp_scores = parts.cbc and parts.obs and configs.obs.statistics == "fp"
         self.fp_envs = [dict(e) for e in self.envs] if self.fp_model or self.fp_scores else None
-        self.search_calls = min(len(self.envs), options.search_calls)
+        self.search_calls = min(len(self.envs), configs.clps.search_calls)
         # With `offload`, activations wait in CPU memory and visit the model's device to run.
-        self.device = next(iter(cal.state.values())).device if options.offload and cal.state else None
+        self.device = next(iter(cal.state.values())).device if execution.offload and cal.state else None
         candidates = {x.node for x in cal.analysis.sites if x.path in weights}
-        self.folds = find_folds(cal.gm, cal.analysis, candidates) if parts.obs and options.fold else []
+        self.folds = find_folds(cal.gm, cal.analysis, candidates) if parts.obs and configs.obs.fold else []
 
     def run(self, weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLinear], bar) -> None:
         seg = self.seg
-        kernels = self.options.kernels
+        kernels = self.kernels
 
         def quantized(site, x, w, b):
             layer = layers.get(site.path)
@@ -186,41 +174,41 @@ class _GraphQuantizer:
             if self.fp_envs is not None:
                 self.fp_envs = [seg.advance(s, e, fp_linear, self.device) for e in self.fp_envs]
 
-    def _plan(self, todo, weights, stats, scores) -> dict[str, tuple[_LayerQuantizer, dict | None]]:
+    def _plan(self, todo, weights, stats, scores) -> dict[str, tuple[_LayerQuantizer, FoldDecision | None]]:
         """Each layer's quantizer under its OBS transform, folded where a whole group is in `todo`.
 
         stats: the layers' inputs (GPTQ's Hessian; None when nothing needs them); scores: what OBS
         scores the channels on.
         """
-        options, parts, seg = self.options, self.parts, self.seg
+        configs, parts, seg = self.configs, self.parts, self.seg
+        block = configs.obs.hadamard_block
+        gptq = configs.gptq if parts.gptq else None
         smoothing: dict[str, Smoothing | None] = {}
         output: dict[str, Smoothing] = {}
-        folds: dict[str, dict] = {}
-        for group in self.folds:
-            if not all(m in scores for m in group.producers + group.consumers):
-                continue
-            absmax = torch.stack([scores[c].absmax for c in group.consumers]).amax(dim=0)
-            shared = orthogonal_smoothing(group.width, absmax, options.hadamard_block, granule=group.granule)
-            folds.update(group.decisions({n: x.path for n, x in seg.sites.items()}))
+        folds: dict[str, FoldDecision] = {}
+        absmax = {n: s.absmax for n, s in scores.items()}
+        for planned in plan_folds(self.folds, absmax, {n: x.path for n, x in seg.sites.items()}):
+            group = planned.group
+            shared = orthogonal_smoothing(group.width, planned.absmax, block, granule=group.granule)
+            folds.update(planned.decisions)
             smoothing.update(dict.fromkeys(group.consumers, shared))
             output.update(dict.fromkeys(group.producers, shared))
         plan = {}
         for x in todo:
             if x.node not in smoothing:
-                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, options.hadamard_block)
+                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, block)
                                      if parts.obs else None)
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
-            online = "producers" not in folds.get(x.node, {})
+            online = x.node not in folds or not folds[x.node].producers
             inputs = None if stats is None else stats[x.node]
-            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, options, parts, smoothing[x.node],
+            plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, configs.quantizer, gptq, smoothing[x.node],
                                             online, output.get(x.node)), folds.get(x.node))
         return plan
 
     def _quantize_segment(self, s, todo, weights, layers, bar) -> None:
-        seg, options = self.seg, self.options
+        seg = self.seg
         lo, end = seg.bounds[s]
-        hi = seg.bounds[min(s + options.clps_window, len(seg) - 1)][1]
-        window = seg.nodes[lo:hi]
+        hi = seg.bounds[min(s + self.configs.clps.window, len(seg) - 1)][1]
         # Inputs as the quantized prefix gives them (GPTQ's Hessian), and the activations OBS
         # scores its channels on: the same, or the full-precision prefix's (`obs_statistics`).
         scores = {x.node: LayerStats(x.in_features) for x in todo} if self.fp_scores else None
@@ -248,54 +236,29 @@ class _GraphQuantizer:
                 return fp_linear(site, x, w, b)
             return quantizer.stand_in(x, b)
 
-        # CLPS's runs, in the coordinates the plan's folded transforms put the activations in.
-        runs, references = [], []
-        for c in range(self.search_calls):
-            local = seg.run(window, self.envs[c], stand_in, device=self.device)
-            runs.append(ChainMap(local, self.envs[c]))
-            references.append(seg.run(window, self.fp_envs[c], stand_in, device=self.device)
-                              if self.fp_model else local)
-        window_sites = [seg.sites[n.name] for n in window if n.name in seg.sites]
+        calls = self.search_calls
+        search = WindowSearch(seg, lo, hi, self.envs[:calls], self.fp_envs[:calls] if self.fp_model else None,
+                              stand_in, self.kernels, self.device)
         for site in todo:
             quantizer, fold = plan[site.node]
-            layers[site.path] = self._quantize_site(site, quantizer, fold, stand_in, runs, references,
-                                                    window_sites, hi)
+            layers[site.path] = self._quantize_site(site, quantizer, fold, search)
             bar.update()
 
-    def _quantize_site(self, site, make, fold, stand_in, runs, references, window_sites, hi) -> QuantizedLinear:
-        seg, options, parts = self.seg, self.options, self.parts
-        clip, target, objective_values = (1.0, 1.0), None, {}
-        later = [x.node for x in window_sites if seg.index[seg.node(x.node)] > seg.index[seg.node(site.node)]]
-        if parts.clps and later:
-            def rerun(nodes, layer):
-                def linear(s_, x, w, b):
-                    return layer.forward(x, b, options.kernels) if s_.node == site.node else stand_in(s_, x, w, b)
-                return [seg.run(nodes, env, linear, device=self.device) for env in runs]
-
-            downstream = seg.descendants(site.node, hi)
-            reached = [n for n in later if seg.node(n) in set(downstream)]
-            if reached:
-                outs = rerun(downstream, make((1.0, 1.0)))
-                target_node = pick_target(_relative_errors(outs, references, [seg.node(n) for n in reached]))
-                target = seg.sites[target_node.name].path
-                cone = seg.cone(site.node, target_node.name)
-
-                def objective(c):
-                    return _relative_errors(rerun(cone, make(c)), references, [target_node])[target_node]
-
-                clip, objective_values = search_clip(
-                    objective, clip_candidates(options.clps_grid, options.weight_symmetric))
-        layer = make(clip, final=True)
-        layer.method, layer.notes = _describe(parts, make.smoothing, clip, target, fold)
-        layer.details = {"clip": clip, "target": target, "objective": objective_values,
-                         "smoothing": None if make.smoothing is None else make.smoothing.note}
-        if fold:
-            layer.details["fold"] = fold
-        return layer
+    def _quantize_site(self, site, make, fold, search: WindowSearch) -> QuantizedLinear:
+        configs, parts = self.configs, self.parts
+        clip, target, objective_values = NO_CLIP, None, {}
+        if parts.clps:
+            clip, target, objective_values = search.search(
+                site, make, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
+        method, notes = _describe(parts, make.smoothing, clip, target, fold)
+        details = {"clip": clip, "target": target, "objective": objective_values,
+                   "smoothing": None if make.smoothing is None else make.smoothing.note}
+        return replace(make(clip, final=True), method=method, notes=notes, details=details, fold=fold)
 
 
-def clq_quantize(weights: dict[str, torch.Tensor], options: Options,
-                 calibrations: list[GraphCalibration] | None, parts: Components) -> dict[str, QuantizedLinear]:
+def clq_quantize(weights: dict[str, torch.Tensor], configs: MethodConfigs,
+                 calibrations: list[GraphCalibration] | None, parts: Components,
+                 execution: Execution) -> dict[str, QuantizedLinear]:
     """Quantize `weights` ({module path: weight}) with CLQ's components `parts` switched on.
 
     Data-free (no calibration): every layer gets the block Hadamard alone (no channel swap, no
@@ -304,12 +267,12 @@ def clq_quantize(weights: dict[str, torch.Tensor], options: Options,
     layers: dict[str, QuantizedLinear] = {}
     with torch.no_grad(), tqdm(total=len(weights), desc="clq", leave=False, disable=len(weights) < 8) as bar:
         for cal in calibrations or []:
-            _GraphQuantizer(cal, options, parts, weights).run(weights, layers, bar)
+            _GraphQuantizer(cal, configs, parts, weights, execution).run(weights, layers, bar)
         for path in [p for p in weights if p not in layers]:
-            smoothing = (orthogonal_smoothing(weights[path].shape[1], None, options.hadamard_block)
+            smoothing = (orthogonal_smoothing(weights[path].shape[1], None, configs.obs.hadamard_block)
                          if parts.obs else None)
-            layer = _LayerQuantizer(weights[path], None, None, options, Components(gptq=False), smoothing)((1.0, 1.0))
-            layer.method = "data-free: " + (f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn")
-            layers[path] = layer
+            layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing)(NO_CLIP)
+            layers[path] = replace(layer, method="data-free: " + (
+                f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn"))
             bar.update()
     return layers

@@ -10,15 +10,28 @@ the next block); the target is the t where it peaks. It then picks
 where Ŷ_t(l, r) is the target's output with l quantized under bounds (l, r). The grid always
 contains (1, 1) — no clipping — so the choice is never worse than min-max on this objective.
 Symmetric weights search one ratio (l = r); asymmetric weights search the pair.
+
+The search runs inside the window CBC is calibrating (passes/cross_block.py): `WindowSearch`
+holds the search calls' full-precision runs through the window, in the coordinates the window's
+folded transforms put the activations in, and their reference outputs; `WindowSearch.search`
+picks one layer's target and bounds on them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Mapping, TypeVar
+from collections import ChainMap
+from typing import Any, Callable, Hashable, Mapping, TypeVar
 
-DEFAULT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+import torch
+from torch import fx
+
+from .capture import LinearSite
+from .layer import QuantizedLinear
+from .observers import RelativeError
+from .segments import LinearFn, SegmentedGraph
 
 T = TypeVar("T", bound=Hashable)
+NO_CLIP = (1.0, 1.0)
 
 
 def clip_candidates(grid: tuple[float, ...], symmetric: bool) -> list[tuple[float, float]]:
@@ -42,3 +55,64 @@ def search_clip(objective: Callable[[tuple[float, float]], float],
     values = {c: objective(c) for c in candidates}
     best = min(candidates, key=lambda c: values[c])
     return best, values
+
+
+def relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:
+    """||Y - Ŷ|| / ||Y|| at each node over all search calls."""
+    meter = RelativeError()
+    for out, reference in zip(outputs, references):
+        for n in nodes:
+            meter.add(n, reference[n], out[n])
+    return meter.result()
+
+
+class WindowSearch:
+    """CLPS over the window seg.nodes[lo:hi] of a segmented graph.
+
+    envs: the search calls' environments at the window's start; reference_envs: the ones the
+    reference outputs come from (None: the same, "fp-layer"; the full-precision prefix's:
+    "fp-model"); stand_in: the full-precision linear of every layer in the window's coordinates;
+    kernels / device: how the candidate layer runs and where the runs compute.
+    """
+
+    def __init__(self, seg: SegmentedGraph, lo: int, hi: int, envs: list[dict[fx.Node, Any]],
+                 reference_envs: list[dict[fx.Node, Any]] | None, stand_in: LinearFn, kernels: str,
+                 device: torch.device | None):
+        self.seg, self.hi, self.stand_in, self.kernels, self.device = seg, hi, stand_in, kernels, device
+        window = seg.nodes[lo:hi]
+        self.runs, self.references = [], []
+        for c, env in enumerate(envs):
+            local = seg.run(window, env, stand_in, device=device)
+            self.runs.append(ChainMap(local, env))
+            self.references.append(local if reference_envs is None
+                                   else seg.run(window, reference_envs[c], stand_in, device=device))
+        self.sites = [seg.sites[n.name] for n in window if n.name in seg.sites]
+
+    def _rerun(self, site: LinearSite, nodes: list[fx.Node], layer: QuantizedLinear) -> list[dict]:
+        """The search calls through `nodes` with `site` quantized as `layer`, the rest full precision."""
+        def linear(s, x, w, b):
+            return layer.forward(x, b, self.kernels) if s.node == site.node else self.stand_in(s, x, w, b)
+        return [self.seg.run(nodes, env, linear, device=self.device) for env in self.runs]
+
+    def search(self, site: LinearSite, make: Callable[[tuple[float, float]], QuantizedLinear],
+               candidates: list[tuple[float, float]]) -> tuple[tuple[float, float], str | None, dict]:
+        """The bounds for `site` (`make(clip)` quantizes it under them), its target's module path and
+        the objective of every candidate. Without a later layer in the window that the site's output
+        reaches: no clipping, no target, no values."""
+        seg = self.seg
+        later = [x.node for x in self.sites if seg.index[seg.node(x.node)] > seg.index[seg.node(site.node)]]
+        if not later:
+            return NO_CLIP, None, {}
+        downstream = seg.descendants(site.node, self.hi)
+        reached = [n for n in later if seg.node(n) in set(downstream)]
+        if not reached:
+            return NO_CLIP, None, {}
+        outs = self._rerun(site, downstream, make(NO_CLIP))
+        target_node = pick_target(relative_errors(outs, self.references, [seg.node(n) for n in reached]))
+        cone = seg.cone(site.node, target_node.name)
+
+        def objective(c):
+            return relative_errors(self._rerun(site, cone, make(c)), self.references, [target_node])[target_node]
+
+        clip, values = search_clip(objective, candidates)
+        return clip, seg.sites[target_node.name].path, values

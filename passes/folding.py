@@ -50,6 +50,27 @@ _ATTENTION = torch.nn.functional.scaled_dot_product_attention
 
 
 @dataclass(frozen=True)
+class FoldDecision:
+    """One layer's part in a folded transform, by module paths.
+
+    On a consumer, `producers`: the layers whose output rows carry its input's transform; on a
+    producer, `consumers`: the layers whose input transform its output rows carry. One of the two
+    is set; lowering checks the graph connects them so (`check_folds`).
+    """
+
+    producers: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, list[str]]:
+        """The artifact's form: {"producers": [paths]} or {"consumers": [paths]}."""
+        return {"producers": list(self.producers)} if self.producers else {"consumers": list(self.consumers)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, list[str]]) -> FoldDecision:
+        return cls(tuple(value.get("producers", ())), tuple(value.get("consumers", ())))
+
+
+@dataclass(frozen=True)
 class FoldGroup:
     """Producers whose outputs reach consumers only through channel-preserving operations.
 
@@ -62,13 +83,33 @@ class FoldGroup:
     width: int
     granule: int
 
-    def decisions(self, path_of: Mapping[str, str]) -> dict[str, dict]:
-        """What each member records of the fold, by node name: {"producers": [paths]} on the
-        consumers, {"consumers": [paths]} on the producers (`path_of`: node name -> module path)."""
-        producers = [path_of[p] for p in self.producers]
-        consumers = [path_of[c] for c in self.consumers]
-        return {**{c: {"producers": producers} for c in self.consumers},
-                **{p: {"consumers": consumers} for p in self.producers}}
+    def decisions(self, path_of: Mapping[str, str]) -> dict[str, FoldDecision]:
+        """What each member records of the fold, by node name (`path_of`: node name -> module path)."""
+        producers = tuple(path_of[p] for p in self.producers)
+        consumers = tuple(path_of[c] for c in self.consumers)
+        return {**{c: FoldDecision(producers=producers) for c in self.consumers},
+                **{p: FoldDecision(consumers=consumers) for p in self.producers}}
+
+
+@dataclass(frozen=True)
+class PlannedFold:
+    """A fold group ready to quantize: absmax: [width] max |x| per channel over every consumer's
+    input (what the one shared transform is computed from); decisions: `FoldGroup.decisions`."""
+
+    group: FoldGroup
+    absmax: torch.Tensor
+    decisions: dict[str, FoldDecision]
+
+
+def plan_folds(groups: list[FoldGroup], absmax: Mapping[str, torch.Tensor],
+               path_of: Mapping[str, str]) -> list[PlannedFold]:
+    """The groups all of whose members have statistics (`absmax`: node name -> [width]), planned.
+
+    path_of: node name -> module path, for the decisions.
+    """
+    return [PlannedFold(group, torch.stack([absmax[c] for c in group.consumers]).amax(dim=0),
+                        group.decisions(path_of))
+            for group in groups if all(m in absmax for m in group.producers + group.consumers)]
 
 
 class _NotFoldable(Exception):
@@ -315,11 +356,12 @@ def find_folds(gm: fx.GraphModule, analysis: GraphAnalysis, candidates: set[str]
     return groups
 
 
-def check_folds(gm: fx.GraphModule, analysis: GraphAnalysis, folds: dict[str, dict], quantize: set[str]) -> None:
+def check_folds(gm: fx.GraphModule, analysis: GraphAnalysis, folds: dict[str, FoldDecision],
+                quantize: set[str]) -> None:
     """Refuse to run layers whose folded transforms this graph does not connect the same way.
 
-    folds: {module path: the layer's "fold" decision ({"producers": [...]} or {"consumers": [...]})}
-    for the layers about to run in `gm`; quantize: node names of the sites that run quantized.
+    folds: {module path: the layer's fold decision} for the layers about to run in `gm`;
+    quantize: node names of the sites that run quantized.
     A consumer whose producers run elsewhere (or unquantized) would read untransformed inputs.
     """
     if not folds:
@@ -329,8 +371,9 @@ def check_folds(gm: fx.GraphModule, analysis: GraphAnalysis, folds: dict[str, di
              for n, decision in group.decisions(by_node).items()}
     for path, fold in folds.items():
         if found.get(path) != fold:
+            connected = found[path].to_json() if path in found else "a layer with nothing folded"
             raise ValueError(
-                f"layer {path} was quantized with its rotation folded across {fold}, but in this graph "
-                f"it is connected as {found.get(path, 'a layer with nothing folded')}; the model's "
+                f"layer {path} was quantized with its rotation folded across {fold.to_json()}, but in this graph "
+                f"it is connected as {connected}; the model's "
                 f"code differs from the one quantized. Quantize it again (without 'load'), or pass "
                 f"options={{'fold': False}} when quantizing.")

@@ -31,18 +31,14 @@ Details this implementation fixes:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.formats import NumberFormat, as_format
 from clq_compile.kernels.quantize import Quantized, quantize
 
+from .configs import GPTQConfig, QuantizerConfig
 from .layer import QuantizedLinear
-
-if TYPE_CHECKING:
-    from clq_compile.options import Options
 
 
 class HessianAccumulator:
@@ -183,10 +179,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, fmt: NumberFormat | int, s
     return Quantized(in_original_order, scale, zero, fmt, group)
 
 
-def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, options: Options,
-               act_order: bool = False) -> QuantizedLinear:
-    """GPTQ of weight: [N, K] under hessian: [K, K] and `options`, packed for the op (method "gptq")."""
-    q = gptq(weight, hessian, options.w_format, options.weight_symmetric, options.weight_group,
-             act_order=act_order)
-    notes = ["columns in activation order"] if act_order else []
-    return QuantizedLinear(pack_weight(q), options.a_format, options.act_group, method="gptq", notes=notes)
+def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, quantizer: QuantizerConfig,
+               config: GPTQConfig) -> QuantizedLinear:
+    """GPTQ of weight: [N, K] under hessian: [K, K] and `quantizer`, packed for the op (method "gptq")."""
+    w, a = quantizer.weight, quantizer.activation
+    q = gptq(weight, hessian, w.format, w.symmetric, w.group, act_order=config.act_order)
+    notes = ["columns in activation order"] if config.act_order else []
+    return QuantizedLinear(pack_weight(q), a.format, a.group, method="gptq", notes=notes)

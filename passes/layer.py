@@ -15,11 +15,13 @@ from clq_compile.kernels import ops  # noqa: F401  (registers torch.ops.clq.quan
 from clq_compile.kernels.formats import NumberFormat
 from clq_compile.kernels.packing import PackedWeight
 
+from .folding import FoldDecision
+
 # Names of the tensors a QuantizedLinear hands to the op, in the op's argument order.
 TENSOR_ARGS = ("qweight", "w_scale", "w_zero", "bias", "act_mul", "act_perm", "act_rotation")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizedLinear:
     """One quantized layer.
 
@@ -31,6 +33,8 @@ class QuantizedLinear:
     rows carry a consumer's folded transform stores b·G)
     method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
     details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
+    fold: the layer's part in a transform folded across layers (None: nothing folded), which
+        lowering checks the graph still connects; the artifact stores it as details["fold"]
     fold_in / fold_out: (act_mul, act_perm, act_rotation) of a transform folded across layers: the input
         arrives as x·G / the output leaves as y·G. Not used by the op (the neighbours carry it);
         kept while quantizing to measure the layer on its own, not saved.
@@ -46,6 +50,7 @@ class QuantizedLinear:
     method: str = "rtn"
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    fold: FoldDecision | None = None
     fold_in: tuple | None = None
     fold_out: tuple | None = None
 

@@ -25,6 +25,8 @@ import re
 import torch
 from torch import fx
 
+from clq_compile.kernels.packing import PackedWeight
+
 from .capture import GraphAnalysis
 from .folding import check_folds
 from .layer import TENSOR_ARGS, QuantizedLinear
@@ -40,11 +42,13 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
           quantize: set[str], kernels: str, merge: bool = True) -> fx.GraphModule:
     """The rewritten graph (see the module docstring).
 
+    The members of a merge are replaced in `layers` by records holding row views of the merged
+    tensors (so the merge costs no memory, and a later lowering finds the same tensors).
     Raises ValueError when a layer's folded transform is not connected the same way in `gm`.
     """
     sites = [s for s in analysis.sites if s.node in quantize]
-    check_folds(gm, analysis, {s.path: layers[s.path].details["fold"] for s in sites
-                               if layers[s.path].details.get("fold")}, quantize)
+    check_folds(gm, analysis, {s.path: layers[s.path].fold for s in sites if layers[s.path].fold is not None},
+                quantize)
     plan = plan_merges(gm, analysis, layers, quantize) if merge else MergePlan((), {})
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -88,7 +92,12 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
         linear.replace_all_uses_with(call)
         graph.erase_node(linear)
     for m in plan.merges:
-        _lower_merge(graph, m, [copies[n] for n in m.nodes], [layers[p] for p in m.paths], quant_linear,
+        weight, views = merged_weight([layers[p] for p in m.paths])
+        # The members' records, rebuilt to hold row views of the merged tensors (a later lowering
+        # finds them holding those views already, and keeps them).
+        layers.update({p: dataclasses.replace(layers[p], weight=v) for p, v in zip(m.paths, views)
+                       if v is not layers[p].weight})
+        _lower_merge(graph, m, [copies[n] for n in m.nodes], [layers[p] for p in m.paths], weight, quant_linear,
                      own_bias, constant)
 
     graph.lint()
@@ -113,12 +122,12 @@ def merge_name(paths: tuple[str, ...]) -> str:
 
 
 def _lower_merge(graph: fx.Graph, m: Merge, linears: list[fx.Node], members: list[QuantizedLinear],
-                 quant_linear, own_bias, constant) -> None:
-    """One quant_linear for the members of `m`; each member's users read their slice of it."""
+                 weight: PackedWeight, quant_linear, own_bias, constant) -> None:
+    """One quant_linear for the members of `m` (their merged `weight`); each member's users read
+    their slice of it."""
     prefix = merge_name(m.paths)
     first = linears[0]
     widths = [layer.weight.qweight.shape[0] for layer in members]
-    weight = merged_weight(members)
     layer = dataclasses.replace(members[0], weight=weight, bias=None)
     with graph.inserting_before(first):
         biases = [own_bias(linear, member, _attr_prefix(path))

@@ -132,14 +132,16 @@ def _rows(parts: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     return torch.cat(parts), True
 
 
-def merged_weight(members: list[QuantizedLinear]) -> PackedWeight:
-    """The members' weights as one: qweight, scales and zero points stacked along N.
+def merged_weight(members: list[QuantizedLinear]) -> tuple[PackedWeight, list[PackedWeight]]:
+    """The members' weights as one: qweight, scales and zero points stacked along N; and each
+    member's weight as row views of the merged tensors.
 
-    The members then hold row views of the merged tensors (so the merge costs no memory, and a
-    second lowering finds the same tensors). Members must agree (`difference` is None).
+    The caller gives the members those views in place of their own weights (so the merge costs no
+    memory, and a second lowering finds the same tensors). Members must agree (`difference` is None).
     """
     first = members[0].weight
     joined = {}
+    views = [m.weight for m in members]
     for name in ("qweight", "scale", "zero"):
         parts = [getattr(m.weight, name) for m in members]
         if parts[0] is None:
@@ -148,9 +150,9 @@ def merged_weight(members: list[QuantizedLinear]) -> PackedWeight:
         joined[name], new = _rows(parts)
         if new:
             start = 0
-            for m, part in zip(members, parts):
-                view = joined[name][start:start + part.shape[0]]
-                m.weight = dataclasses.replace(m.weight, **{name: view})
+            for i, part in enumerate(parts):
+                views[i] = dataclasses.replace(views[i], **{name: joined[name][start:start + part.shape[0]]})
                 start += part.shape[0]
-    return PackedWeight(joined["qweight"], joined["scale"], joined["zero"], first.format, first.in_features,
-                        first.group)
+    merged = PackedWeight(joined["qweight"], joined["scale"], joined["zero"], first.format, first.in_features,
+                          first.group)
+    return merged, views

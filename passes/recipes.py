@@ -1,7 +1,8 @@
 """Recipes: named pass pipelines that decide the quantization of every selected layer.
 
-A recipe takes the weights to quantize (by module path), the options and, when the user
-calibrated, the recorded calls of each captured graph; it returns one `QuantizedLinear` per path.
+A recipe takes the weights to quantize (by module path), the methods' configs
+(passes/configs.py), when the user calibrated the recorded calls of each captured graph, and how
+its searches run (`Execution`); it returns one `QuantizedLinear` per path.
 Recipes are data in `RECIPES`, so the same graph gives every method's result for a comparison:
 
 | recipe | what it does |
@@ -20,22 +21,21 @@ Recipes that need data quantize round-to-nearest when called without calibration
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .configs import Execution, MethodConfigs, QuantizerConfig
 from .cross_block import Components, clq_quantize
 from .layer import QuantizedLinear
 from .observers import GraphCalibration, observe
 from .statistics import LayerStats
 from .weight_quantization import rtn
 
-if TYPE_CHECKING:
-    from clq_compile.options import Options
-
-Recipe = Callable[[dict[str, torch.Tensor], "Options", "list[GraphCalibration] | None"],
+Recipe = Callable[[dict[str, torch.Tensor], MethodConfigs, "list[GraphCalibration] | None", Execution],
                   dict[str, QuantizedLinear]]
 
 
@@ -58,101 +58,96 @@ def _per_layer(weights: dict[str, torch.Tensor], name: str, quantize_one) -> dic
                                                    disable=len(weights) < 50)}
 
 
-def _data_free(weight: torch.Tensor, options: Options) -> QuantizedLinear:
-    layer = rtn(weight, options)
-    layer.method = "data-free: rtn"
-    return layer
+def _data_free(weight: torch.Tensor, quantizer: QuantizerConfig) -> QuantizedLinear:
+    return dataclasses.replace(rtn(weight, quantizer), method="data-free: rtn")
 
 
-def _rtn_recipe(weights, options, calibration):
+def _rtn_recipe(weights, configs, calibration, execution):
     """Round to nearest with min-max ranges; needs no calibration data."""
-    return _per_layer(weights, "rtn", lambda p, w: rtn(w, options))
+    return _per_layer(weights, "rtn", lambda p, w: rtn(w, configs.quantizer))
 
 
-def _smoothquant_recipe(weights, options, calibration):
+def _smoothquant_recipe(weights, configs, calibration, execution):
     from .smoothquant import smoothquant_layer
 
+    quantizer = configs.quantizer
     stats = _statistics(weights, calibration, hessian=False)
     if stats is None:
-        return _per_layer(weights, "smoothquant", lambda p, w: _data_free(w, options))
-    layers = _folded_smoothquant(weights, options, calibration, stats) if options.fold else {}
+        return _per_layer(weights, "smoothquant", lambda p, w: _data_free(w, quantizer))
+    layers = _folded_smoothquant(weights, quantizer, calibration, stats) if configs.smoothquant.fold else {}
     rest = {p: w for p, w in weights.items() if p not in layers}
     return {**layers, **_per_layer(rest, "smoothquant", lambda p, w: smoothquant_layer(
-        w, stats[p].samples, stats[p].absmax, options))}
+        w, stats[p].samples, stats[p].absmax, quantizer))}
 
 
-def _folded_smoothquant(weights, options, calibration, stats) -> dict[str, QuantizedLinear]:
+def _folded_smoothquant(weights, quantizer, calibration, stats) -> dict[str, QuantizedLinear]:
     """SmoothQuant for the fold groups (passes/folding.py): consumers share one s, searched
     jointly, and read their input already divided by s from the producers' scaled output rows."""
-    from .folding import find_folds
+    from .folding import find_folds, plan_folds
     from .smoothquant import smoothquant_layer, smoothquant_shared
 
     layers: dict[str, QuantizedLinear] = {}
     for cal in calibration:
         paths = {x.node: x.path for x in cal.analysis.sites}
         biases = {x.path: None if x.bias_index is None else cal.state[x.bias_index] for x in cal.analysis.sites}
-        for group in find_folds(cal.gm, cal.analysis, {n for n, p in paths.items() if p in weights}):
-            decisions = {paths[n]: d for n, d in group.decisions(paths).items()}
-            producers = [paths[n] for n in group.producers]
-            consumers = [paths[n] for n in group.consumers]
+        absmax = {n: stats[p].absmax for n, p in paths.items() if p in weights}
+        for planned in plan_folds(find_folds(cal.gm, cal.analysis, set(absmax)), absmax, paths):
+            decisions = {paths[n]: d for n, d in planned.decisions.items()}
+            producers = [paths[n] for n in planned.group.producers]
+            consumers = [paths[n] for n in planned.group.consumers]
             if any(p in layers for p in decisions):
                 continue
-            absmax = torch.stack([stats[c].absmax for c in consumers]).amax(dim=0)
             shared = smoothquant_shared([weights[c] for c in consumers], [stats[c].samples for c in consumers],
-                                        absmax, options)
+                                        planned.absmax, quantizer)
             mul = shared[0].act_mul
             for path, layer in zip(consumers, shared):
-                layer.act_mul, layer.fold_in = None, (mul, None, None)
-                layer.notes.append(f"smoothing folded into {', '.join(producers)}")
-                layer.details["fold"] = decisions[path]
-                layers[path] = layer
+                layers[path] = dataclasses.replace(
+                    layer, act_mul=None, fold_in=(mul, None, None), fold=decisions[path],
+                    notes=[*layer.notes, f"smoothing folded into {', '.join(producers)}"])
             for path in producers:
                 rows = weights[path].detach().double() * mul.double()[:, None]
-                layer = smoothquant_layer(rows, stats[path].samples, stats[path].absmax, options)
+                layer = smoothquant_layer(rows, stats[path].samples, stats[path].absmax, quantizer)
                 bias = biases[path]
-                layer.bias = None if bias is None else (bias.detach().double() * mul.double()).float()
-                layer.fold_out = (mul, None, None)
-                layer.notes.append(f"output rows carry the smoothing of {', '.join(consumers)}")
-                layer.details["fold"] = decisions[path]
-                layers[path] = layer
+                layers[path] = dataclasses.replace(
+                    layer, bias=None if bias is None else (bias.detach().double() * mul.double()).float(),
+                    fold_out=(mul, None, None), fold=decisions[path],
+                    notes=[*layer.notes, f"output rows carry the smoothing of {', '.join(consumers)}"])
     return layers
 
 
-def _quarot_recipe(weights, options, calibration, gptq: bool = False):
+def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False):
     from .rotation import quarot_layer, rotate_hessian, rotate_weight
 
+    quantizer = configs.quantizer
     if not gptq:
-        return _per_layer(weights, "quarot", lambda p, w: quarot_layer(w, options))
+        return _per_layer(weights, "quarot", lambda p, w: quarot_layer(w, quantizer, configs.quarot))
     from .gptq import gptq_layer
 
     stats = _statistics(weights, calibration, hessian=True)
 
     def one(path, w):
-        layer = quarot_layer(w, options)
+        layer = quarot_layer(w, quantizer, configs.quarot)
         if stats is None:
             return layer
         r = layer.act_rotation
         rotated = gptq_layer(rotate_weight(w, act_rotation=r).float(),
-                             rotate_hessian(stats[path].hessian, act_rotation=r), options,
-                             act_order=options.gptq_act_order)
-        rotated.act_rotation, rotated.method, rotated.notes = r, "quarot+gptq", layer.notes
-        return rotated
+                             rotate_hessian(stats[path].hessian, act_rotation=r), quantizer, configs.gptq)
+        return dataclasses.replace(rotated, act_rotation=r, method="quarot+gptq", notes=layer.notes)
 
     return _per_layer(weights, "quarot+gptq", one)
 
 
-def _gptq_recipe(weights, options, calibration):
+def _gptq_recipe(weights, configs, calibration, execution):
     from .gptq import gptq_layer
 
     stats = _statistics(weights, calibration, hessian=True)
     if stats is None:
-        return _per_layer(weights, "gptq", lambda p, w: _data_free(w, options))
-    return _per_layer(weights, "gptq", lambda p, w: gptq_layer(
-        w, stats[p].hessian, options, act_order=options.gptq_act_order))
+        return _per_layer(weights, "gptq", lambda p, w: _data_free(w, configs.quantizer))
+    return _per_layer(weights, "gptq", lambda p, w: gptq_layer(w, stats[p].hessian, configs.quantizer, configs.gptq))
 
 
-def _clq_recipe(weights, options, calibration, parts: Components):
-    return clq_quantize(weights, options, calibration, parts)
+def _clq_recipe(weights, configs, calibration, execution, parts: Components):
+    return clq_quantize(weights, configs, calibration, parts, execution)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -169,7 +164,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def run_recipe(weights: dict[str, torch.Tensor], options: Options,
-               calibration: list[GraphCalibration] | None) -> dict[str, QuantizedLinear]:
-    """Quantize `weights` ({module path: [out, in] weight}) with the recipe `options.recipe`."""
-    return RECIPES[options.recipe](weights, options, calibration)
+def run_recipe(recipe: str, weights: dict[str, torch.Tensor], configs: MethodConfigs,
+               calibration: list[GraphCalibration] | None, execution: Execution) -> dict[str, QuantizedLinear]:
+    """Quantize `weights` ({module path: [out, in] weight}) with the recipe named `recipe`."""
+    return RECIPES[recipe](weights, configs, calibration, execution)

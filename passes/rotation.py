@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 
 from clq_compile.kernels.hadamard import largest_valid_block, random_hadamard
 from clq_compile.kernels.reference import transform_activation
 
+from .configs import QuantizerConfig, QuaRotConfig
 from .layer import QuantizedLinear
 from .weight_quantization import rtn
-
-if TYPE_CHECKING:
-    from clq_compile.options import Options
 
 # Orthogonality checked in float64 on a float32 rotation: its rounding leaves errors near 1e-7.
 _ORTHOGONALITY_TOLERANCE = 1e-4
@@ -108,13 +105,14 @@ def shared_random_hadamard(k: int, seed: int) -> torch.Tensor:
     return random_hadamard(k, seed, torch.float32)
 
 
-def quarot_layer(weight: torch.Tensor, options: Options, seed: int = 0) -> QuantizedLinear:
+def quarot_layer(weight: torch.Tensor, quantizer: QuantizerConfig,
+                 config: QuaRotConfig = QuaRotConfig()) -> QuantizedLinear:
     """QuaRot: rotate the input by a randomized Hadamard matrix, quantize the weight RTN.
 
     Args:
         weight: [N, K].
-        options: w_format, weight_symmetric, weight_group (weight side); a_format, act_group (activations).
-        seed: seed of the random signs; layers of one rotation size and seed share one tensor.
+        quantizer: how weights and activations are quantized.
+        config: the seed of the random signs; layers of one rotation size and seed share one tensor.
 
     Returns:
         A QuantizedLinear with act_rotation = Q [b, b] (applied online to each of the K // b
@@ -125,8 +123,8 @@ def quarot_layer(weight: torch.Tensor, options: Options, seed: int = 0) -> Quant
     """
     k = weight.shape[-1]
     block = largest_valid_block(k, k)
-    rotation = shared_random_hadamard(block, seed) if block > 1 else None
-    layer = rtn(rotate_weight(weight, act_rotation=rotation), options)
+    rotation = shared_random_hadamard(block, config.seed) if block > 1 else None
+    layer = rtn(rotate_weight(weight, act_rotation=rotation), quantizer)
     notes = []
     if block == 1:
         notes.append(f"QuaRot: no Hadamard block divides the width {k}; not rotated")

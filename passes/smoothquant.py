@@ -22,16 +22,14 @@ again on its scaled rows). Consumers of one fold group share s, searched jointly
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from .configs import QuantizerConfig
 from .layer import QuantizedLinear
 from .rotation import rotate_weight
 from .weight_quantization import rtn
-
-if TYPE_CHECKING:
-    from clq_compile.options import Options
 
 # Floor on both maxima: a channel silent during calibration (max|x_c| = 0) would give s_c = 0 and an
 # infinite online multiplier 1/s_c, and an all-zero weight column would give s_c = inf. With the
@@ -65,23 +63,23 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     return a**alpha / w ** (1 - alpha)
 
 
-def _smoothed_layer(weight: torch.Tensor, act_mul: torch.Tensor, options: Options,
+def _smoothed_layer(weight: torch.Tensor, act_mul: torch.Tensor, quantizer: QuantizerConfig,
                     alpha: float) -> QuantizedLinear:
     """The layer smoothed by act_mul = 1/s (strength alpha) online, W · diag(s) quantized RTN."""
     # The weight undoes the float32 multiplier the op actually applies, not the float64 1/s.
-    layer = rtn(rotate_weight(weight, act_mul=act_mul), options)
+    layer = rtn(rotate_weight(weight, act_mul=act_mul), quantizer)
     return dataclasses.replace(layer, act_mul=act_mul, method=f"smoothquant α={alpha:g}")
 
 
-def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.Tensor, options: Options,
-                      alphas: Sequence[float] = DEFAULT_ALPHAS) -> QuantizedLinear:
+def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.Tensor,
+                      quantizer: QuantizerConfig, alphas: Sequence[float] = DEFAULT_ALPHAS) -> QuantizedLinear:
     """SmoothQuant with α searched per layer on calibration samples.
 
     Args:
         weight: [N, K].
         x: [..., K] calibration inputs of the layer (tokens); the error is measured on them.
         act_absmax: [K] max |x| per channel over all calibration data (may cover more than x).
-        options: bits, groups and weight symmetry, as for RTN.
+        quantizer: formats, groups and weight symmetry, as for RTN.
         alphas: the grid of migration strengths tried.
 
     Returns:
@@ -89,12 +87,12 @@ def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.T
         with the real weight and activation quantization) is least over the grid; its method reads
         "smoothquant α=<chosen α>". Ties go to the earlier α in the grid.
     """
-    (layer,) = smoothquant_shared([weight], [x], act_absmax, options, alphas)
+    (layer,) = smoothquant_shared([weight], [x], act_absmax, quantizer, alphas)
     return layer
 
 
 def smoothquant_shared(weights: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], act_absmax: torch.Tensor,
-                       options: Options, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[QuantizedLinear]:
+                       quantizer: QuantizerConfig, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[QuantizedLinear]:
     """SmoothQuant for layers that must share one s (the consumers of a fold group).
 
     s comes from the layers' weights stacked along the outputs; α minimizes the sum of the layers'
@@ -112,7 +110,7 @@ def smoothquant_shared(weights: Sequence[torch.Tensor], xs: Sequence[torch.Tenso
     best, best_error = None, float("inf")
     for alpha in alphas:
         act_mul = (1 / smoothing_factors(act_absmax, stacked, alpha)).float()
-        layers = [_smoothed_layer(w, act_mul, options, alpha) for w in weights]
+        layers = [_smoothed_layer(w, act_mul, quantizer, alpha) for w in weights]
         error = sum(float((layer.forward(xx, None, "reference").double() - ref).square().sum())
                     for layer, xx, ref in zip(layers, samples, references))
         if error < best_error:

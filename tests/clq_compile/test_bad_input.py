@@ -241,7 +241,7 @@ def test_fallback_rotation_blocks_run_on_the_triton_kernels(k, bits, group):
     g = torch.Generator().manual_seed(k)
     w = torch.randn(24, k, generator=g) / k**0.5
     x = torch.randn(2, 5, k, generator=g)
-    layer = quarot_layer(w, parse_options({"bits": bits, "weight_group": group, "act_group": group}))
+    layer = quarot_layer(w, parse_options({"bits": bits, "weight_group": group, "act_group": group}).method_configs().quantizer)
     assert layer.act_rotation.shape[0] < k
     reference = layer.forward(x, None, "reference")
     assert rel_error(layer.forward(x, None, "triton"), reference) < 1e-5

@@ -73,7 +73,7 @@ def test_cbc_calibrates_each_block_on_the_quantized_prefix(pixart_calibration, m
             super().add(x)
 
     monkeypatch.setattr(cross_block, "LayerStats", Recording)
-    layers = clq_quantize(weights, options, [cal], Components())
+    layers = clq_quantize(weights, options.method_configs(), [cal], Components(), options.execution())
 
     # The driver creates one statistics object per layer, segment by segment, in graph order.
     seg = SegmentedGraph(cal.gm, cal.analysis)
@@ -99,7 +99,7 @@ def test_cbc_calibrates_each_block_on_the_quantized_prefix(pixart_calibration, m
 
 def test_clps_choice_is_never_worse_than_no_clipping(pixart_calibration):
     cal, options, weights = pixart_calibration
-    layers = clq_quantize(weights, options, [cal], Components())
+    layers = clq_quantize(weights, options.method_configs(), [cal], Components(), options.execution())
     searched = [layer for layer in layers.values() if layer.details.get("objective")]
     assert len(searched) >= len(weights) // 2
     for layer in searched:
@@ -110,18 +110,18 @@ def test_clps_choice_is_never_worse_than_no_clipping(pixart_calibration):
 
 def test_ablations_switch_components_off(pixart_calibration):
     cal, options, weights = pixart_calibration
-    no_obs = clq_quantize(weights, options, [cal], Components(obs=False))
+    no_obs = clq_quantize(weights, options.method_configs(), [cal], Components(obs=False), options.execution())
     assert all(layer.act_rotation is None and layer.act_perm is None for layer in no_obs.values())
-    no_clps = clq_quantize(weights, options, [cal], Components(clps=False))
+    no_clps = clq_quantize(weights, options.method_configs(), [cal], Components(clps=False), options.execution())
     assert all(not layer.details["objective"] and layer.details["clip"] == (1.0, 1.0)
                for layer in no_clps.values())
-    full = clq_quantize(weights, options, [cal], Components())
+    full = clq_quantize(weights, options.method_configs(), [cal], Components(), options.execution())
     assert any(layer.act_perm is not None for layer in full.values())
 
 
 def test_data_free_clq_uses_the_block_hadamard():
     options = parse_options({"recipe": "clq"})
-    layers = clq_quantize({"a": torch.randn(8, 256)}, options, None, Components())
+    layers = clq_quantize({"a": torch.randn(8, 256)}, options.method_configs(), None, Components(), options.execution())
     assert layers["a"].act_rotation.shape == (128, 128) and layers["a"].act_perm is None
     assert layers["a"].method.startswith("data-free")
 

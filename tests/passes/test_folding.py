@@ -169,8 +169,8 @@ def test_fold_option_moves_smoothquants_multiplier_into_the_value_projection(fam
     out_proj, value = state.layers[f"{attn}.to_out.0"], state.layers[f"{attn}.to_v"]
     assert out_proj.act_mul is None and value.bias is not None and value.act_mul is not None
     if family == "sd3":  # both output projections read the one shared multiplier from both streams
-        assert state.layers[f"{attn}.to_add_out"].details["fold"] == out_proj.details["fold"]
-        assert len(out_proj.details["fold"]["producers"]) == 2
+        assert state.layers[f"{attn}.to_add_out"].fold == out_proj.fold
+        assert len(out_proj.fold.producers) == 2
     assert max(state.errors.values()) < 0.1, state.errors
     with torch.no_grad():
         assert rel_error(qt(**inputs, return_dict=False)[0], reference) < 0.05

@@ -9,6 +9,7 @@ from clq_compile.kernels.formats import E4M3
 from clq_compile.kernels.packing import unpack_weight
 from clq_compile.kernels.quantize import qrange, quantize
 from clq_compile.options import parse_options
+from clq_compile.passes.configs import GPTQConfig
 from clq_compile.passes.gptq import HessianAccumulator, gptq, gptq_layer, hessian
 
 GROUPS = [None, 8]
@@ -156,7 +157,7 @@ def test_dead_columns_are_rounded_to_nearest_without_nan():
 def test_gptq_layer_packs_the_gptq_weight(bits, symmetric):
     w, x = _correlated(2, k=64)
     opts = parse_options({"bits": bits, "weight_group": 32, "weight_symmetric": symmetric})
-    layer = gptq_layer(w, hessian(x), opts, act_order=True)
+    layer = gptq_layer(w, hessian(x), opts.method_configs().quantizer, GPTQConfig(act_order=True))
     expected = gptq(w, hessian(x), opts.w_format, symmetric, 32, act_order=True)
     stored = unpack_weight(layer.weight.qweight, layer.weight.format).to(torch.int16)
     offset = 0 if symmetric else 2 ** (opts.w_format.bits - 1)

@@ -28,7 +28,7 @@ def test_lowered_graph_equals_the_layers_composed_by_hand(k, hidden, n, tokens, 
     model = TwoLayers(k, hidden, n)
     x = torch.randn(2, tokens, k)
     gm, example_inputs, analysis = dynamo_graph(model, {"x": x})
-    opts = parse_options({"bits": bits})
+    opts = parse_options({"bits": bits}).method_configs().quantizer
     layers = {s.path: rtn(example_inputs[s.weight_index], opts) for s in analysis.sites}
     chosen = {s.node for s in analysis.sites if not only_down or s.path == "down"}
     lowered = lower(gm, analysis, layers, chosen, "reference")

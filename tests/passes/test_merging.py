@@ -47,7 +47,7 @@ def quantized(family: str, options: dict):
     weights = {s.path: example_inputs[s.weight_index] for s in analysis.sites if s.node in chosen}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layers = run_recipe(weights, opts, None)
+        layers = run_recipe(opts.recipe, weights, opts.method_configs(), None, opts.execution())
     return layers, chosen
 
 
@@ -99,7 +99,8 @@ def test_a_differing_transform_is_kept_apart_and_said_why():
     layers, chosen = quantized("dit", {"bits": "w4a4", "recipe": "rtn"})
     k = "transformer_blocks.1.attn1.to_k"
     layers[k] = dataclasses.replace(layers[k], act_mul=torch.full((32,), 2.0))
-    layers[k].weight = rtn(torch.randn(32, 32), parse_options({"bits": "w4a4"})).weight
+    layers[k] = dataclasses.replace(
+        layers[k], weight=rtn(torch.randn(32, 32), parse_options({"bits": "w4a4"}).method_configs().quantizer).weight)
     plan = plan_merges(gm, analysis, layers, chosen)
     assert {m.paths for m in plan.merges if "transformer_blocks.1" in m.paths[0]} == {
         ("transformer_blocks.1.attn1.to_q", "transformer_blocks.1.attn1.to_v")}
@@ -124,7 +125,7 @@ class Reshaping(torch.nn.Module):
 def test_a_view_merging_axes_gets_a_dense_copy():
     model = Reshaping()
     gm, example_inputs, analysis = dynamo_graph(model, {"x": torch.randn(2, 5, 32)})
-    opts = parse_options({"bits": "w8a8"})
+    opts = parse_options({"bits": "w8a8"}).method_configs().quantizer
     layers = {s.path: rtn(example_inputs[s.weight_index], opts) for s in analysis.sites}
     chosen = {s.node for s in analysis.sites}
     merged_gm = lower(gm, analysis, layers, chosen, "reference")

@@ -80,7 +80,7 @@ def test_silent_channels_and_zero_weight_columns_get_finite_factors():
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["w4a4", "w4a8", "w8a8"]), st.sampled_from([None, 32]))
 def test_the_layer_holds_the_inverse_factors_and_the_smoothed_weight(seed, bits, group):
     w, x = _layer_and_inputs(seed, k=64, n=8, tokens=16)
-    opts = parse_options({"bits": bits, "weight_group": group} if group else {"bits": bits})
+    opts = parse_options({"bits": bits, "weight_group": group} if group else {"bits": bits}).method_configs().quantizer
     layer = smoothquant_layer(w, x, x.abs().amax(0), opts)
     s = smoothing_factors(x.abs().amax(0), w, _chosen_alpha(layer))
     assert torch.allclose(layer.act_mul.double(), 1 / s, rtol=1e-6)
@@ -92,7 +92,7 @@ def test_the_layer_holds_the_inverse_factors_and_the_smoothed_weight(seed, bits,
 
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
 def test_smoothquant_beats_rtn_with_an_outlier_channel(bits):
-    opts = parse_options({"bits": bits})
+    opts = parse_options({"bits": bits}).method_configs().quantizer
     ratios = []
     for seed in range(6):
         w, x = _layer_and_inputs(seed)
@@ -106,7 +106,7 @@ def test_smoothquant_beats_rtn_with_an_outlier_channel(bits):
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["w4a4", "w8a8"]), st.floats(1.0, 100.0))
 def test_the_chosen_alpha_has_the_least_error_on_the_grid(seed, bits, outlier):
     w, x = _layer_and_inputs(seed, k=16, n=8, tokens=24, outlier=outlier)
-    opts = parse_options({"bits": bits})
+    opts = parse_options({"bits": bits}).method_configs().quantizer
     absmax = x.abs().amax(0)
     chosen = smoothquant_layer(w, x, absmax, opts)
     alpha = _chosen_alpha(chosen)
@@ -117,7 +117,7 @@ def test_the_chosen_alpha_has_the_least_error_on_the_grid(seed, bits, outlier):
 
 def test_bad_arguments_raise_value_errors():
     w, x = _layer_and_inputs(0, k=8, n=4, tokens=4)
-    opts = parse_options({"bits": "w4a4"})
+    opts = parse_options({"bits": "w4a4"}).method_configs().quantizer
     with pytest.raises(ValueError, match="alpha"):
         smoothing_factors(x.abs().amax(0), w, 1.5)
     with pytest.raises(ValueError, match="act_absmax"):

@@ -1,0 +1,106 @@
+"""Method configs: what each quantization method reads, as small frozen records.
+
+The passes never see the user's options (clq_compile/options.py): the front end builds one
+`MethodConfigs` from them (`Options.method_configs`) and hands each method its part. Run-time
+knobs (which kernels run, whether activations wait in CPU memory) are not part of any method's
+config: the recipes take them as the separate `Execution`, and they change how long a search
+takes or where its tensors live, never what it decides. The defaults live in `Options` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clq_compile.kernels.formats import NumberFormat
+
+@dataclass(frozen=True)
+class WeightQuantizerConfig:
+    """format: the weights' number format; symmetric: no zero point; group: input channels per
+    scale (None: one scale per output channel)."""
+
+    format: NumberFormat
+    symmetric: bool
+    group: int | None
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """format: the activations' number format ("none": weight only); group: channels per scale
+    (None: one scale per token)."""
+
+    format: NumberFormat
+    group: int | None
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """How every layer's weights and activations are quantized, whatever the method."""
+
+    weight: WeightQuantizerConfig
+    activation: ActivationConfig
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """act_order: process columns by decreasing Hessian diagonal."""
+
+    act_order: bool
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """fold: fold 1/s into the producers where the graph proves it legal (passes/folding.py)."""
+
+    fold: bool
+
+
+@dataclass(frozen=True)
+class QuaRotConfig:
+    """seed: seed of the random Hadamard signs (layers of one width share one rotation)."""
+
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OBSConfig:
+    """hadamard_block: block size b of the block-diagonal Hadamard; statistics: under CBC, the
+    activations the outlier scores come from ("quantized-prefix" or "fp"); fold: fold G into the
+    producers where the graph proves it legal."""
+
+    hadamard_block: int
+    statistics: str
+    fold: bool
+
+
+@dataclass(frozen=True)
+class CLPSConfig:
+    """grid: clipping ratios tried; window: blocks after a layer's own in which its target is
+    looked for; search_calls: recorded calls the candidates are judged on; reference: "fp-layer"
+    (full-precision layers on the quantized prefix's inputs) or "fp-model" (the full-precision
+    model's activations)."""
+
+    grid: tuple[float, ...]
+    window: int
+    search_calls: int
+    reference: str
+
+
+@dataclass(frozen=True)
+class MethodConfigs:
+    """Every method's config, built from the user's options in one place."""
+
+    quantizer: QuantizerConfig
+    gptq: GPTQConfig
+    smoothquant: SmoothQuantConfig
+    obs: OBSConfig
+    clps: CLPSConfig
+    quarot: QuaRotConfig = QuaRotConfig()
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a search runs, not what it decides: kernels: the op's kernels for the search's forward
+    passes; offload: activations and recordings wait in CPU memory between runs."""
+
+    kernels: str
+    offload: bool

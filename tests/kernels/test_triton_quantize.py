@@ -228,6 +228,17 @@ def test_a_thousand_tokens_spread_evenly_over_an_h100(k, group, rotation):
     assert -(-programs // 132) * p.rows <= 1.15 * units / 132
 
 
+def test_launch_parameters_are_cached_and_read_only():
+    x = torch.zeros(3, 96)
+    triton_quantize.launch_parameters.cache_clear()
+    for _ in range(2):
+        quantized(x, 4, None)
+    assert triton_quantize.launch_parameters.cache_info().hits == 1
+    meta, _ = triton_quantize.launch_parameters(3, 96, 4, 96, None, False, False, 3, 1)
+    with pytest.raises(TypeError):
+        meta["BR"] = 1
+
+
 # Compiles for sm_90 in a fresh interpreter (this one defined the kernels under TRITON_INTERPRET=1).
 SM90_PROBE = """
 import json, sys

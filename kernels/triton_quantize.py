@@ -98,15 +98,25 @@ def _rotate(v, rot_ptr, signs_ptr, U: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_
 
 
 @triton.jit
-def _load_units(x_ptr, mul_ptr, perm_ptr, token, unit, valid, stride_xm, stride_xk, U: tl.constexpr,
-                HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr):
-    """[BR, U] of (x * act_mul)[:, act_perm] at units (token, unit): x's dtype, or float32 with
-    a multiplier or SPLIT 3; 0 where not valid."""
-    chans = unit[:, None] * U + tl.arange(0, U)[None, :]
+def _load_units(x_ptr, mul_ptr, perm_ptr, first, local, valid, stride_xm, stride_xk, NU: tl.constexpr,
+                U: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, CONTIGUOUS: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """[R, U] of (x * act_mul)[:, act_perm] at units first + local: x's dtype, or float32 with a
+    multiplier or SPLIT 3; 0 where not valid.
+
+    CONTIGUOUS: x is contiguous and not gathered, so unit r starts at element r·U: one 64-bit base
+    per program and 32-bit offsets, instead of a token index and a 64-bit row offset per unit.
+    """
+    r = first + local
+    token = r // NU
+    chans = (r - token * NU)[:, None] * U + tl.arange(0, U)[None, :]
     if HAS_PERM:
         chans = tl.load(perm_ptr + chans, mask=valid[:, None], other=0)
-    v = tl.load(x_ptr + token.to(tl.int64)[:, None] * stride_xm + chans * stride_xk, mask=valid[:, None],
-                other=0.0)
+    if CONTIGUOUS:
+        ptrs = x_ptr + first.to(tl.int64) * U + (local[:, None] * U + tl.arange(0, U)[None, :])
+    else:
+        ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xm + chans * stride_xk
+    v = tl.load(ptrs, mask=valid[:, None], other=0.0)
     if HAS_MUL:
         v = v.to(tl.float32) * tl.load(mul_ptr + chans, mask=valid[:, None], other=0.0).to(tl.float32)
     elif SPLIT != 1:
@@ -181,13 +191,13 @@ def _scale_and_reciprocal(absmax, BITS: tl.constexpr):
 
 
 @triton.jit
-def _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, r, valid, stride_xm, stride_xk,
+def _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, first, local, valid, stride_xm, stride_xk,
                        NU: tl.constexpr, U: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr,
-                       HAS_ROT: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """float32 [R, U]: T(x) at units r: [R] (0 where not valid)."""
-    token = r // NU
-    v = _load_units(x_ptr, mul_ptr, perm_ptr, token, r - token * NU, valid, stride_xm, stride_xk, U, HAS_MUL,
-                    HAS_PERM, SPLIT)
+                       CONTIGUOUS: tl.constexpr, HAS_ROT: tl.constexpr, SPLIT: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr):
+    """float32 [R, U]: T(x) at units first + local: [R] (0 where not valid)."""
+    v = _load_units(x_ptr, mul_ptr, perm_ptr, first, local, valid, stride_xm, stride_xk, NU, U, HAS_MUL, HAS_PERM,
+                    CONTIGUOUS, SPLIT)
     if HAS_ROT:
         v = _rotate(v, rot_ptr, signs_ptr, U, SPLIT, DOT_IN_FP32)
     else:
@@ -196,33 +206,36 @@ def _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, r, valid, s
 
 
 @triton.jit
-def _quantize_rows(q_ptr, scale_ptr, v, m, local, r, valid, group_scale, group_recip, R: tl.constexpr,
+def _quantize_rows(q_ptr, scale_ptr, v, m, first, local, valid, group_scale, group_recip, R: tl.constexpr,
                    U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr, SPP_PAD: tl.constexpr,
                    BITS: tl.constexpr):
-    """Quantizes and stores the rows v: [R, U] of units r (program-local units `local`).
+    """Quantizes and stores the rows v: [R, U] of units first + local.
 
     SEG > 1: the scales are their groups' (group_scale, group_recip: [SPP_PAD], stored by the
     caller); else each row's NSUB groups take theirs from the row's maxima m: [R, NSUB], stored here.
     """
-    r64 = r.to(tl.int64)
     if SEG > 1:
         g = tl.minimum(local // SEG, SPP_PAD - 1)
         scale = tl.gather(group_scale, g, 0)[:, None]
         recip = tl.gather(group_recip, g, 0)[:, None]
     else:
         scale, recip = _scale_and_reciprocal(m, BITS)
-        tl.store(scale_ptr + r64[:, None] * NSUB + tl.arange(0, NSUB)[None, :], scale, mask=valid[:, None])
+        tl.store(scale_ptr + first.to(tl.int64) * NSUB + (local[:, None] * NSUB + tl.arange(0, NSUB)[None, :]),
+                 scale, mask=valid[:, None])
     q = _quantized_integers(v, _per_channel(scale, R, U, NSUB), _per_channel(recip, R, U, NSUB))
+    # q is contiguous: unit r's values start at r·U (r·U / 2 bytes packed).
     if BITS == 4:
         even, odd = tl.split(tl.reshape(q, [R, U // 2, 2]))
         packed = ((even & 0xF) | ((odd & 0xF) << 4)).to(tl.uint8)
-        tl.store(q_ptr + r64[:, None] * (U // 2) + tl.arange(0, U // 2)[None, :], packed, mask=valid[:, None])
+        tl.store(q_ptr + first.to(tl.int64) * (U // 2) + (local[:, None] * (U // 2) + tl.arange(0, U // 2)[None, :]),
+                 packed, mask=valid[:, None])
     else:
-        tl.store(q_ptr + r64[:, None] * U + tl.arange(0, U)[None, :], q.to(tl.int8), mask=valid[:, None])
+        tl.store(q_ptr + first.to(tl.int64) * U + (local[:, None] * U + tl.arange(0, U)[None, :]), q.to(tl.int8),
+                 mask=valid[:, None])
 
 
 # Contract:
-#   x:     [M, K] float32/float16/bfloat16, any strides
+#   x:     [M, K] float32/float16/bfloat16, any strides (CONTIGUOUS: contiguous, and no HAS_PERM)
 #   mul:   [K] float (HAS_MUL), indexed by input channel
 #   perm:  int64 [K] (HAS_PERM), output channel j reads input channel perm[j]
 #   rot:   [U, U] (HAS_ROT), entries all ±c, applied to every unit; only |rot[0, 0]| = c is read
@@ -238,21 +251,19 @@ def _quantize_kernel(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, q_ptr, scale_
                      stride_xk, NU: tl.constexpr, U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr,
                      SPP: tl.constexpr, SPP_PAD: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
                      BITS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr,
-                     SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                     CONTIGUOUS: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     UPP: tl.constexpr = SPP * SEG
     first = tl.program_id(0) * UPP
     local = tl.arange(0, BR)
-    r = first + local
-    valid = (local < UPP) & (r < units)
-    v = _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, r, valid, stride_xm, stride_xk, NU, U,
-                           HAS_MUL, HAS_PERM, HAS_ROT, SPLIT, DOT_IN_FP32)
+    valid = (local < UPP) & (first + local < units)
+    v = _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, first, local, valid, stride_xm, stride_xk,
+                           NU, U, HAS_MUL, HAS_PERM, CONTIGUOUS, HAS_ROT, SPLIT, DOT_IN_FP32)
     m = _unit_absmax(v, BR, U, NSUB)
     if BR2 > 0:
         local2 = BR + tl.arange(0, BR2)
-        r2 = first + local2
-        valid2 = (local2 < UPP) & (r2 < units)
-        v2 = _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, r2, valid2, stride_xm, stride_xk,
-                                NU, U, HAS_MUL, HAS_PERM, HAS_ROT, SPLIT, DOT_IN_FP32)
+        valid2 = (local2 < UPP) & (first + local2 < units)
+        v2 = _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, first, local2, valid2, stride_xm,
+                                stride_xk, NU, U, HAS_MUL, HAS_PERM, CONTIGUOUS, HAS_ROT, SPLIT, DOT_IN_FP32)
         m2 = _unit_absmax(v2, BR2, U, NSUB)
     else:
         m2 = m
@@ -265,10 +276,10 @@ def _quantize_kernel(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, q_ptr, scale_
     else:
         group_scale = m
         group_recip = m
-    _quantize_rows(q_ptr, scale_ptr, v, m, local, r, valid, group_scale, group_recip, BR, U, SEG, NSUB, SPP_PAD,
-                   BITS)
+    _quantize_rows(q_ptr, scale_ptr, v, m, first, local, valid, group_scale, group_recip, BR, U, SEG, NSUB,
+                   SPP_PAD, BITS)
     if BR2 > 0:
-        _quantize_rows(q_ptr, scale_ptr, v2, m2, local2, r2, valid2, group_scale, group_recip, BR2, U, SEG, NSUB,
+        _quantize_rows(q_ptr, scale_ptr, v2, m2, first, local2, valid2, group_scale, group_recip, BR2, U, SEG, NSUB,
                        SPP_PAD, BITS)
 
 
@@ -375,10 +386,11 @@ def _num_warps(elements: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def launch_parameters(m: int, k: int, bits: int, group: int, rotation_block: int | None, has_mul: bool,
-                      has_perm: bool, split: int, sms: int) -> tuple[Mapping[str, Any], int]:
+                      has_perm: bool, contiguous: bool, split: int, sms: int) -> tuple[Mapping[str, Any], int]:
     """(the kernel's arguments other than tensors and strides, with num_warps and num_stages, read-only;
     the number of programs) for x: [m, k] — what the wrapper launches, and what an offline compile of
-    the same launch needs. rotation_block: a fused rotation's block, else None; split: 1 or 3.
+    the same launch needs. rotation_block: a fused rotation's block, else None; contiguous: x is
+    (`torch.Tensor.is_contiguous`); split: 1 or 3.
     Cached: a layer launches the same shapes on every call."""
     if interpreted():
         p = plan(m, k, group, rotation_block, 1, INTERPRETER_MAX_ELEMENTS, sms)
@@ -387,6 +399,7 @@ def launch_parameters(m: int, k: int, bits: int, group: int, rotation_block: int
     units = m * (k // p.unit)
     meta = dict(units=units, NU=k // p.unit, U=p.unit, SEG=p.seg, NSUB=p.nsub, SPP=p.spp, SPP_PAD=p.spp_pad,
                 BR=p.br, BR2=p.br2, BITS=bits, HAS_MUL=has_mul, HAS_PERM=has_perm,
+                CONTIGUOUS=contiguous and not has_perm,
                 HAS_ROT=rotation_block is not None, SPLIT=split, DOT_IN_FP32=interpreted(),
                 num_warps=_num_warps(p.rows * p.unit), num_stages=1)
     return MappingProxyType(meta), triton.cdiv(units, p.units_per_program)
@@ -486,8 +499,8 @@ def quantize_activation_triton(x: torch.Tensor, bits: int, group: int | None = N
         else:
             # The reference rotates by R in float32: c is |R[0, 0]| in float32.
             act_rotation = act_rotation.to(torch.float32)
-    meta, programs = launch_parameters(m, k, bits, g, None if signs is None else signs.shape[0],
-                                       act_mul is not None, act_perm is not None, split, _multiprocessors(x.device))
+    meta, programs = launch_parameters(m, k, bits, g, None if signs is None else signs.shape[0], act_mul is not None,
+                                       act_perm is not None, x.is_contiguous(), split, _multiprocessors(x.device))
     _quantize_kernel[(programs,)](x, act_mul, act_perm, act_rotation, signs, q, scale, stride_xm=x.stride(0),
                                   stride_xk=x.stride(1), **meta)
     return q, scale

@@ -234,7 +234,7 @@ def test_launch_parameters_are_cached_and_read_only():
     for _ in range(2):
         quantized(x, 4, None)
     assert triton_quantize.launch_parameters.cache_info().hits == 1
-    meta, _ = triton_quantize.launch_parameters(3, 96, 4, 96, None, False, False, 3, 1)
+    meta, _ = triton_quantize.launch_parameters(3, 96, 4, 96, None, False, False, True, 3, 1)
     with pytest.raises(TypeError):
         meta["BR"] = 1
 
@@ -248,7 +248,7 @@ import offline_compile as oc
 from clq_compile.kernels import triton_quantize as tq
 out = {}
 for rotation in (128, None):
-    meta, programs = tq.launch_parameters(1024, 1152, 4, 1152, rotation, False, False, 1, 132)
+    meta, programs = tq.launch_parameters(1024, 1152, 4, 1152, rotation, False, False, True, 1, 132)
     config = triton.Config({}, num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     args = dict(x_ptr=oc.Pointer("bf16"), mul_ptr=None, perm_ptr=None, rot_ptr=oc.Pointer("fp32"),
                 signs_ptr=oc.Pointer("bf16"), q_ptr=oc.Pointer("u8"), scale_ptr=oc.Pointer("fp32"),

@@ -35,7 +35,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lease
@@ -250,14 +250,12 @@ def check_case(case: Case, seed: int, device: str) -> list[dict]:
 
 
 def _dequantize64(quantized):
-    """float64 [rows, K] of a Quantized: scale * (q - zero) group by group, without rounding."""
-    q = quantized.q.double()
-    rows, k = q.shape
-    groups = quantized.scale.shape[1]
-    qg = q.reshape(rows, groups, k // groups)
-    if quantized.zero is not None:
-        qg = qg - quantized.zero.double().unsqueeze(-1)
-    return (qg * quantized.scale.double().unsqueeze(-1)).reshape(rows, k)
+    """float64 [rows, K] of a Quantized: scale * (q - zero) group by group, without rounding.
+
+    Its own `dequantize` with the scales in float64: the integers (and q - zero) are exact in
+    float32, and their products with float64 scales are float64 by torch's type promotion.
+    """
+    return replace(quantized, scale=quantized.scale.double()).dequantize()
 
 
 def _unpack(q, bits: int):

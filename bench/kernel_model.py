@@ -147,15 +147,16 @@ def gemm_launch(m: int, n: int, k: int, a_bits: int, w_bits: int, target: str) -
 # whitepaper), 142 on L40S (L40S datasheet: 18,176 CUDA cores, 128 per SM).
 PLAN_SMS = {"sm_90": 132, "sm_80": 108, "sm_89": 142}
 # Arguments of the quantize launch that say what is computed rather than how it is tiled.
-_QUANTIZE_CHOICES = ("units", "BITS", "HAS_MUL", "HAS_PERM", "HAS_ROT", "SPLIT", "DOT_IN_FP32")
+_QUANTIZE_CHOICES = ("units", "BITS", "HAS_MUL", "HAS_PERM", "CONTIGUOUS", "HAS_ROT", "SPLIT", "DOT_IN_FP32")
 
 
 def quantize_launch(m: int, k: int, bits: int, rotation: int | None, target: str) -> Launch:
-    """quantize_activation_triton of kernels/triton_quantize.py on bf16 x [m, k], per-token scales,
+    """quantize_activation_triton of kernels/triton_quantize.py on contiguous bf16 x [m, k], per-token scales,
     optionally the block rotation of `rotation` channels. The kernel module's `launch_parameters`
     gives the one tiling it ships for the launch (its config). HBM: x read once, q and scales
     written once."""
-    meta, programs = triton_quantize.launch_parameters(m, k, bits, k, rotation, False, False, 1, PLAN_SMS[target])
+    meta, programs = triton_quantize.launch_parameters(m, k, bits, k, rotation, False, False, True, 1,
+                                                       PLAN_SMS[target])
     tiling = {key: value for key, value in meta.items()
               if key not in _QUANTIZE_CHOICES and key not in ("num_warps", "num_stages")}
     cfg = triton.Config(tiling, num_warps=meta["num_warps"], num_stages=meta["num_stages"])

@@ -50,6 +50,9 @@ CHECK_ROWS = 512
 # do_bench's 25 ms warm-up and 100 ms of runs plus the L2 flushes, twice (direct and graph).
 TIMING_SECONDS = 0.4
 PEAK_SECONDS = 5.0
+# A row's timings, the same for every shape, for the budget check (its compiles are not known
+# before it runs: Triton's cache may hold them).
+ROW_SECONDS = len(VARIANTS) * TIMING_SECONDS
 
 
 def plan(lease_plan: bool) -> list[tuple[int, int, int]]:
@@ -70,11 +73,6 @@ def estimate(rows: list[tuple[int, int, int]], gemm_configs: int) -> dict:
     seconds = (compiles * kernel_check.COMPILE_SECONDS + trials * kernel_check.TRIAL_SECONDS
                + len(rows) * len(VARIANTS) * TIMING_SECONDS + PEAK_SECONDS)
     return {"rows": len(rows), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
-
-
-def row_seconds(m: int, n: int, k: int) -> float:
-    """A row's timings, for the budget check (its compiles are not known before it runs)."""
-    return len(VARIANTS) * TIMING_SECONDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.write("peaks", **peaks)
     failed = 0
     for m, n, k in shapes:
-        if not budget.allows(row_seconds(m, n, k)):
+        if not budget.allows(ROW_SECONDS):
             rows.write("row", M=m, N=n, K=k, skipped=f"out of time after {budget.elapsed():.0f} s")
             continue
         try:

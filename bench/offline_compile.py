@@ -42,6 +42,8 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction
 
+from clq_compile.kernels.triton_gemm import SHARED_MEMORY_LIMIT
+
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -54,14 +56,9 @@ class Target:
     shared_limit: int  # bytes of shared memory one block can use (opt-in maximum)
 
 
-# Per-block shared memory maxima: CUDA C++ Programming Guide, "Technical Specifications per Compute
-# Capability" (maximum amount of shared memory per thread block: 163 KB on 8.0, 99 KB on 8.6/8.9,
-# 227 KB on 9.0).
-TARGETS = {
-    "sm_80": Target("sm_80", 80, 163 * 1024),
-    "sm_89": Target("sm_89", 89, 99 * 1024),
-    "sm_90": Target("sm_90", 90, 227 * 1024),
-}
+# Per-block shared memory maxima: the GEMM's own table, which its config pruning reads.
+TARGETS = {name: Target(name, capability, SHARED_MEMORY_LIMIT[capability])
+           for name, capability in (("sm_80", 80), ("sm_89", 89), ("sm_90", 90))}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,11 @@ zero point through the activation's row sums, then added to a float32 accumulato
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import triton
@@ -407,12 +411,18 @@ def _pruner(nominal_capability: int):
         a = named_args["a_ptr"]
         capability = nominal_capability
         if isinstance(a, torch.Tensor) and a.is_cuda:
-            major, minor = torch.cuda.get_device_capability(a.device)
-            capability = 10 * major + minor
+            capability = _capability(a.device)
         return prune_configs(configs, named_args["CHUNK"], kwargs["SINGLE_CHUNK"], kwargs["A_BITS"],
                              kwargs["W_BITS"], capability)
 
     return prune
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    """The CUDA device's compute capability as 10 · major + minor (90 for Hopper)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def m_bucket(m: int) -> int:
@@ -492,27 +502,34 @@ def quant_matmul(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
-    chunk = math.gcd(ag, wg)
-    interpret = interpreted()
-    if not interpret and chunk < k and chunk % MIN_GPU_BLOCK_K:
-        raise ValueError(f"on GPUs the groups (activations {ag}, weights {wg}) must be multiples of "
-                         f"{MIN_GPU_BLOCK_K} channels, the narrowest K tile of an int8 tensor-core product")
+    chunk, meta = _launch_meta(k, ag, wg, a_bits, w_bits, w_zero is not None, bias is not None, interpreted())
     args = (a.view(torch.int8), w.view(torch.int8), a_scale, w_scale, w_zero, bias, out, m, n, k,
             a.stride(0), w.stride(0), a_scale.stride(0), w_scale.stride(0), out.stride(0), ag, wg, chunk,
             m_bucket(m))
-    meta = dict(SINGLE_CHUNK=chunk == k, A_BITS=a_bits, W_BITS=w_bits, HAS_ZERO=w_zero is not None,
-                HAS_BIAS=bias is not None)
 
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
-    if interpret:
+    if interpreted():
         cfg = dict(BLOCK_M=SMALL_BLOCK_M, BLOCK_N=SMALL_BLOCK_N, BLOCK_K=_small_block_k(chunk), GROUP_M=2)
         _quant_matmul_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
-        hopper = torch.cuda.get_device_capability(a.device)[0] >= 9
-        (_quant_matmul_sm90 if hopper else _quant_matmul_sm80)[grid](*args, **meta)
+        (_quant_matmul_sm90 if _capability(a.device) >= 90 else _quant_matmul_sm80)[grid](*args, **meta)
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_meta(k: int, a_group: int, w_group: int, a_bits: int, w_bits: int, has_zero: bool, has_bias: bool,
+                 interpret: bool) -> tuple[int, Mapping[str, Any]]:
+    """(the chunk: channels sharing one activation and one weight scale; the kernel's constexpr
+    arguments, read-only) of a quant_matmul launch. Cached: a layer launches the same K, groups and
+    bit widths on every call."""
+    chunk = math.gcd(a_group, w_group)
+    if not interpret and chunk < k and chunk % MIN_GPU_BLOCK_K:
+        raise ValueError(f"on GPUs the groups (activations {a_group}, weights {w_group}) must be multiples of "
+                         f"{MIN_GPU_BLOCK_K} channels, the narrowest K tile of an int8 tensor-core product")
+    return chunk, MappingProxyType(dict(SINGLE_CHUNK=chunk == k, A_BITS=a_bits, W_BITS=w_bits, HAS_ZERO=has_zero,
+                                        HAS_BIAS=has_bias))
 
 
 def int_matmul_triton(a: torch.Tensor, w: torch.Tensor, in_features: int, a_bits: int, w_bits: int,

@@ -4,7 +4,9 @@ The kernel reads x once and writes the integers and scales once. It sees x: [M, 
 U consecutive channels of one token (U a power of two; unit r is token r // (K/U), channels
 (r mod K/U)·U ...). A program holds a run of whole units in registers: SPP quantization groups of
 SEG units each (a group wider than a unit, e.g. a per-token scale over K = 1152 = 9·128), or units
-of NSUB groups each (a group narrower than a unit). Per unit it computes
+of NSUB groups each (a group narrower than a unit), as two tiles of power-of-two rows (8 tokens of
+9 units are 64 + 8 rows, not 128), so that the programs spread evenly over the multiprocessors.
+Per unit it computes
 
     T(x) = (x * act_mul)[:, act_perm] @ blockdiag(R, ...)          (each part optional)
 
@@ -31,8 +33,12 @@ the maximum propagates it explicitly).
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import triton
@@ -92,15 +98,25 @@ def _rotate(v, rot_ptr, signs_ptr, U: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_
 
 
 @triton.jit
-def _load_units(x_ptr, mul_ptr, perm_ptr, token, unit, valid, stride_xm, stride_xk, U: tl.constexpr,
-                HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr):
-    """[BR, U] of (x * act_mul)[:, act_perm] at units (token, unit): x's dtype, or float32 with
-    a multiplier or SPLIT 3; 0 where not valid."""
-    chans = unit[:, None] * U + tl.arange(0, U)[None, :]
+def _load_units(x_ptr, mul_ptr, perm_ptr, first, local, valid, stride_xm, stride_xk, NU: tl.constexpr,
+                U: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, CONTIGUOUS: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """[R, U] of (x * act_mul)[:, act_perm] at units first + local: x's dtype, or float32 with a
+    multiplier or SPLIT 3; 0 where not valid.
+
+    CONTIGUOUS: x is contiguous and not gathered, so unit r starts at element r·U: one 64-bit base
+    per program and 32-bit offsets, instead of a token index and a 64-bit row offset per unit.
+    """
+    r = first + local
+    token = r // NU
+    chans = (r - token * NU)[:, None] * U + tl.arange(0, U)[None, :]
     if HAS_PERM:
         chans = tl.load(perm_ptr + chans, mask=valid[:, None], other=0)
-    v = tl.load(x_ptr + token.to(tl.int64)[:, None] * stride_xm + chans * stride_xk, mask=valid[:, None],
-                other=0.0)
+    if CONTIGUOUS:
+        ptrs = x_ptr + first.to(tl.int64) * U + (local[:, None] * U + tl.arange(0, U)[None, :])
+    else:
+        ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xm + chans * stride_xk
+    v = tl.load(ptrs, mask=valid[:, None], other=0.0)
     if HAS_MUL:
         v = v.to(tl.float32) * tl.load(mul_ptr + chans, mask=valid[:, None], other=0.0).to(tl.float32)
     elif SPLIT != 1:
@@ -109,25 +125,31 @@ def _load_units(x_ptr, mul_ptr, perm_ptr, token, unit, valid, stride_xm, stride_
 
 
 @triton.jit
-def _group_absmax(a, BR: tl.constexpr, U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr,
-                  SPP_PAD: tl.constexpr):
-    """|T(x)| a: [BR, U] -> [BR, NSUB], the maximum over each unit's group (NaN if the group has one).
+def _unit_absmax(v, R: tl.constexpr, U: tl.constexpr, NSUB: tl.constexpr):
+    """T(x) v: [R, U] -> [R, NSUB], the maximum of |v| over each of a unit's NSUB groups (NaN if the
+    group has one)."""
+    return tl.reduce(tl.reshape(tl.abs(v), [R, NSUB, U // NSUB]), 2, _max_keeping_nan)
 
-    SEG > 1: a group is SEG consecutive units (local units s·SEG ... (s+1)·SEG - 1 form group s).
+
+@triton.jit
+def _group_max(m, m2, BR: tl.constexpr, BR2: tl.constexpr, SEG: tl.constexpr, SPP_PAD: tl.constexpr):
+    """[SPP_PAD]: group s's maximum over its SEG units (local units s·SEG ... (s+1)·SEG - 1), from the
+    per-unit maxima of the first part m: [BR, 1] and of the second part m2: [BR2, 1] (unused when
+    BR2 is 0), local units BR ... BR + BR2 - 1.
+
+    Group s gathers its units into row s of [SPP_PAD, SEG_PAD]: indices past its end repeat a unit
+    of the program, which leaves a maximum unchanged; padding groups read a group of their own that
+    is never stored.
     """
-    m = tl.reduce(tl.reshape(a, [BR, NSUB, U // NSUB]), 2, _max_keeping_nan)
-    if SEG > 1:
-        # Group s gathers its units into row s of [SPP_PAD, SEG_PAD] (indices past its end repeat
-        # a unit of the program, which leaves a maximum unchanged), then each unit gathers its
-        # group's maximum back. Padding units read a group of their own that is never stored.
-        SEG_PAD: tl.constexpr = triton.next_power_of_2(SEG)
-        s = tl.arange(0, SPP_PAD)[:, None]
-        t = tl.arange(0, SEG_PAD)[None, :]
-        members = tl.reshape(tl.minimum(s * SEG + tl.minimum(t, SEG - 1), BR - 1), [SPP_PAD * SEG_PAD])
-        gathered = tl.reshape(tl.gather(tl.reshape(m, [BR]), members, 0), [SPP_PAD, SEG_PAD])
-        per_group = tl.reduce(gathered, 1, _max_keeping_nan)
-        m = tl.gather(per_group, tl.minimum(tl.arange(0, BR) // SEG, SPP_PAD - 1), 0)[:, None]
-    return m
+    SEG_PAD: tl.constexpr = triton.next_power_of_2(SEG)
+    s = tl.arange(0, SPP_PAD)[:, None]
+    t = tl.arange(0, SEG_PAD)[None, :]
+    members = tl.reshape(tl.minimum(s * SEG + tl.minimum(t, SEG - 1), BR + BR2 - 1), [SPP_PAD * SEG_PAD])
+    gathered = tl.gather(tl.reshape(m, [BR]), tl.minimum(members, BR - 1), 0)
+    if BR2 > 0:
+        second = tl.gather(tl.reshape(m2, [BR2]), tl.maximum(members - BR, 0), 0)
+        gathered = tl.where(members < BR, gathered, second)
+    return tl.reduce(tl.reshape(gathered, [SPP_PAD, SEG_PAD]), 1, _max_keeping_nan)
 
 
 @triton.jit
@@ -156,13 +178,64 @@ def _divide_by_qmax(a, BITS: tl.constexpr):
 
 
 @triton.jit
-def _per_channel(s, BR: tl.constexpr, U: tl.constexpr, NSUB: tl.constexpr):
-    """[BR, NSUB] per-group values -> [BR, U], each repeated over its group's channels."""
-    return tl.reshape(tl.broadcast_to(s[:, :, None], [BR, NSUB, U // NSUB]), [BR, U])
+def _per_channel(s, R: tl.constexpr, U: tl.constexpr, NSUB: tl.constexpr):
+    """[R, NSUB] per-group values -> [R, U], each repeated over its group's channels."""
+    return tl.reshape(tl.broadcast_to(s[:, :, None], [R, NSUB, U // NSUB]), [R, U])
+
+
+@triton.jit
+def _scale_and_reciprocal(absmax, BITS: tl.constexpr):
+    """(scale, 1 / scale), both correctly rounded, from a group's maximum |T(x)|."""
+    scale = tl.maximum(_divide_by_qmax(absmax, BITS), _MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+    return scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, first, local, valid, stride_xm, stride_xk,
+                       NU: tl.constexpr, U: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr,
+                       CONTIGUOUS: tl.constexpr, HAS_ROT: tl.constexpr, SPLIT: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr):
+    """float32 [R, U]: T(x) at units first + local: [R] (0 where not valid)."""
+    v = _load_units(x_ptr, mul_ptr, perm_ptr, first, local, valid, stride_xm, stride_xk, NU, U, HAS_MUL, HAS_PERM,
+                    CONTIGUOUS, SPLIT)
+    if HAS_ROT:
+        v = _rotate(v, rot_ptr, signs_ptr, U, SPLIT, DOT_IN_FP32)
+    else:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _quantize_rows(q_ptr, scale_ptr, v, m, first, local, valid, group_scale, group_recip, R: tl.constexpr,
+                   U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr, SPP_PAD: tl.constexpr,
+                   BITS: tl.constexpr):
+    """Quantizes and stores the rows v: [R, U] of units first + local.
+
+    SEG > 1: the scales are their groups' (group_scale, group_recip: [SPP_PAD], stored by the
+    caller); else each row's NSUB groups take theirs from the row's maxima m: [R, NSUB], stored here.
+    """
+    if SEG > 1:
+        g = tl.minimum(local // SEG, SPP_PAD - 1)
+        scale = tl.gather(group_scale, g, 0)[:, None]
+        recip = tl.gather(group_recip, g, 0)[:, None]
+    else:
+        scale, recip = _scale_and_reciprocal(m, BITS)
+        tl.store(scale_ptr + first.to(tl.int64) * NSUB + (local[:, None] * NSUB + tl.arange(0, NSUB)[None, :]),
+                 scale, mask=valid[:, None])
+    q = _quantized_integers(v, _per_channel(scale, R, U, NSUB), _per_channel(recip, R, U, NSUB))
+    # q is contiguous: unit r's values start at r·U (r·U / 2 bytes packed).
+    if BITS == 4:
+        even, odd = tl.split(tl.reshape(q, [R, U // 2, 2]))
+        packed = ((even & 0xF) | ((odd & 0xF) << 4)).to(tl.uint8)
+        tl.store(q_ptr + first.to(tl.int64) * (U // 2) + (local[:, None] * (U // 2) + tl.arange(0, U // 2)[None, :]),
+                 packed, mask=valid[:, None])
+    else:
+        tl.store(q_ptr + first.to(tl.int64) * U + (local[:, None] * U + tl.arange(0, U)[None, :]), q.to(tl.int8),
+                 mask=valid[:, None])
 
 
 # Contract:
-#   x:     [M, K] float32/float16/bfloat16, any strides
+#   x:     [M, K] float32/float16/bfloat16, any strides (CONTIGUOUS: contiguous, and no HAS_PERM)
 #   mul:   [K] float (HAS_MUL), indexed by input channel
 #   perm:  int64 [K] (HAS_PERM), output channel j reads input channel perm[j]
 #   rot:   [U, U] (HAS_ROT), entries all ±c, applied to every unit; only |rot[0, 0]| = c is read
@@ -170,63 +243,98 @@ def _per_channel(s, BR: tl.constexpr, U: tl.constexpr, NSUB: tl.constexpr):
 #   q:     uint8 [M, K // 2] (BITS 4, element 2j in the low nibble) or int8 [M, K] (BITS 8), contiguous
 #   scale: float32 [M, K // group], contiguous
 # Grid: (cdiv(units, SPP·SEG),) with units = M·NU, NU = K // U. A program takes the SPP·SEG units
-# from pid·SPP·SEG (BR >= SPP·SEG, a power of two). Group width: U // NSUB (SEG = 1) or SEG·U.
+# from pid·SPP·SEG as two tiles of BR and BR2 rows (powers of two, BR2 = 0 for none, BR + BR2 >=
+# SPP·SEG): any number of whole groups without padding to the next power of two. Group width:
+# U // NSUB (SEG = 1) or SEG·U.
 @triton.jit
 def _quantize_kernel(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, q_ptr, scale_ptr, units, stride_xm,
                      stride_xk, NU: tl.constexpr, U: tl.constexpr, SEG: tl.constexpr, NSUB: tl.constexpr,
-                     SPP: tl.constexpr, SPP_PAD: tl.constexpr, BR: tl.constexpr, BITS: tl.constexpr,
-                     HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr, SPLIT: tl.constexpr,
-                     DOT_IN_FP32: tl.constexpr):
+                     SPP: tl.constexpr, SPP_PAD: tl.constexpr, BR: tl.constexpr, BR2: tl.constexpr,
+                     BITS: tl.constexpr, HAS_MUL: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ROT: tl.constexpr,
+                     CONTIGUOUS: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    UPP: tl.constexpr = SPP * SEG
+    first = tl.program_id(0) * UPP
     local = tl.arange(0, BR)
-    r = tl.program_id(0) * (SPP * SEG) + local
-    valid = (local < SPP * SEG) & (r < units)
-    token = r // NU
-    v = _load_units(x_ptr, mul_ptr, perm_ptr, token, r - token * NU, valid, stride_xm, stride_xk, U,
-                    HAS_MUL, HAS_PERM, SPLIT)
-    if HAS_ROT:
-        v = _rotate(v, rot_ptr, signs_ptr, U, SPLIT, DOT_IN_FP32)
+    valid = (local < UPP) & (first + local < units)
+    v = _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, first, local, valid, stride_xm, stride_xk,
+                           NU, U, HAS_MUL, HAS_PERM, CONTIGUOUS, HAS_ROT, SPLIT, DOT_IN_FP32)
+    m = _unit_absmax(v, BR, U, NSUB)
+    if BR2 > 0:
+        local2 = BR + tl.arange(0, BR2)
+        valid2 = (local2 < UPP) & (first + local2 < units)
+        v2 = _transformed_units(x_ptr, mul_ptr, perm_ptr, rot_ptr, signs_ptr, first, local2, valid2, stride_xm,
+                                stride_xk, NU, U, HAS_MUL, HAS_PERM, CONTIGUOUS, HAS_ROT, SPLIT, DOT_IN_FP32)
+        m2 = _unit_absmax(v2, BR2, U, NSUB)
     else:
-        v = v.to(tl.float32)
-    absmax = _group_absmax(tl.abs(v), BR, U, SEG, NSUB, SPP_PAD)
-    scale = tl.maximum(_divide_by_qmax(absmax, BITS), _MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
-    recip = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    q = _quantized_integers(v, _per_channel(scale, BR, U, NSUB), _per_channel(recip, BR, U, NSUB))
-    r64 = r.to(tl.int64)
-    if BITS == 4:
-        even, odd = tl.split(tl.reshape(q, [BR, U // 2, 2]))
-        packed = ((even & 0xF) | ((odd & 0xF) << 4)).to(tl.uint8)
-        tl.store(q_ptr + r64[:, None] * (U // 2) + tl.arange(0, U // 2)[None, :], packed, mask=valid[:, None])
-    else:
-        tl.store(q_ptr + r64[:, None] * U + tl.arange(0, U)[None, :], q.to(tl.int8), mask=valid[:, None])
+        m2 = m
     if SEG > 1:
-        first = valid & (local % SEG == 0)
-        tl.store(scale_ptr + r64[:, None] // SEG, scale, mask=first[:, None])
+        # One scale and one reciprocal per group, not per row: a division per group.
+        group_scale, group_recip = _scale_and_reciprocal(_group_max(m, m2, BR, BR2, SEG, SPP_PAD), BITS)
+        s = tl.arange(0, SPP_PAD)
+        groups = tl.program_id(0) * SPP + s
+        tl.store(scale_ptr + groups, group_scale, mask=(s < SPP) & (groups < units // SEG))
     else:
-        tl.store(scale_ptr + r64[:, None] * NSUB + tl.arange(0, NSUB)[None, :], scale, mask=valid[:, None])
+        group_scale = m
+        group_recip = m
+    _quantize_rows(q_ptr, scale_ptr, v, m, first, local, valid, group_scale, group_recip, BR, U, SEG, NSUB,
+                   SPP_PAD, BITS)
+    if BR2 > 0:
+        _quantize_rows(q_ptr, scale_ptr, v2, m2, first, local2, valid2, group_scale, group_recip, BR2, U, SEG, NSUB,
+                       SPP_PAD, BITS)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How the kernel tiles x: [M, K] for one group width (see the kernel's contract)."""
+    """How the kernel tiles x: [M, K] for one group width (see the kernel's contract).
+
+    A program quantizes units_per_program units of `unit` channels: whole groups of seg units
+    (seg > 1), or units of nsub groups each. Its two tiles have br and br2 rows (br2 = 0: one tile),
+    each at least min_rows (a dot's rows, with a rotation).
+    """
 
     unit: int
     seg: int
     nsub: int
-    spp: int
-    br: int
+    units_per_program: int
+    min_rows: int
 
     @property
-    def units_per_program(self) -> int:
-        return self.spp * self.seg
-
-    @property
-    def waste(self) -> float:
-        """The share of the BR units that pad."""
-        return 1 - self.units_per_program / self.br
+    def spp(self) -> int:
+        """Groups per program (seg > 1), else units per program."""
+        return self.units_per_program // self.seg
 
     @property
     def spp_pad(self) -> int:
         return triton.next_power_of_2(self.spp)
+
+    @property
+    def br(self) -> int:
+        return self._tiles[0]
+
+    @property
+    def br2(self) -> int:
+        return self._tiles[1]
+
+    @property
+    def rows(self) -> int:
+        return self.br + self.br2
+
+    @property
+    def waste(self) -> float:
+        """The share of the rows that pad."""
+        return 1 - self.units_per_program / self.rows
+
+    @property
+    def _tiles(self) -> tuple[int, int]:
+        """The largest power of two within the units, and a second tile for the rest (none where it
+        would be as large as the first: one tile of twice the rows is then the same work)."""
+        upp, least = self.units_per_program, self.min_rows
+        if upp <= least:
+            return least, 0
+        br = 1 << (upp.bit_length() - 1)
+        rest = upp - br
+        br2 = max(triton.next_power_of_2(rest), least) if rest else 0
+        return (2 * br, 0) if br2 >= br else (br, br2)
 
 
 def plan(m: int, k: int, group: int, rotation_block: int | None, min_elements: int, max_elements: int,
@@ -234,58 +342,70 @@ def plan(m: int, k: int, group: int, rotation_block: int | None, min_elements: i
     """The tiling of x: [m, k] for groups of `group` channels and a fused rotation block (or None).
 
     The unit is the rotation block, or else the widest power of two dividing the group, up to 128.
-    BR (units per program, a power of two) holds at least one group, the MIN_DOT rows of a dot
-    with a rotation, at least min_elements values, and at most max_elements values where a group
-    allows it. The plan minimizes the units the busiest multiprocessor works through,
-    BR · ceil(programs / sms) (padding included: the kernel is issue-bound near its bandwidth
-    floor, and the programs on one multiprocessor share its issue slots); ties go to plans that
-    launch at least `sms` programs, then to the larger BR.
+    A program holds whole groups, in tiles of at least the MIN_DOT rows of a dot with a rotation,
+    at least min_elements values, and at most max_elements values where a group allows it. The plan
+    minimizes the rows the busiest multiprocessor works through, rows · ceil(programs / sms)
+    (padding included: the kernel is issue-bound near its bandwidth floor, and the programs on one
+    multiprocessor share its issue slots); ties go to plans that launch at least `sms` programs,
+    then to more rows per program.
     """
     unit = rotation_block if rotation_block is not None else min(group & -group, 128)
     seg = max(group // unit, 1)
     nsub = max(unit // group, 1)
     units = m * (k // unit)
-    smallest = max(triton.next_power_of_2(seg), triton.next_power_of_2(triton.cdiv(min_elements, unit)),
-                   1 if rotation_block is None else MIN_DOT)
-    candidates = [Plan(unit, seg, nsub, br // seg, br)
-                  for br in (smallest << i for i in range(32)) if br == smallest or br * unit <= max_elements]
+    least = 1 if rotation_block is None else MIN_DOT
+    # The most groups (or units) per program within max_elements, at least one; the largest is kept
+    # even below min_elements (it holds more than max_elements minus one group).
+    most = max(max_elements // (seg * unit), 1)
+    candidates = [p for p in (Plan(unit, seg, nsub, n * seg, least) for n in range(1, most + 1))
+                  if (p.rows * unit <= max_elements or p.spp == 1)
+                  and (p.rows * unit >= min_elements or p.spp == most)]
 
     def cost(c: Plan) -> tuple:
         programs = triton.cdiv(units, c.units_per_program)
-        return triton.cdiv(programs, sms) * c.br, programs < sms, -c.br
+        return triton.cdiv(programs, sms) * c.rows, programs < sms, -c.rows
 
     return min(candidates, key=cost)
 
 
-# Values a program holds: 64 float32 registers per thread, 4 to 16 warps. Fewer values per thread
-# would repeat the per-row work (reductions, reciprocals) over fewer values; with 128-channel units
-# the minimum is also the 64 rows Hopper's wgmma takes per warp group (fewer fall back to mma.sync).
-# The interpreter runs every program in Python: small tiles, so the tests' widths take several.
+# Values a program holds: about 64 float32 registers per thread, 4 to 16 warps. Fewer values per
+# thread would repeat the per-group work (reductions, reciprocals) over fewer values; with 128-channel
+# units the minimum is also the 64 rows Hopper's wgmma takes per warp group (fewer fall back to
+# mma.sync). The interpreter runs every program in Python: small tiles, so the tests' widths take
+# several.
 GPU_MIN_ELEMENTS = 8192
 GPU_MAX_ELEMENTS = 32768
 INTERPRETER_MAX_ELEMENTS = 256
 
 
 def _num_warps(elements: int) -> int:
-    return min(max(elements // 2048, 4), 16)
+    """A power of two from 4 to 16: about 2048 values per warp."""
+    warps = max(elements // 2048, 4)
+    return min(1 << (warps.bit_length() - 1), 16)
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_parameters(m: int, k: int, bits: int, group: int, rotation_block: int | None, has_mul: bool,
-                      has_perm: bool, split: int, sms: int) -> tuple[dict, int]:
-    """(the kernel's arguments other than tensors and strides, with num_warps and num_stages; the
-    number of programs) for x: [m, k] — what the wrapper launches, and what an offline compile of
-    the same launch needs. rotation_block: a fused rotation's block, else None; split: 1 or 3."""
+                      has_perm: bool, contiguous: bool, split: int, sms: int) -> tuple[Mapping[str, Any], int]:
+    """(the kernel's arguments other than tensors and strides, with num_warps and num_stages, read-only;
+    the number of programs) for x: [m, k] — what the wrapper launches, and what an offline compile of
+    the same launch needs. rotation_block: a fused rotation's block, else None; contiguous: x is
+    (`torch.Tensor.is_contiguous`); split: 1 or 3.
+    Cached: a layer launches the same shapes on every call."""
     if interpreted():
         p = plan(m, k, group, rotation_block, 1, INTERPRETER_MAX_ELEMENTS, sms)
     else:
         p = plan(m, k, group, rotation_block, GPU_MIN_ELEMENTS, GPU_MAX_ELEMENTS, sms)
     units = m * (k // p.unit)
     meta = dict(units=units, NU=k // p.unit, U=p.unit, SEG=p.seg, NSUB=p.nsub, SPP=p.spp, SPP_PAD=p.spp_pad,
-                BR=p.br, BITS=bits, HAS_MUL=has_mul, HAS_PERM=has_perm, HAS_ROT=rotation_block is not None,
-                SPLIT=split, DOT_IN_FP32=interpreted(), num_warps=_num_warps(p.br * p.unit), num_stages=1)
-    return meta, triton.cdiv(units, p.units_per_program)
+                BR=p.br, BR2=p.br2, BITS=bits, HAS_MUL=has_mul, HAS_PERM=has_perm,
+                CONTIGUOUS=contiguous and not has_perm,
+                HAS_ROT=rotation_block is not None, SPLIT=split, DOT_IN_FP32=interpreted(),
+                num_warps=_num_warps(p.rows * p.unit), num_stages=1)
+    return MappingProxyType(meta), triton.cdiv(units, p.units_per_program)
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     """Programs that fill the device: its multiprocessor count (1 on the CPU, for the interpreter)."""
     if device.type != "cuda":
@@ -379,8 +499,8 @@ def quantize_activation_triton(x: torch.Tensor, bits: int, group: int | None = N
         else:
             # The reference rotates by R in float32: c is |R[0, 0]| in float32.
             act_rotation = act_rotation.to(torch.float32)
-    meta, programs = launch_parameters(m, k, bits, g, None if signs is None else signs.shape[0],
-                                       act_mul is not None, act_perm is not None, split, _multiprocessors(x.device))
+    meta, programs = launch_parameters(m, k, bits, g, None if signs is None else signs.shape[0], act_mul is not None,
+                                       act_perm is not None, x.is_contiguous(), split, _multiprocessors(x.device))
     _quantize_kernel[(programs,)](x, act_mul, act_perm, act_rotation, signs, q, scale, stride_xm=x.stride(0),
                                   stride_xk=x.stride(1), **meta)
     return q, scale

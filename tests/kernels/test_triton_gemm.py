@@ -168,3 +168,16 @@ def test_configs_are_pruned_to_the_device_before_compiling():
 
 def test_m_buckets_are_powers_of_two_within_limits():
     assert [triton_gemm.m_bucket(m) for m in (1, 16, 17, 1000, 4096, 10**6)] == [16, 16, 32, 1024, 4096, 16384]
+
+
+def test_launch_planning_is_cached_and_read_only():
+    a = torch.zeros(3, 32, dtype=torch.uint8)
+    w = torch.zeros(5, 32, dtype=torch.uint8)
+    scales = torch.ones(3, 1), torch.ones(5, 1)
+    triton_gemm._launch_meta.cache_clear()
+    for _ in range(2):
+        triton_gemm.quant_matmul(a, scales[0], w, scales[1], None, None, 64, 4, 4, 0, 0, torch.float32)
+    assert triton_gemm._launch_meta.cache_info().hits == 1
+    chunk, meta = triton_gemm._launch_meta(64, 64, 64, 4, 4, False, False, True)
+    with pytest.raises(TypeError):
+        meta["A_BITS"] = 8

@@ -371,11 +371,13 @@ def plan(m: int, k: int, group: int, rotation_block: int | None, min_elements: i
 # Values a program holds: about 64 float32 registers per thread, 4 to 16 warps. Fewer values per
 # thread would repeat the per-group work (reductions, reciprocals) over fewer values; with 128-channel
 # units the minimum is also the 64 rows Hopper's wgmma takes per warp group (fewer fall back to
-# mma.sync). The interpreter runs every program in Python: small tiles, so the tests' widths take
-# several.
+# mma.sync). The interpreter runs every program in Python, at a cost per program: tiles small
+# enough that the tests' widths still take several programs, large enough that a rotation's 16-row
+# dot holds more than one token (with 256 values, a 96-wide token padded to 16 rows per program
+# made the interpreted tests 12x slower).
 GPU_MIN_ELEMENTS = 8192
 GPU_MAX_ELEMENTS = 32768
-INTERPRETER_MAX_ELEMENTS = 256
+INTERPRETER_MAX_ELEMENTS = 2048
 
 
 def _num_warps(elements: int) -> int:

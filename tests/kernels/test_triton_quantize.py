@@ -189,12 +189,18 @@ def test_a_nan_or_inf_poisons_its_group_scale_and_leaves_the_others_alone(case, 
     assert torch.equal(q[clean_rows], q_ref[clean_rows])
 
 
-def test_two_tiles_with_a_fused_rotation():
-    # 36 units of 16 channels per token: tiles of 32 and 16 rows (a dot takes at least 16).
-    x = dyadic_activations(3, 576, 3, torch.bfloat16)
-    p = triton_quantize.plan(3, 576, 576, 16, 1, triton_quantize.INTERPRETER_MAX_ELEMENTS, 1)
-    assert (p.br, p.br2) == (32, 16)
-    assert_equal_to_reference(x, 4, None, (None, None, dyadic_rotation(16)))
+def test_two_tiles_with_a_fused_rotation(monkeypatch):
+    # 36 units of 16 channels per token: with programs of at most 256 values, tiles of 32 and 16
+    # rows (a dot takes at least 16).
+    monkeypatch.setattr(triton_quantize, "INTERPRETER_MAX_ELEMENTS", 256)
+    triton_quantize.launch_parameters.cache_clear()
+    try:
+        meta, _ = triton_quantize.launch_parameters(3, 576, 4, 576, 16, False, False, True, 1, 1)
+        assert (meta["BR"], meta["BR2"]) == (32, 16)
+        x = dyadic_activations(3, 576, 3, torch.bfloat16)
+        assert_equal_to_reference(x, 4, None, (None, None, dyadic_rotation(16)))
+    finally:
+        triton_quantize.launch_parameters.cache_clear()
 
 
 @settings(max_examples=200, deadline=None)

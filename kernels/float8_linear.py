@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from .formats import NumberFormat
-from .reference import quant_linear_reference, transform_activation
 from .quantize import quantize_activation
+from .reference import quant_linear_reference, transform_activation
+from .triton_gemm import _capability
 
 
 def _scaled_mm_fits(x: torch.Tensor, n: int) -> bool:
@@ -25,7 +26,7 @@ def _scaled_mm_fits(x: torch.Tensor, n: int) -> bool:
     K and N multiples of 16 and a bfloat16 model (rowwise scales give a bfloat16 output there)."""
     if not x.is_cuda:
         return True
-    return (torch.cuda.get_device_capability(x.device) >= (8, 9) and x.shape[1] % 16 == 0 and n % 16 == 0
+    return (_capability(x.device) >= 89 and x.shape[1] % 16 == 0 and n % 16 == 0
             and x.dtype == torch.bfloat16)
 
 

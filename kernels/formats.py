@@ -142,12 +142,18 @@ class IntegerFormat(NumberFormat):
             return torch.uint8, 3 * k // 8
         return torch.int8, k
 
+    @property
+    def width_multiple(self) -> int:
+        """Input widths the storage holds are multiples of this: two int4 per byte, int3 bit planes
+        of eight values."""
+        return {4: 2, 3: 8}.get(self.bits, 1)
+
     def width_problem(self, k):
-        if self.bits == 4 and k % 2:
+        if k % self.width_multiple == 0:
+            return None
+        if self.bits == 4:
             return f"input width {k} is odd: 4-bit packing needs an even width"
-        if self.bits == 3 and k % 8:
-            return f"input width {k} is not a multiple of 8: 3-bit packing needs one"
-        return None
+        return f"input width {k} is not a multiple of {self.width_multiple}: {self.bits}-bit packing needs one"
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemm import SHARED_MEMORY_LIMIT, _config, _round_to_bfloat16, _tile_indices, m_bucket
+from .formats import integer_format
+from .triton_gemm import SHARED_MEMORY_LIMIT, _capability, _config, _round_to_bfloat16, _tile_indices, m_bucket
 from .triton_quantize import interpreted
 
 # Storage bits of each weight format and the phases a K tile is split into (see the module docstring).
@@ -376,9 +377,8 @@ def prune_configs(configs: list[triton.Config], m_bucket_: int, group: int, k: i
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     # The launch's own device (sm_86/89 have less shared memory than sm_80).
     x = named_args["x_ptr"]
-    major, minor = torch.cuda.get_device_capability(x.device)
     return prune_configs(configs, named_args["M_BUCKET"], named_args["GROUP"], named_args["K"], kwargs["W_BITS"],
-                         x.element_size(), 10 * major + minor)
+                         x.element_size(), _capability(x.device))
 
 
 _weight_only_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "W_BITS", "HAS_ZERO"],
@@ -388,19 +388,18 @@ _weight_only_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"
 # exercised; 32-wide K tiles take the per-tile scales for groups of 32 and wider, gathered ones below.
 SMALL_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
 
-_STORAGE = {4: (torch.uint8, lambda k: k // 2, "two 4-bit values per byte"),
-            8: (torch.int8, lambda k: k, "one value per byte"),
-            3: (torch.uint8, lambda k: 3 * k // 8, "two bit planes, `pack_int3`")}
+WEIGHT_BITS = (3, 4, 8)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                      bias: torch.Tensor | None, k: int, w_bits: int, group: int,
                      out_dtype: torch.dtype) -> None:
-    if w_bits not in _STORAGE:
+    if w_bits not in WEIGHT_BITS:
         raise ValueError(f"w_bits must be 3, 4 or 8; got {w_bits}")
-    if k <= 0 or k % {3: 8, 4: 2, 8: 1}[w_bits]:
-        raise ValueError(f"in_features must be a positive multiple of {({3: 8, 4: 2, 8: 1})[w_bits]} for "
+    fmt = integer_format(w_bits)
+    if k <= 0 or fmt.width_problem(k):
+        raise ValueError(f"in_features must be a positive multiple of {fmt.width_multiple} for "
                          f"{w_bits}-bit weights; got {k}")
     if group <= 0 or k % group:
         raise ValueError(f"w_group must be None (one group per row) or a positive divisor of in_features = {k}; "
@@ -410,10 +409,10 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}] (in_features = {k}; reshape leading dimensions into M); got "
                          f"shape {tuple(x.shape)}")
-    dtype, width, layout = _STORAGE[w_bits]
-    if qweight.dim() != 2 or qweight.dtype != dtype or qweight.shape[1] != width(k):
-        raise ValueError(f"qweight for w_bits={w_bits} must be {dtype} [N, {width(k)}] ({layout}, "
-                         f"kernels/packing.py); got {qweight.dtype} {tuple(qweight.shape)}")
+    dtype, width = fmt.storage(k)
+    if qweight.dim() != 2 or qweight.dtype != dtype or qweight.shape[1] != width:
+        raise ValueError(f"qweight for w_bits={w_bits} must be {dtype} [N, {width}] (the {fmt.name} storage of "
+                         f"kernels/formats.py and kernels/packing.py); got {qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[0]
     scale_shape = (n, k // group)
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != scale_shape:

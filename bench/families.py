@@ -810,7 +810,7 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(rows: list[dict], skipped: dict[str, str], seconds: float) -> str:
+def markdown(rows: list[dict], skipped: dict[str, str], seconds: float, updates: list[dict] = ()) -> str:
     ok = [r for r in rows if "error" not in r]
     lines = [
         "# Every transformer family, tiny configs (`python bench/families.py`)",
@@ -819,6 +819,8 @@ def markdown(rows: list[dict], skipped: dict[str, str], seconds: float) -> str:
         f"{len(ok)} ran end to end, {len(rows) - len(ok)} failed, {len(skipped)} skipped. "
         f"Random weights; relative error of the output on a fresh input after calibrating on 2. "
         f"{seconds:.0f} s on {os.cpu_count()} CPUs, torch {torch.__version__}.",
+        *(f"Rerun with `--update` on {u['date']} ({u['seconds']:.0f} s): {', '.join(u['families'])}."
+          for u in updates),
         "",
         "| family | eager | w16a16 identical | w8a8 rtn | w8a8 clq | w4a4 rtn | w4a4 clq | quantized | kept | graphs |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -847,6 +849,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated class names (default: every class with a tiny config)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per family")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for families.json and families.md")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the --only families and replace their rows in OUT/families.json "
+                             "(the rest are kept; the file records which rows were rerun, and when)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -862,6 +867,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no tiny config for {', '.join(unknown)}; known: {', '.join(sorted(SPECS))}")
     skipped = {n: NOT_A_DIT.get(n) or NOT_BUILT.get(n, "no tiny config written here yet")
                for n in exported if n not in SPECS}
+    previous = None
+    if args.update:
+        if not args.only:
+            parser.error("--update needs --only (the families to rerun)")
+        try:
+            previous = json.loads((args.out / "families.json").read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"--update: cannot read {args.out / 'families.json'}: {err}")
     start = time.perf_counter()
     rows = []
     for name in (bar := tqdm(names, desc="families")):
@@ -869,10 +882,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(_run_isolated(name, args.timeout))
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start
-    (args.out / "families.json").write_text(json.dumps(
-        {"diffusers": _diffusers_version(), "torch": torch.__version__, "seconds": seconds,
-         "rows": rows, "skipped": skipped}, indent=1) + "\n")
-    (args.out / "families.md").write_text(markdown(rows, skipped if not args.only else {}, seconds))
+    result = {"diffusers": _diffusers_version(), "torch": torch.__version__, "seconds": seconds,
+              "rows": rows, "skipped": skipped}
+    if previous is not None:
+        rerun = {r["family"]: r for r in rows}
+        update = {"families": names, "seconds": seconds, "torch": torch.__version__,
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        result = {**previous, "rows": [rerun.pop(r["family"], r) for r in previous["rows"]] + list(rerun.values()),
+                  "updates": previous.get("updates", []) + [update]}
+    (args.out / "families.json").write_text(json.dumps(result, indent=1) + "\n")
+    whole = not args.only or previous is not None
+    (args.out / "families.md").write_text(markdown(result["rows"], result["skipped"] if whole else {},
+                                                   result["seconds"], result.get("updates", [])))
     print(markdown(rows, {}, seconds))
 
 

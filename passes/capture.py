@@ -33,7 +33,7 @@ from .structure import LINEAR_TARGETS, GraphContext, Structure
 TOKEN_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "cross_q", "cross_k", "cross_v",
                "cross_out", "context_q", "context_k", "context_v", "context_out", "ff_up",
                "ff_down", "single_mlp", "single_out", "token")
-KEPT_ROLES = ("conditioning", "adaln", "embed", "final")
+KEPT_ROLES = ("conditioning", "adaln", "adaln_token", "embed", "final")
 
 # First match wins; patterns are matched against the module path (e.g. "transformer_blocks.0.attn1.to_q").
 _ROLE_RULES: tuple[tuple[str, str], ...] = (

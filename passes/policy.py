@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _KEPT_BECAUSE = {
     "conditioning": "conditioning GEMM (one row per image): kept in 16 bit",
     "adaln": "adaLN modulation (one row per image): kept in 16 bit",
+    "adaln_token": "adaLN modulation (one row per token: per-token timesteps): kept in 16 bit",
     "embed": "patch / context embedding: kept in 16 bit",
     "final": "final projection: kept in 16 bit",
 }

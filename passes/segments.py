@@ -23,6 +23,29 @@ from .capture import BLOCK_PATTERN, GraphAnalysis, LinearSite, dotted_path
 # linear(site, x, weight, bias) -> output; decides per layer whether it runs quantized.
 LinearFn = Callable[[LinearSite, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
+# Calls that open and close a region of interpreter state. A torch.vmap level (Dynamo inlines
+# vmap, e.g. in flex attention's block masks, as level increments around batch-dim adds and
+# removes): values made inside are bound to the level, so a partial re-run takes the region
+# whole. Autocast: ops inside compute under its dtype, so a re-run of any of them also runs the
+# region's enter and exit calls.
+VMAP = ("_vmap_increment_nesting", "_vmap_decrement_nesting")
+AUTOCAST = ("_enter_autocast", "_exit_autocast")
+
+
+def state_regions(nodes: list[fx.Node]) -> list[tuple[int, int, bool]]:
+    """[(enter, exit, whole)]: node indices of every state region's two calls (nested ones too);
+    whole: a vmap level, which a re-run must take whole."""
+    regions, open_ = [], []
+    for i, node in enumerate(nodes):
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name in (VMAP[0], AUTOCAST[0]):
+            open_.append((i, name == VMAP[0]))
+        elif name in (VMAP[1], AUTOCAST[1]) and open_:
+            enter, whole = open_.pop()
+            regions.append((enter, i, whole))
+    return regions
+
+
 def fp_linear(site: LinearSite, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -55,6 +78,7 @@ class SegmentedGraph:
         for hi in starts + [len(self.nodes)]:
             self.bounds.append((lo, hi))
             lo = hi
+        self.regions = state_regions(self.nodes)
         # Each node's last reader, so environments can drop what no later node needs.
         self.last_use: dict[fx.Node, int] = {}
         for i, node in enumerate(self.nodes):
@@ -136,22 +160,46 @@ class SegmentedGraph:
         return self._by_name[name]
 
     def descendants(self, name: str, hi: int) -> list[fx.Node]:
-        """Node `name` and the nodes before index `hi` that depend on it, in graph order."""
+        """Node `name` and the nodes before index `hi` that depend on it, in graph order; a state
+        region (`state_regions`) that any of them lies in is included whole."""
         start = self._by_name[name]
-        reached = [start]
         seen = {start}
         for node in self.nodes[self.index[start] + 1:hi]:
             if any(a in seen for a in node.all_input_nodes):
                 seen.add(node)
-                reached.append(node)
-        return reached
+        return self._whole_regions(seen, self.index[start], hi)
 
     def cone(self, source: str, target: str) -> list[fx.Node]:
-        """Nodes on a path from `source` to `target` (both included), in graph order."""
+        """Nodes on a path from `source` to `target` (both included), in graph order; state regions
+        whole, as in `descendants`."""
         tgt = self._by_name[target]
         down = self.descendants(source, self.index[tgt] + 1)
         on_path = {tgt}
         for node in reversed(down):
             if node in on_path:
                 on_path.update(node.all_input_nodes)
-        return [n for n in down if n in on_path]
+        return self._whole_regions(on_path.intersection(down), self.index[self._by_name[source]],
+                                   self.index[tgt] + 1)
+
+    def _whole_regions(self, chosen: set[fx.Node], lo: int, hi: int) -> list[fx.Node]:
+        """`chosen` with the state regions (`state_regions`) it runs in, in graph order: every node
+        of a vmap level, the enter and exit calls of an autocast region. A level may run on past
+        `hi` (its nodes read only values from before it or made inside it); one that began before
+        `lo` cannot be re-run from an environment at `lo`, which is said as such.
+        """
+        indices = {self.index[n] for n in chosen}
+        grown = True
+        while grown:
+            grown = False
+            for enter, exit_, whole in self.regions:
+                if not any(enter < i < exit_ for i in indices):
+                    continue
+                needed = set(range(enter, exit_ + 1)) if whole else {enter, exit_}
+                if whole and enter < lo:
+                    raise NotImplementedError(
+                        f"a re-run from node {self.nodes[lo].name} would start inside the vmap level "
+                        f"{self.nodes[enter].name}..{self.nodes[exit_].name}")
+                if not needed <= indices:
+                    indices |= needed
+                    grown = True
+        return [self.nodes[i] for i in sorted(indices)]

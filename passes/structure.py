@@ -3,7 +3,8 @@
 A layer's path depends on how the user wrapped the model and on which frame Dynamo traced, so the
 kept roles (conditioning, modulation, embedding, final projection) are decided from dataflow:
 
-- modulation ("adaln"): the output is split (chunk / split / unbind, after reshapes and adds of a
+- modulation ("adaln"; "adaln_token" where its rows are more than the batch, as with per-token
+  timesteps): the output is split (chunk / split / unbind, after reshapes and adds of a
   parameter, e.g. PixArt's `scale_shift_table + t`) into pieces, at least one of which scales or
   shifts another tensor at least as large that does not come from this layer (shift / scale /
   gate). A fused q/k/v or gated-MLP projection splits too, but its pieces meet attention, a
@@ -279,14 +280,15 @@ class Structure:
         return first in self._embeddings and self._downstream(first) == {linear}
 
     def role(self, linear: fx.Node, outside_blocks: bool) -> str | None:
-        """The kept role of `linear` ("adaln", "conditioning", "embed", "final"), or None for a
+        """The kept role of `linear` ("adaln", "adaln_token", "conditioning", "embed", "final"), or None for a
         token GEMM. Embedding and final projection are recognized only outside the transformer
         blocks of a model that has some: a small model's first and last layers are token GEMMs.
         Ask in graph order: an embedding MLP's later layers are known by its earlier ones."""
         x = linear.args[0]
-        if self.is_modulation(linear):
-            return "adaln"
         m = rows(x)
+        if self.is_modulation(linear):
+            # Per-token timesteps give a modulation one row per token (M = B * T), not per image.
+            return "adaln_token" if m is not None and self.batch is not None and m > self.batch else "adaln"
         # An empty call (batch 0) gives every linear 0 rows: its row counts tell nothing.
         if (m is not None and m > 0 and m == self.batch) or x not in self.token_derived:
             return "conditioning"

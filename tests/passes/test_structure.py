@@ -10,14 +10,16 @@ from clq_compile import tiny_models
 from clq_compile.calibration import model_state
 
 
-def decisions(model, *args, **kwargs):
-    """{path: (role, quantize)} after one data-free w8a8 call of `model` compiled with backend="clq"."""
+def decisions(model, *args, reasons=False, **kwargs):
+    """{path: (role, quantize)} after one data-free w8a8 call of `model` compiled with backend="clq"
+    (reasons: (role, quantize, reason))."""
     torch._dynamo.reset()
     qt = torch.compile(model, backend="clq", options={"bits": "w8a8", "kernels": "reference"})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         qt(*args, **kwargs)
-    return {p: (d["role"], d["quantize"]) for p, d in model_state(qt).site_decisions().items()}
+    return {p: (d["role"], d["quantize"], *((d["reason"],) if reasons else ()))
+            for p, d in model_state(qt).site_decisions().items()}
 
 
 class Wrapper(nn.Module):
@@ -92,9 +94,18 @@ def test_roles_come_from_the_graph_structure():
     assert roles["time_in"] == "conditioning" and roles["approximator"] == "conditioning"
     assert roles["head"] == "final"
     for b in range(2):
-        assert roles[f"blocks.{b}.modulation"] == "adaln"
+        # Its rows are the tokens (per-token conditioning), not the batch: a different reason.
+        assert roles[f"blocks.{b}.modulation"] == "adaln_token"
         for name in ("qkv", "out", "gated_up", "down", "expert"):
             assert found[f"blocks.{b}.{name}"] == ("token", True), name
+
+
+def test_a_modulation_says_whether_it_has_a_row_per_image_or_per_token():
+    torch.manual_seed(0)
+    per_token = decisions(Model().eval(), torch.randn(2, 16, 8), torch.rand(2), reasons=True)
+    assert "one row per token" in per_token["blocks.0.modulation"][2]
+    pixart = decisions(tiny_models.build("pixart"), **tiny_models.make_inputs("pixart"), reasons=True)
+    assert pixart["adaln_single.linear"][0] == "adaln" and "one row per image" in pixart["adaln_single.linear"][2]
 
 
 class RoutedExpert(nn.Module):

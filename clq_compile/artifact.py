@@ -44,6 +44,7 @@ import torch
 
 from clq_compile.kernels.formats import get_format
 from clq_compile.kernels.packing import PackedWeight
+from clq_compile.passes.configs import QuantizerConfig
 from clq_compile.passes.folding import FoldDecision
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.policy import Decision
@@ -441,11 +442,19 @@ def held(path: str | os.PathLike) -> Artifact | None:
     return _HELD.get(_key(path))
 
 
-def loaded_decision(path: str, policy: Decision, artifact_path: str) -> Decision:
+def loaded_decision(path: str, policy: Decision, artifact_path: str, layer: QuantizedLinear,
+                    quantizer: QuantizerConfig) -> Decision:
     """The decision for layer `path`, held by the artifact at `artifact_path`, given what the model's
-    own `policy` decides for it: an artifact may only hold layers the policy would quantize."""
+    own `policy` decides for it: an artifact may only hold layers the policy would quantize, in the
+    formats the options give the layer's role in this model (`quantizer`; conditioning_bits)."""
     if not policy.quantize:
         raise ArtifactError(
             f"the artifact {artifact_path} holds a quantized {path}, but this model's policy keeps that "
             f"layer ({policy.reason}); refusing the artifact. Quantize the model again with this version.")
+    held_as = (layer.weight.format.name, layer.a_format.name)
+    expected = (quantizer.weight.format.name, quantizer.activation.format.name)
+    if held_as != expected:
+        raise ArtifactError(
+            f"the artifact {artifact_path} holds {path} as {'/'.join(held_as)} weights/activations, but "
+            f"its options give that layer's role in this model {'/'.join(expected)}; refusing the artifact.")
     return Decision(True, "loaded from the artifact")

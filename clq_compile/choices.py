@@ -9,6 +9,10 @@ options against the same tuples; ``RECIPE_NAMES`` are the keys of the recipe reg
 
 BITS = ("w4a4", "w4a8", "w8a8", "fp8", "w3a16", "w4a16", "w8a16", "w16a16")
 KERNELS = ("auto", "reference", "triton")
+# The modes `conditioning_bits` accepts (weight-only: activations stay in 16 bit), and the layer
+# roles it applies to (passes/structure.py): conditioning GEMMs and adaLN modulations.
+CONDITIONING_BITS = (None, "w3a16", "w4a16", "w8a16")
+CONDITIONING_ROLES = ("conditioning", "adaln", "adaln_token")
 RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
                 "clq-no-clps", "clq+gptq")
 # DDIM steps of the digits sampler, the command line and the quality benchmark unless told otherwise.

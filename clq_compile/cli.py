@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from clq_compile.choices import BITS, DEFAULT_SAMPLING_STEPS, KERNELS, RECIPE_NAMES
+from clq_compile.choices import BITS, CONDITIONING_BITS, DEFAULT_SAMPLING_STEPS, KERNELS, RECIPE_NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,7 @@ EXAMPLE_MODEL = "bench/assets/digits-dit"
 EXAMPLE_ARTIFACT = "digits-w4a4.safetensors"
 # w16a16 quantizes nothing, so there would be nothing to save.
 QUANTIZING_BITS = tuple(b for b in BITS if b != "w16a16")
+WEIGHT_ONLY_BITS = tuple(b for b in CONDITIONING_BITS if b)
 # The per-layer table is cut to this many columns unless --wide.
 TABLE_COLUMNS = 120
 # Measured for the three example commands together (README, Command line).
@@ -194,7 +195,8 @@ def quantize(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, desc="calibration trajectory", unit="step", dynamic_ncols=True) as bar:
         calls = calibration_calls(task, _stepping(model, bar), args.steps, args.calib_steps)
     torch._dynamo.reset()
-    options = {"bits": args.bits, "recipe": args.recipe, "kernels": args.kernels}
+    options = {"bits": args.bits, "recipe": args.recipe, "kernels": args.kernels,
+               **({"conditioning_bits": args.conditioning_bits} if args.conditioning_bits else {})}
     qt = torch.compile(model, backend="clq", options=options)
     with torch.no_grad(), clq_compile.calibrating(qt):
         for call in tqdm(calls, desc="calibration calls", unit="call", dynamic_ncols=True):
@@ -354,6 +356,9 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
     q.add_argument("--bits", type=str.lower, choices=QUANTIZING_BITS, default="w4a4", metavar="B",
                    help=f"number formats of weights and activations: one of {', '.join(QUANTIZING_BITS)} "
                         f"(default w4a4; fp8 = float8 e4m3, w*a16 = weight-only)")
+    q.add_argument("--conditioning-bits", type=str.lower, choices=WEIGHT_ONLY_BITS, default=None, metavar="B",
+                   help=f"quantize the conditioning GEMMs and adaLN modulations weight-only too: one of "
+                        f"{', '.join(WEIGHT_ONLY_BITS)} (default: keep them in 16 bit)")
     q.add_argument("--calib-samples", type=positive_int, default=10, metavar="N",
                    help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
     q.add_argument("--calib-steps", type=_non_negative, default=10, metavar="K",

@@ -40,7 +40,9 @@ def _cells(row: LayerRow) -> tuple[str, ...]:
     if row.layer is not None:
         info = row.layer
         bits = mode_name(get_format(info["w_format"]), get_format(info["a_format"]))
-        gran = f"w:{_granularity(info['w_group'], 'channel')} a:{_granularity(info['a_group'], 'token')}"
+        activations = (f"a:{_granularity(info['a_group'], 'token')}" if get_format(info["a_format"]).quantizes
+                       else "a:16 bit")
+        gran = f"w:{_granularity(info['w_group'], 'channel')} {activations}"
         method, status = info["method"], "; ".join(["quantized", *info["notes"], *([row.merge] if row.merge else [])])
     else:
         bits, gran, method = "16", "-", "-"

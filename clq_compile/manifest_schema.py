@@ -215,21 +215,22 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
         raise ManifestError(("recipe",), f"is {manifest['recipe']!r} but the options say {options.recipe!r}")
     if not options.quantizes and manifest["layers"]:
         raise ManifestError(("layers",), f"holds quantized layers, but bits={options.bits!r} quantizes none")
-    expected = {} if not options.quantizes else {
-        "w_format": options.w_format.name, "a_format": options.a_format.name,
-        "w_group": options.weight_group, "a_group": options.act_group}
     for path, layer in manifest["layers"].items():
         keys = ("layers", path)
+        decision = manifest["decisions"].get(path)
+        if decision is None or not decision["quantize"] or decision["in_features"] != layer["in_features"]:
+            raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
+                                      f"{layer['in_features']} (its decision: {decision!r:.200})")
+        # A layer's formats follow from the options and its role (conditioning_bits).
+        quantizer = options.layer_quantizer(decision["role"])
+        expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
+                    "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
         for k, v in expected.items():
             if layer[k] != v:
                 raise ManifestError(keys + (k,), f"is {layer[k]!r} but the artifact's options give {v!r}")
         if ("w_zero" in layer["tensors"]) == options.weight_symmetric:
             raise ManifestError(keys + ("tensors",), "has a w_zero only when weights are asymmetric "
                                                      f"(weight_symmetric={options.weight_symmetric})")
-        decision = manifest["decisions"].get(path)
-        if decision is None or not decision["quantize"] or decision["in_features"] != layer["in_features"]:
-            raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
-                                      f"{layer['in_features']} (its decision: {decision!r:.200})")
         weight = manifest["fingerprint"].get(f"{path}.weight")
         shape = [decision["out_features"], layer["in_features"]]
         if weight is None or weight["shape"] != shape:

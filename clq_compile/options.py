@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import BITS, KERNELS, RECIPE_NAMES
+from clq_compile.choices import BITS, CONDITIONING_BITS, CONDITIONING_ROLES, KERNELS, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.configs import (ActivationConfig, CLPSConfig, Execution, GPTQConfig, MethodConfigs,
                                         OBSConfig, QuantizerConfig, SmoothQuantConfig, WeightQuantizerConfig)
@@ -58,6 +58,10 @@ class Options:
                       blocks, in CPU memory; each call visits the model's device only to run (device
                       memory then holds the search calls' window, not the whole calibration set)
     gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
+    conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
+                      weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
+                      weights round to nearest (weight_symmetric, weight_group as for the rest),
+                      their activations stay in 16 bit; the recipe quantizes the token GEMMs
     load:             path of an artifact written by clq_compile.save: its layers are used as they
                       are (no calibration); the other options default to the artifact's, and any
                       given must agree with them, except the run-time ones (RUNTIME_KEYS)
@@ -81,6 +85,7 @@ class Options:
     search_calls: int = 4
     offload: bool = False
     gptq_act_order: bool = False
+    conditioning_bits: str | None = None
     load: str | None = None
 
     @property
@@ -97,6 +102,16 @@ class Options:
     def quantizes(self) -> bool:
         """False for w16a16, where the graph runs unchanged."""
         return self.w_format is not None
+
+    def layer_mode(self, role: str | None) -> str:
+        """The mode (`bits`) a layer of `role` is quantized in, if the policy quantizes it."""
+        return self.conditioning_bits if self.conditioning_bits and role in CONDITIONING_ROLES else self.bits
+
+    def layer_quantizer(self, role: str | None) -> QuantizerConfig:
+        """How a layer of `role` is quantized: the recipe's quantizer, or conditioning_bits'."""
+        weights, activations = MODES[self.layer_mode(role)]
+        return QuantizerConfig(WeightQuantizerConfig(weights, self.weight_symmetric, self.weight_group),
+                               ActivationConfig(activations, self.act_group if activations.quantizes else None))
 
     def method_configs(self) -> MethodConfigs:
         """What each quantization method reads of these options (passes/configs.py)."""
@@ -181,6 +196,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     _allowed("cbc_reference", values["cbc_reference"], CBC_REFERENCES)
     _allowed("obs_statistics", values["obs_statistics"], OBS_STATISTICS)
     _allowed("clps_window", values["clps_window"], CLPS_WINDOWS)
+    _allowed("conditioning_bits", values["conditioning_bits"], CONDITIONING_BITS)
     values["clps_grid"] = _ratios(values["clps_grid"])
     calls = values["search_calls"]
     if type(calls) is not int or calls < 1:
@@ -198,7 +214,14 @@ def _formats_allow(values: dict[str, Any]) -> None:
     """Refuse options the chosen number formats cannot honour (rather than ignore them)."""
     weights, activations = MODES[values["bits"]]
     if weights is None:
+        if values["conditioning_bits"] is not None:
+            raise ValueError(f"options['conditioning_bits']={values['conditioning_bits']!r}: bits="
+                             f"{values['bits']!r} quantizes nothing; choose quantizing bits or drop it")
         return
+    conditioning = MODES[values["conditioning_bits"]][0] if values["conditioning_bits"] else None
+    if conditioning is not None and not conditioning.asymmetric and values["weight_symmetric"] is False:
+        raise ValueError(f"options['weight_symmetric']=False: conditioning_bits={values['conditioning_bits']!r} "
+                         f"stores {conditioning.name} weights, which have no zero point")
     if not weights.asymmetric and values["weight_symmetric"] is False:
         raise ValueError(f"options['weight_symmetric']=False: bits={values['bits']!r} stores {weights.name} "
                          f"weights, which have no zero point; drop the option or choose integer bits")

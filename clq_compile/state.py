@@ -32,6 +32,7 @@ from clq_compile.passes.lowering import lower
 from clq_compile.passes.observers import GraphCalibration, Offloaded, layer_errors
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
+from clq_compile.passes.weight_quantization import rtn
 
 from .checks import check_recorded_call, check_weights, skip_empty_call, warn_graph_breaks
 from .options import Options
@@ -297,7 +298,8 @@ class ModelState:
         if self.artifact is None:
             return decide(site, self.options)
         if site.path in self.layers:
-            return loaded_decision(site.path, decide(site, self.options), self.options.load)
+            return loaded_decision(site.path, decide(site, self.options), self.options.load, self.layers[site.path],
+                                   self.options.layer_quantizer(site.role))
         saved = self.artifact.manifest["decisions"].get(site.path)
         return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
 
@@ -411,8 +413,17 @@ class ModelState:
 
     def add_layers(self, weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
                    note: str | None = None) -> None:
-        new = run_recipe(self.options.recipe, weights, self.options.method_configs(), calibration,
-                         self.options.execution())
+        # The recipe quantizes the layers of `bits`; conditioning_bits' layers round to nearest.
+        roles = {site.path: site.role for g in self.graphs for site in g.analysis.sites}
+        by_recipe = {p: w for p, w in weights.items() if self.options.layer_mode(roles.get(p)) == self.options.bits}
+        new = {}
+        if by_recipe or not weights:
+            new = run_recipe(self.options.recipe, by_recipe, self.options.method_configs(), calibration,
+                             self.options.execution())
+        for path, weight in weights.items():
+            if path not in by_recipe:
+                layer = rtn(weight, self.options.layer_quantizer(roles[path]))
+                new[path] = dataclasses.replace(layer, method="rtn (conditioning_bits)")
         if note:
             new = {p: dataclasses.replace(layer, notes=[*layer.notes, note]) for p, layer in new.items()}
         self.layers.update(new)

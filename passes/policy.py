@@ -3,7 +3,8 @@
 Token GEMMs (attention projections, feed-forward, single-stream block layers) are quantized.
 Conditioning GEMMs (timestep / caption embedders, adaLN modulation; M = batch size, so they cost
 little and carry the whole image's conditioning), the patch embedding and the final projection
-stay in 16 bit. Every decision carries a sentence that `explain()` shows.
+stay in 16 bit; options.conditioning_bits quantizes conditioning GEMMs and modulations weight-only
+instead. Every decision carries a sentence that `explain()` shows.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from .capture import LinearSite
 if TYPE_CHECKING:
     from clq_compile.options import Options
 
-_KEPT_BECAUSE = {
-    "conditioning": "conditioning GEMM (one row per image): kept in 16 bit",
-    "adaln": "adaLN modulation (one row per image): kept in 16 bit",
-    "adaln_token": "adaLN modulation (one row per token: per-token timesteps): kept in 16 bit",
-    "embed": "patch / context embedding: kept in 16 bit",
-    "final": "final projection: kept in 16 bit",
+_KEPT_ROLES = {
+    "conditioning": "conditioning GEMM (one row per image)",
+    "adaln": "adaLN modulation (one row per image)",
+    "adaln_token": "adaLN modulation (one row per token: per-token timesteps)",
+    "embed": "patch / context embedding",
+    "final": "final projection",
 }
 
 
@@ -39,17 +40,21 @@ def decide(site: LinearSite, options: Options) -> Decision:
     for pattern in options.skip:
         if fnmatchcase(site.path, pattern):
             return Decision(False, f"matches skip pattern {pattern!r}")
-    if site.role in _KEPT_BECAUSE:
-        return Decision(False, _KEPT_BECAUSE[site.role])
+    mode = options.layer_mode(site.role)
+    if site.role in _KEPT_ROLES and mode == options.bits:
+        return Decision(False, f"{_KEPT_ROLES[site.role]}: kept in 16 bit")
     if site.role in ("cross_k", "cross_v") and not options.quantize_cross_kv:
         return Decision(False, "cross-attention key/value on text tokens: kept (quantize_cross_kv=False)")
     k = site.in_features
     if k == 0 or site.out_features == 0:
         return Decision(False, f"empty weight ({site.out_features} x {k}): nothing to quantize")
-    problem = options.w_format.width_problem(k)
+    quantizer = options.layer_quantizer(site.role)
+    problem = quantizer.weight.format.width_problem(k)
     if problem:
         return Decision(False, problem)
-    for name, group in (("weight_group", options.weight_group), ("act_group", options.act_group)):
+    for name, group in (("weight_group", quantizer.weight.group), ("act_group", quantizer.activation.group)):
         if group is not None and k % group:
             return Decision(False, f"{name} {group} does not divide the input width {k}")
+    if mode != options.bits:
+        return Decision(True, f"{_KEPT_ROLES[site.role]}: weight-only {mode} (conditioning_bits)")
     return Decision(True, "token GEMM")

@@ -34,6 +34,16 @@ def rtn_artifact(tiny_dit, tmp_path_factory):
     return out
 
 
+def test_conditioning_bits_quantize_the_conditioning_layers_weight_only(capsys, tiny_dit, tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    assert main(["quantize", "--model", str(tiny_dit), "--out", str(out), "--recipe", "rtn", "--bits", "w8a8",
+                 "--conditioning-bits", "w8a16", *FAST]) == 0
+    status, text, _ = run(capsys, "explain", str(out))
+    assert status == 0
+    rows = [line for line in text.splitlines() if "timestep_embedder.linear_1" in line]
+    assert rows and all(" w8a16 " in row and "a:16 bit" in row for row in rows)
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     captured = capsys.readouterr()
@@ -229,7 +239,7 @@ def test_folder_without_config_or_with_an_unknown_class(capsys, rtn_artifact, tm
 
 
 @pytest.mark.parametrize("flag, value", [("--bits", "w3a4"), ("--bits", "w16a16"), ("--recipe", "fastest"),
-                                         ("--calib-samples", "0")])
+                                         ("--calib-samples", "0"), ("--conditioning-bits", "w4a4")])
 def test_bad_option_values(capsys, tiny_dit, tmp_path, flag, value):
     status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "a"), flag, value)
     assert status == 2

@@ -222,7 +222,7 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
             raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
                                       f"{layer['in_features']} (its decision: {decision!r:.200})")
         # A layer's formats follow from the options and its role (conditioning_bits).
-        quantizer = options.layer_quantizer(decision["role"])
+        quantizer = options.policy().layer_quantizer(decision["role"])
         expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
                     "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
         for k, v in expected.items():

@@ -7,10 +7,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import BITS, CONDITIONING_BITS, CONDITIONING_ROLES, KERNELS, RECIPE_NAMES
+from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.configs import (ActivationConfig, CLPSConfig, Execution, GPTQConfig, MethodConfigs,
-                                        OBSConfig, QuantizerConfig, SmoothQuantConfig, WeightQuantizerConfig)
+                                        OBSConfig, PolicyConfig, QuantizerConfig, SmoothQuantConfig,
+                                        WeightQuantizerConfig)
 
 GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")
@@ -103,21 +104,22 @@ class Options:
         """False for w16a16, where the graph runs unchanged."""
         return self.w_format is not None
 
-    def layer_mode(self, role: str | None) -> str:
-        """The mode (`bits`) a layer of `role` is quantized in, if the policy quantizes it."""
-        return self.conditioning_bits if self.conditioning_bits and role in CONDITIONING_ROLES else self.bits
+    def policy(self) -> PolicyConfig:
+        """What the policy reads of these options (passes/configs.py)."""
+        return PolicyConfig(self.bits, self._quantizer(self.bits), self.conditioning_bits,
+                            self._quantizer(self.conditioning_bits), self.skip, self.quantize_cross_kv)
 
-    def layer_quantizer(self, role: str | None) -> QuantizerConfig:
-        """How a layer of `role` is quantized: the recipe's quantizer, or conditioning_bits'."""
-        weights, activations = MODES[self.layer_mode(role)]
+    def _quantizer(self, mode: str | None) -> QuantizerConfig | None:
+        weights, activations = MODES[mode] if mode else (None, None)
+        if weights is None:
+            return None
         return QuantizerConfig(WeightQuantizerConfig(weights, self.weight_symmetric, self.weight_group),
                                ActivationConfig(activations, self.act_group if activations.quantizes else None))
 
     def method_configs(self) -> MethodConfigs:
         """What each quantization method reads of these options (passes/configs.py)."""
         return MethodConfigs(
-            quantizer=QuantizerConfig(WeightQuantizerConfig(self.w_format, self.weight_symmetric, self.weight_group),
-                                      ActivationConfig(self.a_format, self.act_group)),
+            quantizer=self._quantizer(self.bits),
             gptq=GPTQConfig(self.gptq_act_order),
             smoothquant=SmoothQuantConfig(self.fold),
             obs=OBSConfig(self.hadamard_block, self.obs_statistics, self.fold),

@@ -296,10 +296,11 @@ class ModelState:
     def decide(self, site: LinearSite) -> Decision:
         """Whether `site` is quantized: the policy's decision, or the artifact's when loaded."""
         if self.artifact is None:
-            return decide(site, self.options)
+            return decide(site, self.options.policy())
         if site.path in self.layers:
-            return loaded_decision(site.path, decide(site, self.options), self.options.load, self.layers[site.path],
-                                   self.options.layer_quantizer(site.role))
+            policy = self.options.policy()
+            return loaded_decision(site.path, decide(site, policy), self.options.load, self.layers[site.path],
+                                   policy.layer_quantizer(site.role))
         saved = self.artifact.manifest["decisions"].get(site.path)
         return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
 
@@ -415,14 +416,15 @@ class ModelState:
                    note: str | None = None) -> None:
         # The recipe quantizes the layers of `bits`; conditioning_bits' layers round to nearest.
         roles = {site.path: site.role for g in self.graphs for site in g.analysis.sites}
-        by_recipe = {p: w for p, w in weights.items() if self.options.layer_mode(roles.get(p)) == self.options.bits}
+        policy = self.options.policy()
+        by_recipe = {p: w for p, w in weights.items() if policy.layer_mode(roles.get(p)) == policy.bits}
         new = {}
         if by_recipe or not weights:
             new = run_recipe(self.options.recipe, by_recipe, self.options.method_configs(), calibration,
                              self.options.execution())
         for path, weight in weights.items():
             if path not in by_recipe:
-                layer = rtn(weight, self.options.layer_quantizer(roles[path]))
+                layer = rtn(weight, policy.layer_quantizer(roles[path]))
                 new[path] = dataclasses.replace(layer, method="rtn (conditioning_bits)")
         if note:
             new = {p: dataclasses.replace(layer, notes=[*layer.notes, note]) for p, layer in new.items()}

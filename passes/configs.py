@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clq_compile.choices import CONDITIONING_ROLES
 from clq_compile.kernels.formats import NumberFormat
 
 @dataclass(frozen=True)
@@ -95,6 +96,35 @@ class MethodConfigs:
     obs: OBSConfig
     clps: CLPSConfig
     quarot: QuaRotConfig = QuaRotConfig()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which linear layers the policy quantizes, and in which formats (passes/policy.py).
+
+    bits: the mode's name, for the reasons; quantizer: the token GEMMs' (None: bits w16a16, nothing
+    is quantized); conditioning_bits / conditioning: the weight-only mode and quantizer of the
+    conditioning GEMMs and modulations (None: kept in 16 bit); skip: fnmatch patterns of paths kept;
+    quantize_cross_kv: quantize cross-attention keys and values.
+    """
+
+    bits: str
+    quantizer: QuantizerConfig | None
+    conditioning_bits: str | None
+    conditioning: QuantizerConfig | None
+    skip: tuple[str, ...]
+    quantize_cross_kv: bool
+
+    def layer_mode(self, role: str | None) -> str:
+        """The mode a layer of `role` is quantized in, if the policy quantizes it."""
+        return self.conditioning_bits if self._conditioning(role) else self.bits
+
+    def layer_quantizer(self, role: str | None) -> QuantizerConfig | None:
+        """How a layer of `role` is quantized: the recipe's quantizer, or conditioning_bits'."""
+        return self.conditioning if self._conditioning(role) else self.quantizer
+
+    def _conditioning(self, role: str | None) -> bool:
+        return self.conditioning is not None and role in CONDITIONING_ROLES
 
 
 @dataclass(frozen=True)

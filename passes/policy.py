@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
 
 from .capture import LinearSite
-
-if TYPE_CHECKING:
-    from clq_compile.options import Options
+from .configs import PolicyConfig
 
 _KEPT_ROLES = {
     "conditioning": "conditioning GEMM (one row per image)",
@@ -33,28 +30,28 @@ class Decision:
     reason: str
 
 
-def decide(site: LinearSite, options: Options) -> Decision:
-    """Whether `site` is quantized under `options`, with the reason."""
-    if not options.quantizes:
-        return Decision(False, f"bits {options.bits}: no quantization")
-    for pattern in options.skip:
+def decide(site: LinearSite, policy: PolicyConfig) -> Decision:
+    """Whether `site` is quantized under `policy` (Options.policy()), with the reason."""
+    if policy.quantizer is None:
+        return Decision(False, f"bits {policy.bits}: no quantization")
+    for pattern in policy.skip:
         if fnmatchcase(site.path, pattern):
             return Decision(False, f"matches skip pattern {pattern!r}")
-    mode = options.layer_mode(site.role)
-    if site.role in _KEPT_ROLES and mode == options.bits:
+    mode = policy.layer_mode(site.role)
+    if site.role in _KEPT_ROLES and mode == policy.bits:
         return Decision(False, f"{_KEPT_ROLES[site.role]}: kept in 16 bit")
-    if site.role in ("cross_k", "cross_v") and not options.quantize_cross_kv:
+    if site.role in ("cross_k", "cross_v") and not policy.quantize_cross_kv:
         return Decision(False, "cross-attention key/value on text tokens: kept (quantize_cross_kv=False)")
     k = site.in_features
     if k == 0 or site.out_features == 0:
         return Decision(False, f"empty weight ({site.out_features} x {k}): nothing to quantize")
-    quantizer = options.layer_quantizer(site.role)
+    quantizer = policy.layer_quantizer(site.role)
     problem = quantizer.weight.format.width_problem(k)
     if problem:
         return Decision(False, problem)
     for name, group in (("weight_group", quantizer.weight.group), ("act_group", quantizer.activation.group)):
         if group is not None and k % group:
             return Decision(False, f"{name} {group} does not divide the input width {k}")
-    if mode != options.bits:
+    if mode != policy.bits:
         return Decision(True, f"{_KEPT_ROLES[site.role]}: weight-only {mode} (conditioning_bits)")
     return Decision(True, "token GEMM")

@@ -34,7 +34,7 @@ def pixart_calibration():
         calls.append([flat[name] for name in ("hidden_states", "timestep", "encoder_hidden_states")])
     cal = GraphCalibration(gm, analysis, state, calls)
     options = parse_options({"bits": "w4a4", "recipe": "clq"})
-    weights = {s.path: state[s.weight_index] for s in analysis.sites if decide(s, options).quantize}
+    weights = {s.path: state[s.weight_index] for s in analysis.sites if decide(s, options.policy()).quantize}
     return cal, options, weights
 
 

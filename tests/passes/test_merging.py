@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import clq_compile
 from clq_compile import tiny_models
 from clq_compile.options import parse_options
+from clq_compile.passes.layer import ActivationTransform
 from clq_compile.passes.lowering import lower
 from clq_compile.passes.merging import plan_merges
 from clq_compile.passes.policy import decide
@@ -43,7 +44,7 @@ def graph_of(family: str):
 def quantized(family: str, options: dict):
     model, inputs, gm, example_inputs, analysis = graph_of(family)
     opts = parse_options(options)
-    chosen = {s.node for s in analysis.sites if decide(s, opts).quantize}
+    chosen = {s.node for s in analysis.sites if decide(s, opts.policy()).quantize}
     weights = {s.path: example_inputs[s.weight_index] for s in analysis.sites if s.node in chosen}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,7 +99,7 @@ def test_a_differing_transform_is_kept_apart_and_said_why():
     _, _, gm, example_inputs, analysis = graph_of("dit")
     layers, chosen = quantized("dit", {"bits": "w4a4", "recipe": "rtn"})
     k = "transformer_blocks.1.attn1.to_k"
-    layers[k] = dataclasses.replace(layers[k], act_mul=torch.full((32,), 2.0))
+    layers[k] = dataclasses.replace(layers[k], online=ActivationTransform(mul=torch.full((32,), 2.0)))
     layers[k] = dataclasses.replace(
         layers[k], weight=rtn(torch.randn(32, 32), parse_options({"bits": "w4a4"}).method_configs().quantizer).weight)
     plan = plan_merges(gm, analysis, layers, chosen)

@@ -80,7 +80,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import clq_compile
 from clq_compile import digits, metrics
 from clq_compile.cli import positive_int
-from clq_compile.kernels.reference import transform_activation
 from clq_compile.options import BITS, Options
 from clq_compile.passes.orthogonal_smoothing import orthogonal_smoothing
 from clq_compile.passes.recipes import RECIPES
@@ -317,7 +316,7 @@ def obs_activation_figure(model: nn.Module, calls: list[dict[str, Any]], block: 
     def hook(module, args, output):
         nonlocal after
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        moved = transform_activation(x, None, smoothing.act_perm, smoothing.act_rotation)
+        moved = smoothing.transform.apply(x)
         after = torch.maximum(after, moved.abs().amax(dim=0))
 
     handle = module.register_forward_hook(hook)
@@ -334,7 +333,7 @@ def obs_activation_figure(model: nn.Module, calls: list[dict[str, Any]], block: 
     draw.text((10, 8), f"input of {path}: per-channel max |x| over all calibration tokens "
                        f"(same scale in both panels)", fill="black", font=font)
     y_max = float(before.max()) or 1.0
-    g = ("S·" if smoothing.act_perm is not None else "") + f"H{smoothing.block}"
+    g = ("S·" if smoothing.transform.perm is not None else "") + f"H{smoothing.block}"
     _stem_panel(draw, (0, 30, 600, 460), before, y_max, ["before OBS: x", _summary(before)],
                 (31, 119, 180), font)
     _stem_panel(draw, (600, 30, 1200, 460), after, y_max, [f"after OBS: x·G, G = {g}", _summary(after)],

@@ -46,7 +46,7 @@ from clq_compile.kernels.formats import get_format
 from clq_compile.kernels.packing import PackedWeight
 from clq_compile.passes.configs import QuantizerConfig
 from clq_compile.passes.folding import FoldDecision
-from clq_compile.passes.layer import QuantizedLinear
+from clq_compile.passes.layer import ActivationTransform, QuantizedLinear
 from clq_compile.passes.policy import Decision
 
 from .manifest_schema import ManifestError, check_manifest, check_tensors, dtype_name
@@ -275,9 +275,9 @@ class Artifact:
             weight = PackedWeight(t["qweight"], t["w_scale"], t.get("w_zero"), get_format(entry["w_format"]),
                                   entry["in_features"], entry["w_group"])
             fold = entry.get("details", {}).get("fold")
-            layers[path] = QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], t.get("act_mul"),
-                                           t.get("act_perm"), t.get("act_rotation"), t.get("bias"),
-                                           entry["method"], list(entry["notes"]),
+            online = ActivationTransform(t.get("act_mul"), t.get("act_perm"), t.get("act_rotation"))
+            layers[path] = QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], online,
+                                           t.get("bias"), entry["method"], list(entry["notes"]),
                                            fold=FoldDecision.from_json(fold) if fold else None)
         return layers
 

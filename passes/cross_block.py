@@ -37,7 +37,7 @@ from clq_compile.kernels.quantize import quantize
 from .configs import Execution, GPTQConfig, MethodConfigs, QuantizerConfig
 from .cross_layer_search import NO_CLIP, WindowSearch, clip_candidates
 from .folding import FoldDecision, find_folds, plan_folds
-from .layer import QuantizedLinear
+from .layer import IDENTITY, QuantizedLinear
 from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
@@ -59,7 +59,7 @@ def _smoothed_weight(weight: torch.Tensor, smoothing: Smoothing | None) -> torch
     """W·G: weight rows transformed like activation rows, so x·Wᵀ = (x·G)·(W·G)ᵀ."""
     if smoothing is None:
         return weight.detach().float()
-    return rotate_weight(weight, act_perm=smoothing.act_perm, act_rotation=smoothing.act_rotation).float()
+    return rotate_weight(weight, *smoothing.transform.parts()).float()
 
 
 def _output_transformed(weight: torch.Tensor, output: Smoothing | None) -> torch.Tensor:
@@ -67,14 +67,14 @@ def _output_transformed(weight: torch.Tensor, output: Smoothing | None) -> torch
     if output is None:
         return weight.detach()
     rows = weight.detach().reshape(weight.shape[0], -1).t()
-    return rotate_weight(rows, act_perm=output.act_perm, act_rotation=output.act_rotation).t().reshape(weight.shape)
+    return rotate_weight(rows, *output.transform.parts()).t().reshape(weight.shape)
 
 
 def _smoothed_hessian(hessian: torch.Tensor, smoothing: Smoothing | None) -> torch.Tensor:
     """Gᵀ·H·G: the Hessian of the transformed input x·G."""
     if smoothing is None:
         return hessian
-    return rotate_hessian(hessian, smoothing.act_perm, smoothing.act_rotation)
+    return rotate_hessian(hessian, smoothing.transform.perm, smoothing.transform.rotation)
 
 
 class _LayerQuantizer:
@@ -90,8 +90,8 @@ class _LayerQuantizer:
                  quantizer: QuantizerConfig, gptq: GPTQConfig | None, smoothing: Smoothing | None,
                  online: bool = True, output: Smoothing | None = None):
         self.quantizer, self.gptq, self.smoothing, self.online = quantizer, gptq, smoothing, online
-        self.fold_in = (None, smoothing.act_perm, smoothing.act_rotation) if smoothing is not None and not online else None
-        self.fold_out = None if output is None else (None, output.act_perm, output.act_rotation)
+        self.fold_in = smoothing.transform if smoothing is not None and not online else None
+        self.fold_out = None if output is None else output.transform
         rows = _output_transformed(weight, output)
         self.weight = _smoothed_weight(rows, smoothing)
         self.fp_weight = self.weight if smoothing is not None and not online else rows.float()
@@ -113,10 +113,8 @@ class _LayerQuantizer:
                      w.symmetric, w.group, act_order=self.gptq.act_order, clip=clip)
         else:
             q = quantize(self.weight, w.format, w.symmetric, w.group, clip)
-        s = self.smoothing if self.online else None
-        return QuantizedLinear(pack_weight(q), a.format, a.group,
-                               act_perm=None if s is None else s.act_perm,
-                               act_rotation=None if s is None else s.act_rotation, bias=self.bias,
+        online = self.smoothing.transform if self.online and self.smoothing is not None else IDENTITY
+        return QuantizedLinear(pack_weight(q), a.format, a.group, online=online, bias=self.bias,
                                fold_in=self.fold_in, fold_out=self.fold_out)
 
 

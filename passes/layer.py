@@ -14,11 +14,45 @@ import torch
 from clq_compile.kernels import ops  # noqa: F401  (registers torch.ops.clq.quant_linear)
 from clq_compile.kernels.formats import NumberFormat
 from clq_compile.kernels.packing import PackedWeight
+from clq_compile.kernels.reference import transform_activation
 
 from .folding import FoldDecision
 
 # Names of the tensors a QuantizedLinear hands to the op, in the op's argument order.
 TENSOR_ARGS = ("qweight", "w_scale", "w_zero", "bias", "act_mul", "act_perm", "act_rotation")
+
+
+@dataclass(frozen=True)
+class ActivationTransform:
+    """x -> (x · mul)[..., perm] · blockdiag(rotation, ...): an activation transform, each part
+    optional (kernels/reference.py transform_activation).
+
+    mul [K]: per-channel multiplier (SmoothQuant's 1/s); perm int64 [K]: gather index (OBS's
+    channel swap S); rotation [b, b]: applied to each of the K // b blocks (a Hadamard, OBS's H).
+    A layer holds one online (the op applies it) and, where a transform is folded across layers,
+    the ones its input arrives with and its output leaves with (`QuantizedLinear.fold_in/out`).
+    """
+
+    mul: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.mul is None and self.perm is None and self.rotation is None
+
+    def parts(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(mul, perm, rotation), in the op's and transform_activation's argument order."""
+        return self.mul, self.perm, self.rotation
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] transformed along its last dimension."""
+        if self.identity:
+            return x
+        return transform_activation(x.reshape(-1, x.shape[-1]), *self.parts()).reshape(x.shape)
+
+
+IDENTITY = ActivationTransform()
 
 
 @dataclass(frozen=True)
@@ -28,31 +62,41 @@ class QuantizedLinear:
     weight: the packed weight (already multiplied by the inverse of the activation transform)
     a_format: the activations' number format ("none": weight only); a_group: channels per
         activation scale, None = per token
-    act_mul [K], act_perm int64 [K], act_rotation [b, b]: the online activation transform
+    online: the activation transform the op applies (act_mul, act_perm, act_rotation read its parts)
     bias [N]: the layer's own bias, used instead of the graph's when set (a producer whose output
     rows carry a consumer's folded transform stores b·G)
     method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
     details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
     fold: the layer's part in a transform folded across layers (None: nothing folded), which
         lowering checks the graph still connects; the artifact stores it as details["fold"]
-    fold_in / fold_out: (act_mul, act_perm, act_rotation) of a transform folded across layers: the input
-        arrives as x·G / the output leaves as y·G. Not used by the op (the neighbours carry it);
-        kept while quantizing to measure the layer on its own, not saved.
+    fold_in / fold_out: a transform G folded across layers: the input arrives as x·G / the output
+        leaves as y·G. Not used by the op (the neighbours carry it); kept while quantizing to
+        measure the layer on its own, not saved.
     """
 
     weight: PackedWeight
     a_format: NumberFormat
     a_group: int | None
-    act_mul: torch.Tensor | None = None
-    act_perm: torch.Tensor | None = None
-    act_rotation: torch.Tensor | None = None
+    online: ActivationTransform = IDENTITY
     bias: torch.Tensor | None = None
     method: str = "rtn"
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
     fold: FoldDecision | None = None
-    fold_in: tuple | None = None
-    fold_out: tuple | None = None
+    fold_in: ActivationTransform | None = None
+    fold_out: ActivationTransform | None = None
+
+    @property
+    def act_mul(self) -> torch.Tensor | None:
+        return self.online.mul
+
+    @property
+    def act_perm(self) -> torch.Tensor | None:
+        return self.online.perm
+
+    @property
+    def act_rotation(self) -> torch.Tensor | None:
+        return self.online.rotation
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """The op's tensor arguments by name (see TENSOR_ARGS)."""

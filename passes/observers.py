@@ -15,7 +15,6 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from clq_compile.kernels.reference import transform_activation
 
 from .capture import GraphAnalysis, LinearSite
 from .layer import QuantizedLinear
@@ -145,9 +144,7 @@ def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, Quantiz
     meter = RelativeError()
 
     def folded(t, transform):
-        if transform is None:
-            return t
-        return transform_activation(t.reshape(-1, t.shape[-1]), *transform).reshape(t.shape)
+        return t if transform is None else transform.apply(t)
 
     def measure(site, x, weight, bias, y):
         layer = layers[site.path]

@@ -31,6 +31,8 @@ import torch
 
 from clq_compile.kernels.hadamard import largest_valid_block, normalized_hadamard
 
+from .layer import ActivationTransform
+
 
 def outlier_scores(act_absmax: torch.Tensor) -> torch.Tensor:
     """act_absmax: [K] per-channel max |x| -> float32 [K] scores (see the module docstring)."""
@@ -78,10 +80,10 @@ def shared_hadamard(block: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Smoothing:
-    """The transform G = S·H of one layer: act_perm (None = identity) and the b x b block."""
+    """The transform G = S·H of one layer (its perm S, None = identity, and its b x b rotation H),
+    the block b and how explain() names it."""
 
-    act_perm: torch.Tensor | None
-    act_rotation: torch.Tensor
+    transform: ActivationTransform
     block: int
     note: str
 
@@ -105,4 +107,4 @@ def orthogonal_smoothing(in_features: int, act_absmax: torch.Tensor | None, bloc
     if swap_channels and act_absmax is not None:
         perm = balanced_permutation(outlier_scores(act_absmax), used, granule)
         note = f"S + {note}"
-    return Smoothing(perm, shared_hadamard(used), used, note)
+    return Smoothing(ActivationTransform(perm=perm, rotation=shared_hadamard(used)), used, note)

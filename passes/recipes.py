@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .configs import Execution, MethodConfigs, QuantizerConfig
 from .cross_block import Components, clq_quantize
-from .layer import QuantizedLinear
+from .layer import IDENTITY, ActivationTransform, QuantizedLinear
 from .observers import GraphCalibration, observe
 from .statistics import LayerStats
 from .weight_quantization import rtn
@@ -102,7 +102,7 @@ def _folded_smoothquant(weights, quantizer, calibration, stats) -> dict[str, Qua
             mul = shared[0].act_mul
             for path, layer in zip(consumers, shared):
                 layers[path] = dataclasses.replace(
-                    layer, act_mul=None, fold_in=(mul, None, None), fold=decisions[path],
+                    layer, online=IDENTITY, fold_in=ActivationTransform(mul=mul), fold=decisions[path],
                     notes=[*layer.notes, f"smoothing folded into {', '.join(producers)}"])
             for path in producers:
                 rows = weights[path].detach().double() * mul.double()[:, None]
@@ -110,7 +110,7 @@ def _folded_smoothquant(weights, quantizer, calibration, stats) -> dict[str, Qua
                 bias = biases[path]
                 layers[path] = dataclasses.replace(
                     layer, bias=None if bias is None else (bias.detach().double() * mul.double()).float(),
-                    fold_out=(mul, None, None), fold=decisions[path],
+                    fold_out=ActivationTransform(mul=mul), fold=decisions[path],
                     notes=[*layer.notes, f"output rows carry the smoothing of {', '.join(consumers)}"])
     return layers
 
@@ -132,7 +132,7 @@ def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False)
         r = layer.act_rotation
         rotated = gptq_layer(rotate_weight(w, act_rotation=r).float(),
                              rotate_hessian(stats[path].hessian, act_rotation=r), quantizer, configs.gptq)
-        return dataclasses.replace(rotated, act_rotation=r, method="quarot+gptq", notes=layer.notes)
+        return dataclasses.replace(rotated, online=layer.online, method="quarot+gptq", notes=layer.notes)
 
     return _per_layer(weights, "quarot+gptq", one)
 

@@ -30,7 +30,7 @@ from clq_compile.kernels.hadamard import largest_valid_block, random_hadamard
 from clq_compile.kernels.reference import transform_activation
 
 from .configs import QuantizerConfig, QuaRotConfig
-from .layer import QuantizedLinear
+from .layer import ActivationTransform, QuantizedLinear
 from .weight_quantization import rtn
 
 # Orthogonality checked in float64 on a float32 rotation: its rounding leaves errors near 1e-7.
@@ -130,4 +130,4 @@ def quarot_layer(weight: torch.Tensor, quantizer: QuantizerConfig,
         notes.append(f"QuaRot: no Hadamard block divides the width {k}; not rotated")
     elif block < k:
         notes.append(f"QuaRot: no Hadamard matrix of order {k}; rotated by {k // block} blocks of H{block}")
-    return dataclasses.replace(layer, act_rotation=rotation, method="quarot", notes=notes)
+    return dataclasses.replace(layer, online=ActivationTransform(rotation=rotation), method="quarot", notes=notes)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from .configs import QuantizerConfig
-from .layer import QuantizedLinear
+from .layer import ActivationTransform, QuantizedLinear
 from .rotation import rotate_weight
 from .weight_quantization import rtn
 
@@ -68,7 +68,7 @@ def _smoothed_layer(weight: torch.Tensor, act_mul: torch.Tensor, quantizer: Quan
     """The layer smoothed by act_mul = 1/s (strength alpha) online, W · diag(s) quantized RTN."""
     # The weight undoes the float32 multiplier the op actually applies, not the float64 1/s.
     layer = rtn(rotate_weight(weight, act_mul=act_mul), quantizer)
-    return dataclasses.replace(layer, act_mul=act_mul, method=f"smoothquant α={alpha:g}")
+    return dataclasses.replace(layer, online=ActivationTransform(mul=act_mul), method=f"smoothquant α={alpha:g}")
 
 
 def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.Tensor,

@@ -15,7 +15,7 @@ from clq_compile.artifact import ArtifactError, read_artifact, read_manifest, wr
 from clq_compile.kernels.formats import MODES, mode_name
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
-from clq_compile.passes.layer import QuantizedLinear
+from clq_compile.passes.layer import ActivationTransform, QuantizedLinear
 
 
 def random_layer(g: torch.Generator, n: int, k: int, mode: str, group, symmetric: bool, rotation=None):
@@ -23,8 +23,9 @@ def random_layer(g: torch.Generator, n: int, k: int, mode: str, group, symmetric
     w = torch.randn(n, k, generator=g, dtype=torch.float64).float()
     packed = pack_weight(quantize(w, w_format, symmetric=symmetric, group=group))
     perm = torch.randperm(k, generator=g)
-    return QuantizedLinear(packed, a_format, None, act_mul=torch.rand(k, generator=g) + 0.5, act_perm=perm,
-                           act_rotation=rotation, method="test", notes=["a note"], details={"clip": (0.9, 1.0)})
+    online = ActivationTransform(torch.rand(k, generator=g) + 0.5, perm, rotation)
+    return QuantizedLinear(packed, a_format, None, online, method="test", notes=["a note"],
+                           details={"clip": (0.9, 1.0)})
 
 
 def manifest(layers: dict, names: dict) -> dict:

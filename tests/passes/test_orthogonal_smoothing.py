@@ -53,27 +53,27 @@ def test_g_is_orthogonal_and_the_rewrite_preserves_the_layer(data, tokens, n, se
     absmax, block = data
     k = absmax.numel()
     sm = orthogonal_smoothing(k, absmax, block)
-    g_matrix = transform_activation(torch.eye(k, dtype=torch.float64), None, sm.act_perm,
-                                    sm.act_rotation.double())
+    g_matrix = transform_activation(torch.eye(k, dtype=torch.float64), None, sm.transform.perm,
+                                    sm.transform.rotation.double())
     assert torch.allclose(g_matrix @ g_matrix.t(), torch.eye(k, dtype=torch.float64), atol=1e-6)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, k, generator=gen, dtype=torch.float64) * absmax.double()
     w = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    xg = transform_activation(x, None, sm.act_perm, sm.act_rotation.double())
-    wg = rotate_weight(w, act_perm=sm.act_perm, act_rotation=sm.act_rotation.double())
+    xg = transform_activation(x, None, sm.transform.perm, sm.transform.rotation.double())
+    wg = rotate_weight(w, act_perm=sm.transform.perm, act_rotation=sm.transform.rotation.double())
     assert torch.allclose(xg @ wg.t(), x @ w.t(), atol=1e-5 * float(x.abs().max() * w.abs().max() * k))
 
 
 @pytest.mark.parametrize("width, block, used", [(96, 128, 96), (1152, 128, 128), (100, 64, 20), (256, 128, 128)])
 def test_block_falls_back_to_the_largest_valid_one_and_says_so(width, block, used):
     sm = orthogonal_smoothing(width, torch.rand(width) + 0.5, block)
-    assert sm.block == used and sm.act_rotation.shape == (used, used)
+    assert sm.block == used and sm.transform.rotation.shape == (used, used)
     assert (f"does not divide {width}" in sm.note) == (used != block)
 
 
 def test_data_free_smoothing_has_no_swap():
     sm = orthogonal_smoothing(256, None, 128)
-    assert sm.act_perm is None and sm.block == 128
+    assert sm.transform.perm is None and sm.block == 128
 
 
 def test_rotation_flattens_an_outlier_channel():
@@ -82,7 +82,7 @@ def test_rotation_flattens_an_outlier_channel():
     x = torch.randn(64, 256, generator=g)
     x[:, [3, 7]] *= 50
     sm = orthogonal_smoothing(256, x.abs().amax(0), 128)
-    xg = transform_activation(x, None, sm.act_perm, sm.act_rotation)
+    xg = transform_activation(x, None, sm.transform.perm, sm.transform.rotation)
     before = x.abs().amax(0)
     after = xg.abs().amax(0)
     assert float(before.max() / before.median()) > 20

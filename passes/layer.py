@@ -8,6 +8,8 @@ them); the lowering pass turns each into a `clq::quant_linear` call, and the obs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 
@@ -65,8 +67,9 @@ class QuantizedLinear:
     online: the activation transform the op applies (act_mul, act_perm, act_rotation read its parts)
     bias [N]: the layer's own bias, used instead of the graph's when set (a producer whose output
     rows carry a consumer's folded transform stores b·G)
-    method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing;
-    details: what a search measured (e.g. CLPS's objective per candidate), for reports and tests
+    method: a short description for explain(), e.g. "rtn"; notes: anything else worth showing
+        (a tuple); details: what a search measured (e.g. CLPS's objective per candidate), for
+        reports and tests (a read-only mapping)
     fold: the layer's part in a transform folded across layers (None: nothing folded), which
         lowering checks the graph still connects; the artifact stores it as details["fold"]
     fold_in / fold_out: a transform G folded across layers: the input arrives as x·G / the output
@@ -80,11 +83,16 @@ class QuantizedLinear:
     online: ActivationTransform = IDENTITY
     bias: torch.Tensor | None = None
     method: str = "rtn"
-    notes: list[str] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
     fold: FoldDecision | None = None
     fold_in: ActivationTransform | None = None
     fold_out: ActivationTransform | None = None
+
+    def __post_init__(self):
+        # Built once, never edited: the notes as a tuple, the details as a read-only view of a copy.
+        object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
 
     @property
     def act_mul(self) -> torch.Tensor | None:

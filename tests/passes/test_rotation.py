@@ -80,11 +80,11 @@ def test_quarot_falls_back_to_the_largest_hadamard_block_that_divides_the_width(
     assert rel_error(layer.forward(x, None, "reference"), x @ w.t()) < 0.02
     if block == 1:
         assert layer.act_rotation is None
-        assert layer.notes == [f"QuaRot: no Hadamard block divides the width {k}; not rotated"]
+        assert layer.notes == (f"QuaRot: no Hadamard block divides the width {k}; not rotated",)
     else:
         assert layer.act_rotation is shared_random_hadamard(block, 0)
-        assert layer.notes == [
-            f"QuaRot: no Hadamard matrix of order {k}; rotated by {k // block} blocks of H{block}"]
+        assert layer.notes == (
+            f"QuaRot: no Hadamard matrix of order {k}; rotated by {k // block} blocks of H{block}",)
 
 
 def _output_error(layer, w, x) -> float:

@@ -41,18 +41,16 @@ def storage(path: Path, bits: str, conditioning_bits: str | None) -> dict:
         qt(hidden_states=x, timestep=torch.tensor([10, 20]), class_labels=torch.tensor([1, 2]))
     packed = {p: b for p, (_, b) in clq_compile.memory_report(qt)["per_layer"].items()}
     decisions = model_state(qt).site_decisions()
-    rows = {"quantized": 0, "kept": 0, "conditioning": 0}
+    totals = {"linear_bytes": 0, "conditioning_bytes": 0, "linear_weights": 0, "conditioning_weights": 0}
     for p, d in decisions.items():
-        size = packed[p] if p in packed else 2 * d["out_features"] * d["in_features"]
-        rows["quantized" if p in packed else "kept"] += size
-        if d["role"] in CONDITIONING_ROLES:
-            rows["conditioning"] += size
-    weights = sum(d["out_features"] * d["in_features"] for d in decisions.values())
-    conditioning = sum(d["out_features"] * d["in_features"] for d in decisions.values()
-                       if d["role"] in CONDITIONING_ROLES)
-    return {"conditioning_bits": conditioning_bits, "linear_bytes": rows["quantized"] + rows["kept"],
-            "conditioning_bytes": rows["conditioning"], "conditioning_weight_share": conditioning / weights,
-            "linear_weights": weights}
+        count = d["out_features"] * d["in_features"]
+        size = packed.get(p, 2 * count)
+        parts = ("linear", "conditioning") if d["role"] in CONDITIONING_ROLES else ("linear",)
+        for part in parts:
+            totals[f"{part}_bytes"] += size
+            totals[f"{part}_weights"] += count
+    return {"conditioning_bits": conditioning_bits, **totals,
+            "conditioning_weight_share": totals["conditioning_weights"] / totals["linear_weights"]}
 
 
 def main(argv: list[str] | None = None) -> None:

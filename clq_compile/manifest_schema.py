@@ -215,6 +215,7 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
         raise ManifestError(("recipe",), f"is {manifest['recipe']!r} but the options say {options.recipe!r}")
     if not options.quantizes and manifest["layers"]:
         raise ManifestError(("layers",), f"holds quantized layers, but bits={options.bits!r} quantizes none")
+    policy = options.policy()
     for path, layer in manifest["layers"].items():
         keys = ("layers", path)
         decision = manifest["decisions"].get(path)
@@ -222,7 +223,7 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
             raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
                                       f"{layer['in_features']} (its decision: {decision!r:.200})")
         # A layer's formats follow from the options and its role (conditioning_bits).
-        quantizer = options.policy().layer_quantizer(decision["role"])
+        quantizer = policy.layer_quantizer(decision["role"])
         expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
                     "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
         for k, v in expected.items():

@@ -220,10 +220,6 @@ def _formats_allow(values: dict[str, Any]) -> None:
             raise ValueError(f"options['conditioning_bits']={values['conditioning_bits']!r}: bits="
                              f"{values['bits']!r} quantizes nothing; choose quantizing bits or drop it")
         return
-    conditioning = MODES[values["conditioning_bits"]][0] if values["conditioning_bits"] else None
-    if conditioning is not None and not conditioning.asymmetric and values["weight_symmetric"] is False:
-        raise ValueError(f"options['weight_symmetric']=False: conditioning_bits={values['conditioning_bits']!r} "
-                         f"stores {conditioning.name} weights, which have no zero point")
     if not weights.asymmetric and values["weight_symmetric"] is False:
         raise ValueError(f"options['weight_symmetric']=False: bits={values['bits']!r} stores {weights.name} "
                          f"weights, which have no zero point; drop the option or choose integer bits")

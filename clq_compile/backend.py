@@ -18,11 +18,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from clq_compile.passes.capture import GraphAnalysis, capture, rebind
+from clq_compile.passes.capture import GraphAnalysis, rebind
 from clq_compile.passes.structure import GraphContext
 
 from .checks import refuse_mode
 from .options import Options, parse_options
+from .pipeline import capture_graph
 from .state import CompiledGraph, ModelState, state_for_graph, state_for_module
 
 log = logging.getLogger("clq_compile")
@@ -44,7 +45,7 @@ def clq_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any
     reason = getattr(gm, "compile_subgraph_reason", None)
     returns = (frame_module is not None and frame_module is (state.root() if state.root else None)
                and reason is not None and not reason.graph_break)
-    analysis = capture(gm, example_inputs, state.parameter_names(), GraphContext(call_inputs, returns, batch))
+    analysis = capture_graph(gm, example_inputs, state.parameter_names(), GraphContext(call_inputs, returns, batch))
     if not analysis.sites:
         warnings.warn(
             "clq: this graph has no linear layers with parameter weights; it runs unquantized.",

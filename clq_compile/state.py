@@ -1,5 +1,8 @@
 """State of a clq-compiled model: captured -> calibrating -> quantized.
 
+What each step computes is clq_compile/pipeline.py (capture -> policy -> recipe -> lowering);
+this module decides when each runs, and keeps what they made.
+
 One `ModelState` exists per (user module, options). It owns the quantized layers keyed by module
 path, so every graph Dynamo captures for that module — a recompile for a new batch size or
 resolution, or the pieces around a graph break — reuses them instead of calibrating again. The
@@ -13,7 +16,6 @@ registry keyed by parameter identity: a graph finds its state through any of its
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import warnings
@@ -24,18 +26,16 @@ import torch
 from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clq_compile.artifact import (Artifact, ArtifactError, fingerprint_differences, held, hold, loaded_decision,
+from clq_compile.artifact import (Artifact, ArtifactError, fingerprint_differences, held, hold,
                                   ordered_decisions, parameter_entry, read_artifact, refuse_other_model)
 from clq_compile.passes.capture import GraphAnalysis, LinearSite, module_names
 from clq_compile.passes.layer import QuantizedLinear
-from clq_compile.passes.lowering import lower
-from clq_compile.passes.observers import GraphCalibration, Offloaded, layer_errors
-from clq_compile.passes.policy import Decision, decide
-from clq_compile.passes.recipes import run_recipe
-from clq_compile.passes.weight_quantization import rtn
+from clq_compile.passes.observers import GraphCalibration, Offloaded
+from clq_compile.passes.policy import Decision
 
-from .checks import check_recorded_call, check_weights, skip_empty_call, warn_graph_breaks
+from .checks import check_recorded_call, skip_empty_call, warn_graph_breaks
 from .options import Options
+from .pipeline import decide_layers, lower_graph, quantize_layers
 
 log = logging.getLogger("clq_compile")
 
@@ -110,10 +110,11 @@ class CompiledGraph:
         state = self.state
         missing = {self.analysis.site(n).path for n in self.quantized_sites} - set(state.layers)
         if missing:
-            state.add_layers({p: self.weight(p) for p in missing}, None,
-                             note="data-free: not seen during calibration")
-        self.lowered = lower(self.gm, self.analysis, state.layers, self.quantized_sites,
-                             state.options.kernels)
+            layers, _ = quantize_layers({p: self.weight(p) for p in missing}, state.roles(), state.options, None,
+                                        note="data-free: not seen during calibration")
+            state.layers.update(layers)
+        self.lowered, self.run = lower_graph(self.gm, self.analysis, state.layers, self.quantized_sites,
+                                             state.options, self.example_inputs)
         self.contents_checked = False
         self.watched = state.watch({f"{site.path}.{kind}": self.calibration.state[index]
                                     for site in map(self.analysis.site, self.quantized_sites)
@@ -121,14 +122,6 @@ class CompiledGraph:
                                     if index is not None})
         # Data-free or loaded models meet the graphs after a break only now.
         warn_graph_breaks(state)
-        if self.example_inputs is not None:
-            from torch._inductor.compile_fx import compile_fx
-
-            # Quantized graphs are inference-only: compile the forward alone, without a backward.
-            with torch.no_grad():
-                self.run = compile_fx(self.lowered, self.example_inputs)
-        else:
-            self.run = self.lowered
 
 
 class ModelState:
@@ -253,7 +246,7 @@ class ModelState:
         """
         sites = list(sites)
         try:
-            decisions = {s.node: self.decide(s) for s in sites}
+            decisions = decide_layers(sites, self.options, self.artifact, self.layers)
         except ArtifactError:
             for name, (weight, values) in self.withheld.items():
                 weight.data = values
@@ -292,17 +285,6 @@ class ModelState:
                 self.withheld[name] = (weight, values)
             released += 1
         return released
-
-    def decide(self, site: LinearSite) -> Decision:
-        """Whether `site` is quantized: the policy's decision, or the artifact's when loaded."""
-        if self.artifact is None:
-            return decide(site, self.options.policy())
-        if site.path in self.layers:
-            policy = self.options.policy()
-            return loaded_decision(site.path, decide(site, policy), self.options.load, self.layers[site.path],
-                                   policy.layer_quantizer(site.role))
-        saved = self.artifact.manifest["decisions"].get(site.path)
-        return Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
 
     def site_decisions(self) -> dict[str, dict]:
         """{layer path: role, out_features, in_features, quantize, reason} of every linear layer
@@ -390,21 +372,19 @@ class ModelState:
             for node in g.quantized_sites:
                 path = g.analysis.site(node).path
                 weights.setdefault(path, g.weight(path))
-        check_weights(weights)
         calibration = [g.calibration for g in self.graphs if g.calibration.calls] if calibrated else None
+        layers, errors = quantize_layers(weights, self.roles(), self.options, calibration)
         if not calibrated and not self._warned_data_free:
             self._warned_data_free = True
             warnings.warn(
                 "clq: quantizing without calibration data (weights round-to-nearest, activations "
                 "dynamic). Run a few inputs inside `with clq_compile.calibrating(qt):` first for "
                 "better quality.", stacklevel=3)
-        self.layers, self.errors, self.watched = {}, {}, {}
+        self.layers, self.errors, self.watched = layers, errors, {}
         if self.artifact is None:
             self.fingerprint = None  # taken again from the weights quantized now, when saved
-        self.add_layers(weights, calibration)
         if calibration:
             self.calibrations += 1
-            self.errors = layer_errors(calibration, self.layers, self.options.kernels)
         self.phase = QUANTIZED
         for g in self.graphs:
             g.lower()
@@ -412,23 +392,9 @@ class ModelState:
                  " on calibration data" if calibrated else " data-free")
         warn_graph_breaks(self)
 
-    def add_layers(self, weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
-                   note: str | None = None) -> None:
-        # The recipe quantizes the layers of `bits`; conditioning_bits' layers round to nearest.
-        roles = {site.path: site.role for g in self.graphs for site in g.analysis.sites}
-        policy = self.options.policy()
-        by_recipe = {p: w for p, w in weights.items() if policy.layer_mode(roles.get(p)) == policy.bits}
-        new = {}
-        if by_recipe or not weights:
-            new = run_recipe(self.options.recipe, by_recipe, self.options.method_configs(), calibration,
-                             self.options.execution())
-        for path, weight in weights.items():
-            if path not in by_recipe:
-                layer = rtn(weight, policy.layer_quantizer(roles[path]))
-                new[path] = dataclasses.replace(layer, method="rtn (conditioning_bits)")
-        if note:
-            new = {p: dataclasses.replace(layer, notes=[*layer.notes, note]) for p, layer in new.items()}
-        self.layers.update(new)
+    def roles(self) -> dict[str, str]:
+        """{module path: role} of the linear sites of every captured graph."""
+        return {site.path: site.role for g in self.graphs for site in g.analysis.sites}
 
 
 _AS_INTEGERS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

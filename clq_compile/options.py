@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from clq_compile.artifact import held, read_manifest
 from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
-from clq_compile.passes.configs import (ActivationConfig, CLPSConfig, Execution, GPTQConfig, MethodConfigs,
+from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig, MethodConfigs,
                                         OBSConfig, PolicyConfig, QuantizerConfig, SmoothQuantConfig,
                                         WeightQuantizerConfig)
 
@@ -18,7 +18,11 @@ INDUCTOR = ("auto", "always", "never")
 HADAMARD_BLOCKS = (32, 64, 128, 256)
 CBC_REFERENCES = ("fp-layer", "fp-model")
 OBS_STATISTICS = ("quantized-prefix", "fp")
-CLPS_WINDOWS = (0, 1, 2)
+CLPS_WINDOWS = (0, 1, 2, 3)
+OBS_SWAPS = ("spread", "group")
+CBC_PREFIXES = ("all", "previous")
+CLPS_TARGETS = ("peak-error", "max-variance")
+CLPS_NORMS = ("l2", "l1")
 # Options that change how the model runs or calibrates, not what its quantized layers hold: free
 # to differ from an artifact's.
 RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
@@ -52,7 +56,16 @@ class Options:
                       prefix's); the two measurements disagree on which is better (README)
     cbc_reference:    CLPS reference outputs: "fp-layer" (full-precision layers on the inputs the
                       quantized prefix produces) or "fp-model" (the full-precision model's activations)
-    clps_window:      how many blocks after a layer's own CLPS looks for its target (0, 1, 2)
+    obs_swap:         how OBS's channel swapping places channels before the block Hadamard:
+                      "spread" (outliers dealt evenly over the blocks) or "group" (channels of
+                      similar magnitude share a block)
+    cbc_prefix:       what CBC quantizes before the block it calibrates: "all" (the whole
+                      prefix, its error accumulated) or "previous" (only the previous block, on
+                      the full-precision model's input to it)
+    clps_target:      CLPS's target layer among those a layer reaches: "peak-error" (where the
+                      unclipped layer's error peaks) or "max-variance" (the largest output variance)
+    clps_window:      how many blocks after a layer's own CLPS looks for its target (0 to 3)
+    clps_norm:        the target's error CLPS scores candidates on: "l2" or "l1"
     clps_grid:        clipping ratios CLPS tries (1.0, no clipping, is always included)
     search_calls:     how many recorded calls the searches evaluate candidates on
     offload:          keep calibration recordings, and cross-block calibration's activations between
@@ -81,7 +94,11 @@ class Options:
     fold: bool = False
     obs_statistics: str = "quantized-prefix"
     cbc_reference: str = "fp-layer"
+    obs_swap: str = "spread"
+    cbc_prefix: str = "all"
+    clps_target: str = "peak-error"
     clps_window: int = 1
+    clps_norm: str = "l2"
     clps_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
     search_calls: int = 4
     offload: bool = False
@@ -122,8 +139,10 @@ class Options:
             quantizer=self._quantizer(self.bits),
             gptq=GPTQConfig(self.gptq_act_order),
             smoothquant=SmoothQuantConfig(self.fold),
-            obs=OBSConfig(self.hadamard_block, self.obs_statistics, self.fold),
-            clps=CLPSConfig(self.clps_grid, self.clps_window, self.search_calls, self.cbc_reference))
+            obs=OBSConfig(self.hadamard_block, self.obs_statistics, self.fold, self.obs_swap),
+            clps=CLPSConfig(self.clps_grid, self.clps_window, self.search_calls, self.cbc_reference,
+                            self.clps_target, self.clps_norm),
+            cbc=CBCConfig(self.cbc_prefix))
 
     def execution(self) -> Execution:
         """The run-time knobs the recipes' searches need: kernels and offload."""
@@ -198,6 +217,9 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     _allowed("cbc_reference", values["cbc_reference"], CBC_REFERENCES)
     _allowed("obs_statistics", values["obs_statistics"], OBS_STATISTICS)
     _allowed("clps_window", values["clps_window"], CLPS_WINDOWS)
+    for key, choices in (("obs_swap", OBS_SWAPS), ("cbc_prefix", CBC_PREFIXES), ("clps_target", CLPS_TARGETS),
+                         ("clps_norm", CLPS_NORMS)):
+        _allowed(key, values[key], choices)
     _allowed("conditioning_bits", values["conditioning_bits"], CONDITIONING_BITS)
     values["clps_grid"] = _ratios(values["clps_grid"])
     calls = values["search_calls"]

@@ -66,11 +66,22 @@ class QuaRotConfig:
 class OBSConfig:
     """hadamard_block: block size b of the block-diagonal Hadamard; statistics: under CBC, the
     activations the outlier scores come from ("quantized-prefix" or "fp"); fold: fold G into the
-    producers where the graph proves it legal."""
+    producers where the graph proves it legal; swap: how channel swapping places the channels
+    ("spread" outliers over the blocks, or "group" channels of similar score)."""
 
     hadamard_block: int
     statistics: str
     fold: bool
+    swap: str
+
+
+@dataclass(frozen=True)
+class CBCConfig:
+    """prefix: which blocks before the one being calibrated are quantized when its inputs are
+    made: "all" (the whole quantized prefix, its error accumulated) or "previous" (the
+    full-precision model up to the previous block, that block quantized)."""
+
+    prefix: str
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,16 @@ class CLPSConfig:
     """grid: clipping ratios tried; window: blocks after a layer's own in which its target is
     looked for; search_calls: recorded calls the candidates are judged on; reference: "fp-layer"
     (full-precision layers on the quantized prefix's inputs) or "fp-model" (the full-precision
-    model's activations)."""
+    model's activations); target: how the target layer is picked among the reached ones,
+    "peak-error" (where the unclipped layer's error peaks) or "max-variance" (the largest output
+    variance); norm: the error the candidates are scored on, "l2" or "l1"."""
 
     grid: tuple[float, ...]
     window: int
     search_calls: int
     reference: str
+    target: str
+    norm: str
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ class MethodConfigs:
     smoothquant: SmoothQuantConfig
     obs: OBSConfig
     clps: CLPSConfig
+    cbc: CBCConfig
     quarot: QuaRotConfig = QuaRotConfig()
 
 

@@ -13,7 +13,10 @@ recorded call is carried through the segments in order. At segment s:
    in, and CLPS (passes/cross_layer_search.py) picks each layer's clipping bounds against its
    downstream target layer;
 3. the calls advance through segment s with its layers now *quantized*, so segment s+1 is
-   calibrated on the inputs it will really see at inference, accumulated error included.
+   calibrated on the inputs it will really see at inference, accumulated error included. With
+   option `cbc_prefix="previous"` (the CLQ paper's reviewers' reading) only segment s is
+   quantized: segment s+1's inputs are segment s, quantized, run on the full-precision model's
+   input to it, so each block is calibrated against the error of the one before it alone.
 
 Without CBC (the `clq-no-cbc` ablation) the calls advance in full precision instead: the usual
 calibration, where every layer sees the full-precision model's activations. The reference outputs
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
 
-from .configs import Execution, GPTQConfig, MethodConfigs, QuantizerConfig
+from .configs import CLPSConfig, Execution, GPTQConfig, MethodConfigs, QuantizerConfig
 from .cross_layer_search import NO_CLIP, WindowSearch, clip_candidates
 from .folding import FoldDecision, find_folds, plan_folds
 from .layer import IDENTITY, QuantizedLinear
@@ -119,7 +122,7 @@ class _LayerQuantizer:
 
 
 def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
-              fold: FoldDecision | None) -> tuple[str, list[str]]:
+              fold: FoldDecision | None, clps: CLPSConfig) -> tuple[str, list[str]]:
     method = "clq" if parts.cbc else "clq (no cbc)"
     notes = []
     if smoothing is not None:
@@ -130,7 +133,9 @@ def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
         notes.append(f"output rows carry the rotation of {', '.join(fold.consumers)}")
     if parts.clps:
         method += f" clip {clip[0]:.2f}/{clip[1]:.2f}"
-        notes.append(f"CLPS target {target}" if target else "CLPS: no downstream layer in the window")
+        how = {"peak-error": "error peaks", "max-variance": "largest output variance"}[clps.target]
+        notes.append(f"CLPS target {target} ({how}; {clps.norm.upper()} objective)" if target else
+                     "CLPS: no downstream layer in the window")
     if parts.gptq:
         method += " +gptq"
     return method, notes
@@ -148,7 +153,10 @@ class _GraphQuantizer:
         # targets come from it ("fp-model") or OBS takes its outlier scores from it ("fp").
         self.fp_model = parts.cbc and configs.clps.reference == "fp-model"
         self.fp_scores = parts.cbc and parts.obs and configs.obs.statistics == "fp"
-        self.fp_envs = [dict(e) for e in self.envs] if self.fp_model or self.fp_scores else None
+        # With cbc_prefix="previous" each block's inputs start again from the full-precision prefix.
+        self.previous_only = parts.cbc and configs.cbc.prefix == "previous"
+        self.fp_envs = ([dict(e) for e in self.envs] if self.fp_model or self.fp_scores or self.previous_only
+                        else None)
         self.search_calls = min(len(self.envs), configs.clps.search_calls)
         # With `offload`, activations wait in CPU memory and visit the model's device to run.
         self.device = next(iter(cal.state.values())).device if execution.offload and cal.state else None
@@ -168,7 +176,8 @@ class _GraphQuantizer:
             if todo:
                 self._quantize_segment(s, todo, weights, layers, bar)
             linear = quantized if self.parts.cbc else fp_linear
-            self.envs = [seg.advance(s, e, linear, self.device) for e in self.envs]
+            start = self.fp_envs if self.previous_only else self.envs
+            self.envs = [seg.advance(s, e, linear, self.device) for e in start]
             if self.fp_envs is not None:
                 self.fp_envs = [seg.advance(s, e, fp_linear, self.device) for e in self.fp_envs]
 
@@ -187,15 +196,15 @@ class _GraphQuantizer:
         absmax = {n: s.absmax for n, s in scores.items()}
         for planned in plan_folds(self.folds, absmax, {n: x.path for n, x in seg.sites.items()}):
             group = planned.group
-            shared = orthogonal_smoothing(group.width, planned.absmax, block, granule=group.granule)
+            shared = orthogonal_smoothing(group.width, planned.absmax, block, configs.obs.swap, group.granule)
             folds.update(planned.decisions)
             smoothing.update(dict.fromkeys(group.consumers, shared))
             output.update(dict.fromkeys(group.producers, shared))
         plan = {}
         for x in todo:
             if x.node not in smoothing:
-                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, block)
-                                     if parts.obs else None)
+                smoothing[x.node] = (orthogonal_smoothing(x.in_features, scores[x.node].absmax, block,
+                                                          configs.obs.swap) if parts.obs else None)
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
             online = x.node not in folds or not folds[x.node].producers
             inputs = None if stats is None else stats[x.node]
@@ -235,8 +244,9 @@ class _GraphQuantizer:
             return quantizer.stand_in(x, b)
 
         calls = self.search_calls
+        clps = self.configs.clps
         search = WindowSearch(seg, lo, hi, self.envs[:calls], self.fp_envs[:calls] if self.fp_model else None,
-                              stand_in, self.kernels, self.device)
+                              stand_in, self.kernels, self.device, clps.target, clps.norm)
         for site in todo:
             quantizer, fold = plan[site.node]
             layers[site.path] = self._quantize_site(site, quantizer, fold, search)
@@ -248,7 +258,7 @@ class _GraphQuantizer:
         if parts.clps:
             clip, target, objective_values = search.search(
                 site, make, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
-        method, notes = _describe(parts, make.smoothing, clip, target, fold)
+        method, notes = _describe(parts, make.smoothing, clip, target, fold, configs.clps)
         details = {"clip": clip, "target": target, "objective": objective_values,
                    "smoothing": None if make.smoothing is None else make.smoothing.note}
         return replace(make(clip, final=True), method=method, notes=notes, details=details, fold=fold)

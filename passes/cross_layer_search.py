@@ -1,15 +1,23 @@
 """Cross-layer parameter search (CLPS) of CLQ: clipping bounds judged downstream.
 
 For a layer l, quantizing it with clipping bounds (lower ratio, upper ratio) perturbs every layer
-after it. CLPS first quantizes l without clipping and measures the relative error
-‖Y_t − Ŷ_t‖ / ‖Y_t‖ at each later linear t within a window (by default the rest of l's block and
-the next block); the target is the t where it peaks. It then picks
+after it. Among the later linears t within a window that l's output reaches (by default the rest
+of l's block and the next block; option `clps_window` blocks, up to 3), CLPS picks a target:
 
-    l*, r* = argmin over the grid of ‖Y_t − Ŷ_t(l, r)‖²
+- "peak-error" (option `clps_target`, default): quantize l without clipping and take the t
+  where the relative error ‖Y_t − Ŷ_t‖ / ‖Y_t‖ peaks;
+- "max-variance" (the CLQ paper's reviewers' reading): the t whose full-precision output Y_t
+  has the largest variance (over all its elements and the search calls).
 
-where Ŷ_t(l, r) is the target's output with l quantized under bounds (l, r). The grid always
-contains (1, 1) — no clipping — so the choice is never worse than min-max on this objective.
-Symmetric weights search one ratio (l = r); asymmetric weights search the pair.
+It then picks
+
+    l*, r* = argmin over the grid of ‖Y_t − Ŷ_t(l, r)‖
+
+where Ŷ_t(l, r) is the target's output with l quantized under bounds (l, r), and the norm is
+the Frobenius (L2, default; the same argmin as its square, which the paper's figure writes) or
+the L1 norm (option `clps_norm`; the reviewers' reading); "peak-error" measures in the same
+norm. The grid always contains (1, 1) — no clipping — so the choice is never worse than min-max
+on this objective. Symmetric weights search one ratio (l = r); asymmetric weights search the pair.
 
 The search runs inside the window CBC is calibrating (passes/cross_block.py): `WindowSearch`
 holds the search calls' full-precision runs through the window, in the coordinates the window's
@@ -43,7 +51,7 @@ def clip_candidates(grid: tuple[float, ...], symmetric: bool) -> list[tuple[floa
 
 
 def pick_target(errors: Mapping[T, float]) -> T:
-    """The downstream layer whose relative error peaks (ties: the earliest)."""
+    """The downstream layer whose score (relative error, or output variance) peaks (ties: the earliest)."""
     if not errors:
         raise ValueError("no downstream layer to choose a target from")
     return max(errors, key=lambda t: errors[t])
@@ -57,13 +65,26 @@ def search_clip(objective: Callable[[tuple[float, float]], float],
     return best, values
 
 
-def relative_errors(outputs: list[dict], references: list[dict], nodes) -> dict:
-    """||Y - Ŷ|| / ||Y|| at each node over all search calls."""
-    meter = RelativeError()
+def relative_errors(outputs: list[dict], references: list[dict], nodes, norm: str) -> dict:
+    """||Y - Ŷ|| / ||Y|| (in `norm`, "l2" or "l1") at each node over all search calls."""
+    meter = RelativeError(norm)
     for out, reference in zip(outputs, references):
         for n in nodes:
             meter.add(n, reference[n], out[n])
     return meter.result()
+
+
+def output_variances(references: list[dict], nodes) -> dict:
+    """The variance of each node's output over all its elements in every search call (float64
+    sums: Σy² / n − (Σy / n)²)."""
+    variances = {}
+    for n in nodes:
+        total = square = count = 0.0
+        for reference in references:
+            y = reference[n].double()
+            total, square, count = total + float(y.sum()), square + float(y.square().sum()), count + y.numel()
+        variances[n] = square / count - (total / count) ** 2 if count else 0.0
+    return variances
 
 
 class WindowSearch:
@@ -72,13 +93,15 @@ class WindowSearch:
     envs: the search calls' environments at the window's start; reference_envs: the ones the
     reference outputs come from (None: the same, "fp-layer"; the full-precision prefix's:
     "fp-model"); stand_in: the full-precision linear of every layer in the window's coordinates;
-    kernels / device: how the candidate layer runs and where the runs compute.
+    kernels / device: how the candidate layer runs and where the runs compute; target / norm:
+    CLPSConfig's (how the target is picked, the norm candidates are scored in).
     """
 
     def __init__(self, seg: SegmentedGraph, lo: int, hi: int, envs: list[dict[fx.Node, Any]],
                  reference_envs: list[dict[fx.Node, Any]] | None, stand_in: LinearFn, kernels: str,
-                 device: torch.device | None):
+                 device: torch.device | None, target: str, norm: str):
         self.seg, self.hi, self.stand_in, self.kernels, self.device = seg, hi, stand_in, kernels, device
+        self.target, self.norm = target, norm
         window = seg.nodes[lo:hi]
         self.runs, self.references = [], []
         for c, env in enumerate(envs):
@@ -107,12 +130,18 @@ class WindowSearch:
         reached = [n for n in later if seg.node(n) in set(downstream)]
         if not reached:
             return NO_CLIP, None, {}
-        outs = self._rerun(site, downstream, make(NO_CLIP))
-        target_node = pick_target(relative_errors(outs, self.references, [seg.node(n) for n in reached]))
+        candidates_t = [seg.node(n) for n in reached]
+        if self.target == "max-variance":
+            scores = output_variances(self.references, candidates_t)
+        else:
+            scores = relative_errors(self._rerun(site, downstream, make(NO_CLIP)), self.references, candidates_t,
+                                     self.norm)
+        target_node = pick_target(scores)
         cone = seg.cone(site.node, target_node.name)
 
         def objective(c):
-            return relative_errors(self._rerun(site, cone, make(c)), self.references, [target_node])[target_node]
+            outs = self._rerun(site, cone, make(c))
+            return relative_errors(outs, self.references, [target_node], self.norm)[target_node]
 
         clip, values = search_clip(objective, candidates)
         return clip, seg.sites[target_node.name].path, values

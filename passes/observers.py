@@ -118,19 +118,29 @@ def observe(calibrations: list[GraphCalibration], paths: set[str], callback: Lin
 
 
 class RelativeError:
-    """Accumulates ||Y - Ŷ||² and ||Y||² per key over many tensors; `result()` gives ||Y - Ŷ|| / ||Y||."""
+    """Accumulates ||Y - Ŷ||² and ||Y||² per key over many tensors; `result()` gives ||Y - Ŷ|| / ||Y||.
 
-    def __init__(self):
+    norm "l1": sums of absolute values instead, and `result()` gives ||Y - Ŷ||₁ / ||Y||₁. Each
+    tensor's sum is taken in float32 (values below ~1e-19 square to zero), the running totals in
+    Python floats.
+    """
+
+    def __init__(self, norm: str = "l2"):
+        if norm not in ("l2", "l1"):
+            raise ValueError(f"norm must be 'l2' or 'l1'; got {norm!r}")
+        self.norm = norm
         self.err: dict = {}
         self.ref: dict = {}
 
     def add(self, key, reference: torch.Tensor, estimate: torch.Tensor) -> None:
         y = reference.float()
-        self.err[key] = self.err.get(key, 0.0) + float((estimate.float() - y).square().sum())
-        self.ref[key] = self.ref.get(key, 0.0) + float(y.square().sum())
+        size = torch.Tensor.abs if self.norm == "l1" else torch.Tensor.square
+        self.err[key] = self.err.get(key, 0.0) + float(size(estimate.float() - y).sum())
+        self.ref[key] = self.ref.get(key, 0.0) + float(size(y).sum())
 
     def result(self) -> dict:
-        return {k: (self.err[k] / r) ** 0.5 if r > 0 else 0.0 for k, r in self.ref.items()}
+        power = 1.0 if self.norm == "l1" else 0.5
+        return {k: (self.err[k] / r) ** power if r > 0 else 0.0 for k, r in self.ref.items()}
 
 
 def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, QuantizedLinear],

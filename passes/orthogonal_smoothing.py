@@ -6,9 +6,12 @@ For a linear layer y = x·Wᵀ with input x: [tokens, K], CLQ quantizes X̂ = Q(
 
 - Outlier score of input channel c:  score_c = max_t |x_tc| / mean_c' max_t |x_tc'|
   (1 is a typical channel; massive-activation channels score in the tens).
-- Channel swapping: the permutation S deals channels, in order of decreasing score, to the K/b
-  Hadamard blocks in a snake order (0, 1, ..., B-1, B-1, ..., 0, 0, 1, ...), so every block gets
-  its share of outliers and the per-block score sums differ by at most the largest single score.
+- Channel swapping (option `obs_swap`): the permutation S orders the channels by score, then
+  "spread" (default) deals them, in order of decreasing score, to the K/b Hadamard blocks in a
+  snake order (0, 1, ..., B-1, B-1, ..., 0, 0, 1, ...), so every block gets its share of outliers
+  and the per-block score sums differ by at most the largest single score; "group" (the CLQ
+  paper's reviewers' reading) fills the blocks in order of decreasing score instead, so channels
+  of similar magnitude share a block and the outliers are rotated among themselves.
   With a single block S still reorders the channels by score: the Hadamard then no longer meets
   the channels in the model's own order, whose structure (sinusoidal embeddings, head layout)
   can line up with Hadamard rows and concentrate energy instead of spreading it (measured on the
@@ -67,6 +70,21 @@ def balanced_permutation(scores: torch.Tensor, block: int, granule: int | None =
     return perm
 
 
+def grouped_permutation(scores: torch.Tensor, block: int, granule: int | None = None) -> torch.Tensor:
+    """int64 [K] like `balanced_permutation`, but block i holds the channels of ranks
+    i·block .. (i+1)·block - 1 in decreasing score (ties: original order); inside each run of
+    `granule` channels with a granule."""
+    k = scores.numel()
+    granule = k if granule is None else granule
+    if k % granule or granule % block:
+        raise ValueError(f"block {block} must divide the granule {granule}, which must divide the width {k}")
+    return torch.cat([torch.argsort(part, descending=True, stable=True) + i * granule
+                      for i, part in enumerate(scores.split(granule))])
+
+
+SWAPS = {"spread": balanced_permutation, "group": grouped_permutation}
+
+
 def block_loads(scores: torch.Tensor, perm: torch.Tensor, block: int) -> torch.Tensor:
     """Sum of scores in each Hadamard block after the permutation: [K // block]."""
     return scores[perm].reshape(-1, block).sum(dim=1)
@@ -89,8 +107,10 @@ class Smoothing:
 
 
 def orthogonal_smoothing(in_features: int, act_absmax: torch.Tensor | None, block: int = 128,
-                         swap_channels: bool = True, granule: int | None = None) -> Smoothing:
+                         swap: str = "spread", granule: int | None = None) -> Smoothing:
     """G for a layer of width `in_features`; without statistics (data-free) S is the identity.
+
+    swap: how S places the channels by score, "spread" or "group" (see the module docstring).
 
     granule: G must keep channels inside runs of this many (see `balanced_permutation`); the
     Hadamard block then also divides it.
@@ -104,7 +124,7 @@ def orthogonal_smoothing(in_features: int, act_absmax: torch.Tensor | None, bloc
     else:
         note = f"H{used} (inside runs of {granule} channels, one attention head)"
     perm = None
-    if swap_channels and act_absmax is not None:
-        perm = balanced_permutation(outlier_scores(act_absmax), used, granule)
-        note = f"S + {note}"
+    if act_absmax is not None:
+        perm = SWAPS[swap](outlier_scores(act_absmax), used, granule)
+        note = f"S{'' if swap == 'spread' else ' (grouped)'} + {note}"
     return Smoothing(ActivationTransform(perm=perm, rotation=shared_hadamard(used)), used, note)

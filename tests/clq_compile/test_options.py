@@ -52,6 +52,11 @@ def test_options_a_number_format_cannot_honour_are_refused(options, message):
     ({"weight_symmetric": "yes"}, r"options\['weight_symmetric'\] must be True or False; got 'yes'"),
     ({"skip": [1, 2]}, r"options\['skip'\] must be a list of fnmatch patterns"),
     ({"bitz": "w4a4"}, r"unknown option\(s\) 'bitz'; the options are .*bits"),
+    ({"obs_swap": "snake"}, r"options\['obs_swap'\] must be one of 'spread', 'group'; got 'snake'"),
+    ({"cbc_prefix": "last"}, r"options\['cbc_prefix'\] must be one of 'all', 'previous'; got 'last'"),
+    ({"clps_target": "variance"}, r"options\['clps_target'\] must be one of 'peak-error', 'max-variance'"),
+    ({"clps_norm": "L1"}, r"options\['clps_norm'\] must be one of 'l2', 'l1'; got 'L1'"),
+    ({"clps_window": 4}, r"options\['clps_window'\] must be one of 0, 1, 2, 3; got 4"),
 ])
 def test_bad_options_are_refused_with_the_key_and_value(options, message):
     with pytest.raises(ValueError, match=message):

@@ -9,6 +9,7 @@ from clq_compile.kernels.reference import transform_activation
 from clq_compile.passes.orthogonal_smoothing import (
     balanced_permutation,
     block_loads,
+    grouped_permutation,
     orthogonal_smoothing,
     outlier_scores,
 )
@@ -41,6 +42,29 @@ def test_permutation_balances_the_outlier_load(data):
     top = torch.argsort(scores, descending=True)[:blocks]
     where = {int(torch.nonzero(perm == c)) // block for c in top}
     assert len(where) == blocks
+
+
+@given(activations(), st.integers(1, 3))
+def test_grouped_swap_puts_channels_of_similar_score_in_one_block(data, runs):
+    """obs_swap="group": inside each run of `granule` channels, block i holds ranks i·b .. (i+1)·b - 1."""
+    absmax, block = data
+    k = absmax.numel()
+    granule = k if k // block % runs else k // runs
+    scores = outlier_scores(absmax)
+    perm = grouped_permutation(scores, block, granule)
+    assert torch.equal(perm.sort().values, torch.arange(k))
+    for start in range(0, k, granule):
+        run = perm[start:start + granule]
+        assert bool(((run >= start) & (run < start + granule)).all())  # channels stay in their run
+        placed = scores[run].reshape(-1, block)
+        # Every block's smallest score is at least the next block's largest.
+        assert bool((placed[:-1].min(dim=1).values >= placed[1:].max(dim=1).values).all())
+        order = sorted(range(start, start + granule), key=lambda c: (-float(scores[c]), c))
+        assert run.tolist() == order
+    spread = orthogonal_smoothing(k, absmax, block)
+    grouped = orthogonal_smoothing(k, absmax, block, "group")
+    assert torch.equal(grouped.transform.perm, grouped_permutation(scores, grouped.block))
+    assert grouped.note.startswith("S (grouped) + ") and spread.note.startswith("S + ")
 
 
 def test_scores_are_relative_to_the_mean_channel():

@@ -73,7 +73,7 @@ PARTS = ("digits", "stress")
 
 def run_digits(args, journal: Path, progress: tqdm) -> None:
     model = load_transformer(DEFAULT_MODEL)
-    task = task_for(model, args.samples_per_class, 10, 0, None)
+    task = task_for(model, args.samples_per_class, 10, args.seed, None)
     name = DEFAULT_MODEL.resolve().name
     for variant_name, module in ((name, model), (f"{name}+outliers", outlier_variant(model, 50.0))):
         with torch.no_grad():
@@ -85,7 +85,7 @@ def run_digits(args, journal: Path, progress: tqdm) -> None:
                 images, seconds = quantize_and_sample(module, task, calls, recipe, args.bits, args.steps,
                                                       VARIANTS[variant])
                 append_row(journal, {"model": variant_name, "variant": variant, "recipe": recipe,
-                                     "bits": args.bits, **score(task, images, reference),
+                                     "bits": args.bits, "seed": args.seed, **score(task, images, reference),
                                      "quantize_seconds": round(seconds, 2)})
                 progress.update()
 
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-class", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--seeds", type=positive_int, default=10, help="stress part: models per family")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="digits part: seed of the evaluation noise; calibration uses seed + 1 (default 0)")
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder (new, or holding the other part's results)")

@@ -46,14 +46,14 @@ from clq_compile.kernels.formats import get_format
 from clq_compile.kernels.packing import PackedWeight
 from clq_compile.passes.configs import QuantizerConfig
 from clq_compile.passes.folding import FoldDecision
-from clq_compile.passes.layer import ActivationTransform, QuantizedLinear
+from clq_compile.passes.layer import ActivationTransform, LowRank, QuantizedLinear
 from clq_compile.passes.policy import Decision
 
 from .manifest_schema import ManifestError, check_manifest, check_tensors, dtype_name
 
 FORMAT = "clq-compile artifact"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_KEY = "clq_manifest"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -160,7 +160,7 @@ def layer_tensors(layers: Mapping[str, QuantizedLinear]) -> tuple[dict[str, torc
     names: dict[str, dict[str, str]] = {}
     for path in sorted(layers):
         names[path] = {}
-        for arg, t in layers[path].tensors().items():
+        for arg, t in layers[path].saved_tensors().items():
             if t is None:
                 continue
             key = by_identity.get(id(t))
@@ -276,9 +276,10 @@ class Artifact:
                                   entry["in_features"], entry["w_group"])
             fold = entry.get("details", {}).get("fold")
             online = ActivationTransform(t.get("act_mul"), t.get("act_perm"), t.get("act_rotation"))
+            lowrank = LowRank(t["lr_down"], t["lr_up"]) if "lr_down" in t else None
             layers[path] = QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], online,
                                            t.get("bias"), entry["method"], list(entry["notes"]),
-                                           fold=FoldDecision.from_json(fold) if fold else None)
+                                           fold=FoldDecision.from_json(fold) if fold else None, lowrank=lowrank)
         return layers
 
 

@@ -174,12 +174,13 @@ def memory_report(qt) -> dict:
     """Weight bytes of the quantized layers before and after quantization.
 
     fp_bytes: the user's weights of those layers at their dtype; bf16_bytes: the same weights in
-    bf16; quantized_bytes: packed integers, scales and zero points, plus every online transform
-    tensor (permutations, rotation blocks) and folded bias counted once however many layers share it;
+    bf16; quantized_bytes: packed integers, scales and zero points, 16-bit low-rank branches, plus
+    every online transform tensor (permutations, rotation blocks) and folded bias counted once
+    however many layers share it;
     resident_fp_bytes: the bytes the user's weights of those layers still hold in memory (fp_bytes
     until `release_weights`, next to nothing after; a loaded model's, until its first call has
     checked the artifact); released: whether they were released.
-    per_layer: {path: (fp_bytes, packed bytes)}.
+    per_layer: {path: (fp_bytes, packed bytes with the branch)}.
     """
     state = model_state(qt)
     module = qt._orig_mod
@@ -191,10 +192,10 @@ def memory_report(qt) -> dict:
         layer = state.layers[path]
         weight = module.get_submodule(path).weight
         fp_bytes = weight.numel() * weight.element_size()
-        per_layer[path] = (fp_bytes, layer.weight.nbytes)
+        per_layer[path] = (fp_bytes, layer.nbytes)
         fp += fp_bytes
         bf16 += weight.numel() * 2
-        packed += layer.weight.nbytes
+        packed += layer.nbytes
         storage = weight.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
         for t in (layer.act_mul, layer.act_perm, layer.act_rotation, layer.bias):

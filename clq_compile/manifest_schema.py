@@ -12,12 +12,14 @@ An artifact comes from outside the process, so nothing in it is used before it i
    scalars imply (qweight as its format stores it: int4 uint8 [N, K/2], int8 int8 [N, K], int3
    uint8 [N, 3K/8], e4m3 float8_e4m3fn [N, K]; w_scale float32 [N, K/group or 1],
    w_zero int8 like w_scale, bias [N], act_mul [K], act_perm a permutation of range(K), act_rotation
-   [b, b] with b dividing K), floating values are finite, and no stored tensor is unused.
+   [b, b] with b dividing K, a low-rank branch lr_down [r, K] with lr_up [N, r]), floating values
+   are finite, and no stored tensor is unused.
 
 The model itself is checked in deploy.py (each layer is an nn.Linear of that shape) and when a
 graph is captured (the model's own policy would quantize it). Every failure is a `ManifestError`
 with the JSON path of the offending value, e.g. manifest["layers"]["blocks.0.proj"]["w_format"].
 
+Format version 4 may give a layer a low-rank branch (tensors lr_down, lr_up); version 3 did not.
 Format version 3 names each layer's number formats ("w_format": "int4", "a_format": "int8");
 versions 1 and 2 gave bit counts ("w_bits": 4, "a_bits": 8, 16 for unquantized activations), which
 `check_manifest` checks in their own schema and then returns in the current form.
@@ -33,7 +35,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from clq_compile.kernels.formats import FORMATS, get_format
-from clq_compile.passes.layer import TENSOR_ARGS
+from clq_compile.passes.layer import LOWRANK_ARGS, TENSOR_ARGS
 
 Check = Callable[[Any, tuple], None]
 
@@ -159,14 +161,19 @@ def _options(value: Any, keys: tuple) -> None:
             raise ManifestError(keys + (k,), "is not an option this version knows")
 
 
-_LAYER_FIELDS = {
-    "in_features": _integer(1), "w_group": _optional(_integer(1)), "a_group": _optional(_integer(1)),
-    "method": _string, "notes": _list_of(_string), "details": _details,
-    "tensors": _record({"qweight": _string, "w_scale": _string},
-                       {a: _string for a in TENSOR_ARGS if a not in ("qweight", "w_scale")})}
+def _layer_fields(optional_tensors: tuple[str, ...]) -> dict[str, Callable]:
+    return {"in_features": _integer(1), "w_group": _optional(_integer(1)), "a_group": _optional(_integer(1)),
+            "method": _string, "notes": _list_of(_string), "details": _details,
+            "tensors": _record({"qweight": _string, "w_scale": _string}, {a: _string for a in optional_tensors})}
+
+
+_OP_TENSORS = tuple(a for a in TENSOR_ARGS if a not in ("qweight", "w_scale"))
 _WEIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.quantizes)
-_LAYER = _record({**_LAYER_FIELDS, "w_format": _one_of(*_WEIGHT_FORMATS), "a_format": _one_of(*FORMATS)})
-_LEGACY_LAYER = _record({**_LAYER_FIELDS, "w_bits": _one_of(4, 8), "a_bits": _one_of(4, 8, 16)})
+_FORMAT_FIELDS = {"w_format": _one_of(*_WEIGHT_FORMATS), "a_format": _one_of(*FORMATS)}
+# Version 4 adds the low-rank branch's tensors.
+_LAYER = _record({**_layer_fields(_OP_TENSORS + LOWRANK_ARGS), **_FORMAT_FIELDS})
+_V3_LAYER = _record({**_layer_fields(_OP_TENSORS), **_FORMAT_FIELDS})
+_LEGACY_LAYER = _record({**_layer_fields(_OP_TENSORS), "w_bits": _one_of(4, 8), "a_bits": _one_of(4, 8, 16)})
 
 _FIELDS = {
     "format": _string, "format_version": _integer(1), "package_version": _string, "options": _options,
@@ -180,11 +187,13 @@ _ORDER = {"layer_order": _list_of(_string)}  # optional: explain_artifact's row 
 # Version 1 had no hash of the manifest itself; versions 1 and 2 gave bit counts, not formats.
 _LEGACY = {**_FIELDS, "layers": _map_of(_LEGACY_LAYER)}
 _SCHEMAS = {1: _record(_LEGACY, _ORDER), 2: _record({**_LEGACY, "manifest_sha256": _sha256}, _ORDER),
-            3: _record({**_FIELDS, "manifest_sha256": _sha256}, _ORDER)}
+            3: _record({**_FIELDS, "layers": _map_of(_V3_LAYER), "manifest_sha256": _sha256}, _ORDER),
+            4: _record({**_FIELDS, "manifest_sha256": _sha256}, _ORDER)}
 
 
 def _current_form(manifest: dict[str, Any], version: int) -> dict[str, Any]:
-    """A schema-checked manifest of `version` with its layers in version 3's form."""
+    """A schema-checked manifest of `version` with its layers in the current form (version 3's
+    layers are version 4's without a low-rank branch)."""
     if version >= 3:
         return manifest
 
@@ -252,7 +261,15 @@ def _expected_tensors(layer: Mapping[str, Any], n: int) -> dict[str, tuple[tuple
     return {"qweight": ((dtype,), (n, width)),
             "w_scale": ((torch.float32,), scale_shape), "w_zero": ((torch.int8,), scale_shape),
             "bias": (floating, (n,)), "act_mul": (floating, (k,)), "act_perm": ((torch.int64,), (k,)),
-            "act_rotation": (floating, None)}
+            "act_rotation": (floating, None), "lr_down": (floating, None), "lr_up": (floating, None)}
+
+
+def _free_shape(arg: str, t: torch.Tensor, k: int, n: int, rank: int | None) -> tuple[bool, str]:
+    """Whether `t` fits argument `arg`, whose shape the scalars do not fix, and what would."""
+    if arg == "act_rotation":  # square blocks whose size divides K
+        return t.dim() == 2 and t.shape[0] == t.shape[1] > 0 and k % t.shape[0] == 0, f"[b, b] with b dividing {k}"
+    shape = (rank, k) if arg == "lr_down" else (n, rank)
+    return t.dim() == 2 and tuple(t.shape) == shape and 1 <= rank <= min(n, k), f"{list(shape)} (rank 1..{min(n, k)})"
 
 
 def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -268,12 +285,17 @@ def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor])
             if g and k % g:
                 raise ManifestError(keys + (what,), f"needs in_features divisible by {g}; it is {k}")
         expected = _expected_tensors(layer, n)
+        branch = [a for a in LOWRANK_ARGS if a in layer["tensors"]]
+        if branch and len(branch) != len(LOWRANK_ARGS):
+            raise ManifestError(keys + ("tensors",), f"names {branch[0]} without {set(LOWRANK_ARGS) - set(branch)}: "
+                                                     f"a low-rank branch needs both")
+        down = tensors[layer["tensors"]["lr_down"]] if branch else None
+        rank = down.shape[0] if down is not None and down.dim() == 2 else 0
         for arg, name in layer["tensors"].items():
             t, (dtypes, shape) = tensors[name], expected[arg]
             used.add(name)
-            if shape is None:  # act_rotation: square blocks whose size divides K
-                fits = t.dim() == 2 and t.shape[0] == t.shape[1] > 0 and k % t.shape[0] == 0
-                want = f"[b, b] with b dividing {k}"
+            if shape is None:
+                fits, want = _free_shape(arg, t, k, n, rank)
             else:
                 fits, want = tuple(t.shape) == shape, str(list(shape))
             if t.dtype not in dtypes or not fits:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, RECIPE_NAMES
+from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, LOWRANK_RECIPES, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
-from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig, MethodConfigs,
-                                        OBSConfig, PolicyConfig, QuantizerConfig, SmoothQuantConfig,
+from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
+                                        LowRankConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig, SmoothQuantConfig,
                                         WeightQuantizerConfig)
 
 GROUPS = (None, 32, 64, 128)
@@ -72,6 +72,9 @@ class Options:
                       blocks, in CPU memory; each call visits the model's device only to run (device
                       memory then holds the search calls' window, not the whole calibration set)
     gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
+    lowrank_rank:     rank of the 16-bit low-rank branch of the recipes that keep one (svdquant,
+                      clq+lowrank, clq+gptq+lowrank; passes/lowrank.py), capped per layer at
+                      min(out, in) / 4; refused with any other recipe
     conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
                       weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
                       weights round to nearest (weight_symmetric, weight_group as for the rest),
@@ -103,6 +106,7 @@ class Options:
     search_calls: int = 4
     offload: bool = False
     gptq_act_order: bool = False
+    lowrank_rank: int = 32
     conditioning_bits: str | None = None
     load: str | None = None
 
@@ -142,7 +146,8 @@ class Options:
             obs=OBSConfig(self.hadamard_block, self.obs_statistics, self.fold, self.obs_swap),
             clps=CLPSConfig(self.clps_grid, self.clps_window, self.search_calls, self.cbc_reference,
                             self.clps_target, self.clps_norm),
-            cbc=CBCConfig(self.cbc_prefix))
+            cbc=CBCConfig(self.cbc_prefix),
+            lowrank=LowRankConfig(self.lowrank_rank))
 
     def execution(self) -> Execution:
         """The run-time knobs the recipes' searches need: kernels and offload."""
@@ -152,8 +157,10 @@ class Options:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def quantization_dict(self) -> dict[str, Any]:
-        """The options that decide the quantized layers (what an artifact records)."""
-        return {k: v for k, v in self.as_dict().items() if k not in RUNTIME_KEYS}
+        """The options that decide the quantized layers (what an artifact records; lowrank_rank only
+        for the recipes that read it, which is where parse_options accepts it)."""
+        unused = RUNTIME_KEYS + (() if self.recipe in LOWRANK_RECIPES else ("lowrank_rank",))
+        return {k: v for k, v in self.as_dict().items() if k not in unused}
 
 
 _DEFAULTS = Options().as_dict()
@@ -222,9 +229,16 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         _allowed(key, values[key], choices)
     _allowed("conditioning_bits", values["conditioning_bits"], CONDITIONING_BITS)
     values["clps_grid"] = _ratios(values["clps_grid"])
-    calls = values["search_calls"]
-    if type(calls) is not int or calls < 1:
-        raise ValueError(f"options['search_calls'] must be a positive integer; got {calls!r}")
+    for key in ("search_calls", "lowrank_rank"):
+        if type(values[key]) is not int or values[key] < 1:
+            raise ValueError(f"options[{key!r}] must be a positive integer; got {values[key]!r}")
+    if "lowrank_rank" in given and values["recipe"] not in LOWRANK_RECIPES:
+        raise ValueError(f"options['lowrank_rank'] is for the recipes with a low-rank branch "
+                         f"({', '.join(LOWRANK_RECIPES)}); recipe {values['recipe']!r} has none. Drop it, "
+                         f"or choose one of those recipes")
+    if values["recipe"] == "svdquant" and values["fold"]:
+        raise ValueError("options['fold']=True: recipe 'svdquant' applies its smoothing online (its low-rank "
+                         "branch is split after smoothing); drop 'fold'")
     for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload"):
         _boolean(key, values[key])
     values["skip"] = _patterns(values["skip"])

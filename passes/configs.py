@@ -102,6 +102,14 @@ class CLPSConfig:
 
 
 @dataclass(frozen=True)
+class LowRankConfig:
+    """rank: the rank of the 16-bit low-rank branch (SVDQuant; capped per layer at min(N, K) / 4,
+    passes/lowrank.py) of the recipes that give layers one."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
 class MethodConfigs:
     """Every method's config, built from the user's options in one place."""
 
@@ -111,6 +119,7 @@ class MethodConfigs:
     obs: OBSConfig
     clps: CLPSConfig
     cbc: CBCConfig
+    lowrank: LowRankConfig
     quarot: QuaRotConfig = QuaRotConfig()
 
 

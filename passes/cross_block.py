@@ -40,7 +40,8 @@ from clq_compile.kernels.quantize import quantize
 from .configs import CLPSConfig, Execution, GPTQConfig, MethodConfigs, QuantizerConfig
 from .cross_layer_search import NO_CLIP, WindowSearch, clip_candidates
 from .folding import FoldDecision, find_folds, plan_folds
-from .layer import IDENTITY, QuantizedLinear
+from .layer import IDENTITY, LowRank, QuantizedLinear
+from .lowrank import lowrank_rank, lowrank_split
 from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
@@ -56,6 +57,7 @@ class Components:
     obs: bool = True
     clps: bool = True
     gptq: bool = False
+    lowrank: bool = False
 
 
 def _smoothed_weight(weight: torch.Tensor, smoothing: Smoothing | None) -> torch.Tensor:
@@ -85,19 +87,30 @@ class _LayerQuantizer:
 
     gptq: GPTQ's config for the final weights (None: round to nearest); smoothing: G of the
     layer's input; online: whether the op applies it (False: the producers already output x·G);
-    output: the G of the consumers this layer's output rows are folded for.
+    output: the G of the consumers this layer's output rows are folded for; rank: the rank of a
+    16-bit low-rank branch split off the weight in the op's input coordinates (0: none). G is
+    orthogonal, so splitting before the online rotation or after it gives the same residual
+    (SVD(W·G) = U Σ (GᵀV)ᵀ), and the branch reads the op's input as it arrives.
     fp_weight / bias: the full-precision layer in those coordinates, for search runs.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
                  quantizer: QuantizerConfig, gptq: GPTQConfig | None, smoothing: Smoothing | None,
-                 online: bool = True, output: Smoothing | None = None):
+                 online: bool = True, output: Smoothing | None = None, rank: int = 0):
         self.quantizer, self.gptq, self.smoothing, self.online = quantizer, gptq, smoothing, online
         self.fold_in = smoothing.transform if smoothing is not None and not online else None
         self.fold_out = None if output is None else output.transform
         rows = _output_transformed(weight, output)
-        self.weight = _smoothed_weight(rows, smoothing)
-        self.fp_weight = self.weight if smoothing is not None and not online else rows.float()
+        folded = self.fold_in is not None
+        self.lowrank = None
+        if rank and not folded:
+            residual, self.lowrank = lowrank_split(rows, rank, weight.dtype)
+            self.weight = _smoothed_weight(residual, smoothing)
+        else:
+            self.weight = _smoothed_weight(rows, smoothing)
+            if rank:
+                self.weight, self.lowrank = lowrank_split(self.weight, rank, weight.dtype)
+        self.fp_weight = _smoothed_weight(rows, smoothing) if folded else rows.float()
         self.bias = None if output is None or bias is None else _output_transformed(bias, output).float()
         self.stats = stats
         # Whether the full-precision stand-in differs from the graph's own linear.
@@ -118,11 +131,11 @@ class _LayerQuantizer:
             q = quantize(self.weight, w.format, w.symmetric, w.group, clip)
         online = self.smoothing.transform if self.online and self.smoothing is not None else IDENTITY
         return QuantizedLinear(pack_weight(q), a.format, a.group, online=online, bias=self.bias,
-                               fold_in=self.fold_in, fold_out=self.fold_out)
+                               fold_in=self.fold_in, fold_out=self.fold_out, lowrank=self.lowrank)
 
 
 def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
-              fold: FoldDecision | None, clps: CLPSConfig) -> tuple[str, list[str]]:
+              fold: FoldDecision | None, clps: CLPSConfig, lowrank: LowRank | None) -> tuple[str, list[str]]:
     method = "clq" if parts.cbc else "clq (no cbc)"
     notes = []
     if smoothing is not None:
@@ -138,6 +151,8 @@ def _describe(parts: Components, smoothing: Smoothing | None, clip, target,
                      "CLPS: no downstream layer in the window")
     if parts.gptq:
         method += " +gptq"
+    if lowrank is not None:
+        method += f" +lowrank r{lowrank.rank}"
     return method, notes
 
 
@@ -208,8 +223,9 @@ class _GraphQuantizer:
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
             online = x.node not in folds or not folds[x.node].producers
             inputs = None if stats is None else stats[x.node]
+            rank = lowrank_rank(x.out_features, x.in_features, configs.lowrank.rank) if parts.lowrank else 0
             plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, configs.quantizer, gptq, smoothing[x.node],
-                                            online, output.get(x.node)), folds.get(x.node))
+                                            online, output.get(x.node), rank), folds.get(x.node))
         return plan
 
     def _quantize_segment(self, s, todo, weights, layers, bar) -> None:
@@ -258,7 +274,7 @@ class _GraphQuantizer:
         if parts.clps:
             clip, target, objective_values = search.search(
                 site, make, clip_candidates(configs.clps.grid, configs.quantizer.weight.symmetric))
-        method, notes = _describe(parts, make.smoothing, clip, target, fold, configs.clps)
+        method, notes = _describe(parts, make.smoothing, clip, target, fold, configs.clps, make.lowrank)
         details = {"clip": clip, "target": target, "objective": objective_values,
                    "smoothing": None if make.smoothing is None else make.smoothing.note}
         return replace(make(clip, final=True), method=method, notes=notes, details=details, fold=fold)
@@ -279,8 +295,10 @@ def clq_quantize(weights: dict[str, torch.Tensor], configs: MethodConfigs,
         for path in [p for p in weights if p not in layers]:
             smoothing = (orthogonal_smoothing(weights[path].shape[1], None, configs.obs.hadamard_block)
                          if parts.obs else None)
-            layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing)(NO_CLIP)
+            rank = lowrank_rank(*weights[path].shape, configs.lowrank.rank) if parts.lowrank else 0
+            layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing, rank=rank)(NO_CLIP)
             layers[path] = replace(layer, method="data-free: " + (
-                f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn"))
+                f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn") + (
+                f" +lowrank r{rank}" if rank else ""))
             bar.update()
     return layers

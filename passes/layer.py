@@ -22,6 +22,8 @@ from .folding import FoldDecision
 
 # Names of the tensors a QuantizedLinear hands to the op, in the op's argument order.
 TENSOR_ARGS = ("qweight", "w_scale", "w_zero", "bias", "act_mul", "act_perm", "act_rotation")
+# Names of a low-rank branch's tensors (not the op's: lowering adds the branch beside it).
+LOWRANK_ARGS = ("lr_down", "lr_up")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,38 @@ IDENTITY = ActivationTransform()
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """SVDQuant's 16-bit branch beside a quantized layer: y = op(x) + (x · downᵀ) · upᵀ.
+
+    down [r, K], up [N, r], with x as the op receives it (before its online transform; a
+    transform applied before the low-rank split is folded into `down`). Kept in the layer
+    weight's dtype: a 16-bit model stores a 16-bit branch.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    def __post_init__(self):
+        r, k = self.down.shape
+        if self.up.dim() != 2 or self.up.shape[1] != r or r < 1:
+            raise ValueError(f"a low-rank branch needs down [r, K] and up [N, r]; got {list(self.down.shape)} "
+                             f"and {list(self.up.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        f = torch.nn.functional.linear
+        return f(f(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+@dataclass(frozen=True)
 class QuantizedLinear:
     """One quantized layer.
 
@@ -75,6 +109,8 @@ class QuantizedLinear:
     fold_in / fold_out: a transform G folded across layers: the input arrives as x·G / the output
         leaves as y·G. Not used by the op (the neighbours carry it); kept while quantizing to
         measure the layer on its own, not saved.
+    lowrank: a 16-bit low-rank branch added to the op's output (SVDQuant), else None; the
+        packed weight then holds the residual W - up · down
     """
 
     weight: PackedWeight
@@ -88,6 +124,7 @@ class QuantizedLinear:
     fold: FoldDecision | None = None
     fold_in: ActivationTransform | None = None
     fold_out: ActivationTransform | None = None
+    lowrank: LowRank | None = None
 
     def __post_init__(self):
         # Built once, never edited: the notes as a tuple, the details as a read-only view of a copy.
@@ -112,6 +149,17 @@ class QuantizedLinear:
         return {"qweight": w.qweight, "w_scale": w.scale, "w_zero": w.zero, "bias": self.bias,
                 "act_mul": self.act_mul, "act_perm": self.act_perm, "act_rotation": self.act_rotation}
 
+    def saved_tensors(self) -> dict[str, torch.Tensor | None]:
+        """What an artifact stores of this layer: the op's tensors and the low-rank branch's."""
+        lowrank = self.lowrank
+        return {**self.tensors(), "lr_down": None if lowrank is None else lowrank.down,
+                "lr_up": None if lowrank is None else lowrank.up}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight as stored: the packed codes and scales, and the low-rank branch."""
+        return self.weight.nbytes + (0 if self.lowrank is None else self.lowrank.nbytes)
+
     def scalars(self, kernels: str) -> tuple:
         """The op's trailing scalar arguments."""
         w = self.weight
@@ -122,4 +170,5 @@ class QuantizedLinear:
         t = self.tensors()
         if t["bias"] is None:
             t["bias"] = bias
-        return torch.ops.clq.quant_linear(x, *(t[name] for name in TENSOR_ARGS), *self.scalars(kernels))
+        out = torch.ops.clq.quant_linear(x, *(t[name] for name in TENSOR_ARGS), *self.scalars(kernels))
+        return out if self.lowrank is None else out + self.lowrank.apply(x)

@@ -29,7 +29,7 @@ from clq_compile.kernels.packing import PackedWeight
 
 from .capture import GraphAnalysis
 from .folding import check_folds
-from .layer import TENSOR_ARGS, QuantizedLinear
+from .layer import LOWRANK_ARGS, TENSOR_ARGS, QuantizedLinear
 from .merging import Merge, MergePlan, merged_weight, plan_merges
 
 
@@ -75,6 +75,18 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
         return graph.create_node("call_function", torch.ops.clq.quant_linear.default,
                                  (linear.args[0], *tensors, *layer.scalars(kernels)), name=prefix)
 
+    def with_lowrank(out: fx.Node, linear: fx.Node, layer: QuantizedLinear, prefix: str) -> fx.Node:
+        """out + (x · downᵀ) · upᵀ for a layer with a low-rank branch (LowRank.apply), else out."""
+        if layer.lowrank is None:
+            return out
+        x = linear.args[0]
+        dtype = _dtype(linear)
+        down, up = (constant(f"{prefix}_{name}", t if dtype is None else t.to(dtype), linear)
+                    for name, t in zip(LOWRANK_ARGS, (layer.lowrank.down, layer.lowrank.up)))
+        f = torch.nn.functional.linear
+        branch = graph.call_function(f, (graph.call_function(f, (x, down)), up))
+        return graph.call_function(torch.add, (out, branch))
+
     def own_bias(linear: fx.Node, layer: QuantizedLinear, prefix: str) -> fx.Node | None:
         if layer.bias is not None:
             return constant(f"{prefix}_bias", layer.bias, linear)
@@ -86,10 +98,13 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
             continue
         linear = copies[site.node]
         prefix = _attr_prefix(site.path)
+        layer = layers[site.path]
         with graph.inserting_before(linear):
-            call = quant_linear(linear, layers[site.path], prefix, own_bias(linear, layers[site.path], prefix))
-        call.meta = dict(linear.meta)
-        linear.replace_all_uses_with(call)
+            call = quant_linear(linear, layer, prefix, own_bias(linear, layer, prefix))
+            call.meta = dict(linear.meta)
+            out = with_lowrank(call, linear, layer, prefix)
+        out.meta = dict(linear.meta)
+        linear.replace_all_uses_with(out)
         graph.erase_node(linear)
     for m in plan.merges:
         weight, views = merged_weight([layers[p] for p in m.paths])
@@ -98,7 +113,7 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
         layers.update({p: dataclasses.replace(layers[p], weight=v) for p, v in zip(m.paths, views)
                        if v is not layers[p].weight})
         _lower_merge(graph, m, [copies[n] for n in m.nodes], [layers[p] for p in m.paths], weight, quant_linear,
-                     own_bias, constant)
+                     own_bias, constant, with_lowrank)
 
     graph.lint()
     lowered = fx.GraphModule(attributes, graph, class_name="ClqQuantizedGraph")
@@ -122,13 +137,13 @@ def merge_name(paths: tuple[str, ...]) -> str:
 
 
 def _lower_merge(graph: fx.Graph, m: Merge, linears: list[fx.Node], members: list[QuantizedLinear],
-                 weight: PackedWeight, quant_linear, own_bias, constant) -> None:
+                 weight: PackedWeight, quant_linear, own_bias, constant, with_lowrank) -> None:
     """One quant_linear for the members of `m` (their merged `weight`); each member's users read
-    their slice of it."""
+    their slice of it, plus the member's own low-rank branch where it has one."""
     prefix = merge_name(m.paths)
     first = linears[0]
     widths = [layer.weight.qweight.shape[0] for layer in members]
-    layer = dataclasses.replace(members[0], weight=weight, bias=None)
+    layer = dataclasses.replace(members[0], weight=weight, bias=None, lowrank=None)
     with graph.inserting_before(first):
         biases = [own_bias(linear, member, _attr_prefix(path))
                   for linear, member, path in zip(linears, members, m.paths)]
@@ -142,15 +157,22 @@ def _lower_merge(graph: fx.Graph, m: Merge, linears: list[fx.Node], members: lis
         call = quant_linear(first, layer, prefix, bias)
         call.meta = {k: v for k, v in first.meta.items() if k not in ("example_value", "val", "tensor_meta")}
         start = 0
-        for linear, n in zip(linears, widths):
+        for linear, n, member, path in zip(linears, widths, members, m.paths):
             part = graph.call_function(torch.narrow, (call, -1, start, n))
-            if _needs_dense(linear):
+            if _needs_dense(linear) and member.lowrank is None:
                 part = graph.call_method("contiguous", (part,))
+            part = with_lowrank(part, linear, member, _attr_prefix(path))
             part.meta = dict(linear.meta)
             start += n
             linear.replace_all_uses_with(part)
     for linear in linears:
         graph.erase_node(linear)
+
+
+def _dtype(linear: fx.Node) -> torch.dtype | None:
+    """The dtype of the linear's output as traced (None when the graph carries no example)."""
+    value = linear.meta.get("example_value", linear.meta.get("val"))
+    return getattr(value, "dtype", None)
 
 
 def _needs_dense(linear: fx.Node) -> bool:

@@ -15,6 +15,8 @@ Recipes are data in `RECIPES`, so the same graph gives every method's result for
 | clq | cross-block calibration + orthogonal-based smoothing + cross-layer parameter search |
 | clq-no-cbc / clq-no-obs / clq-no-clps | CLQ with one component removed (ablations) |
 | clq+gptq | CLQ with GPTQ weights |
+| svdquant | SmoothQuant's smoothing, then a 16-bit low-rank branch split off W·diag(s); the residual quantized |
+| clq+lowrank / clq+gptq+lowrank | CLQ (with GPTQ weights) and a 16-bit low-rank branch split off each weight |
 
 Recipes that need data quantize round-to-nearest when called without calibration, and say so.
 """
@@ -115,6 +117,26 @@ def _folded_smoothquant(weights, quantizer, calibration, stats) -> dict[str, Qua
     return layers
 
 
+def _svdquant_recipe(weights, configs, calibration, execution):
+    """SVDQuant: smoothing with α searched on the layer's error, branch included (passes/lowrank.py)."""
+    from .lowrank import lowrank_rank, lowrank_split
+    from .smoothquant import smoothquant_layer
+
+    quantizer, rank = configs.quantizer, configs.lowrank.rank
+    stats = _statistics(weights, calibration, hessian=False)
+
+    def one(path, w):
+        r = lowrank_rank(*w.shape, rank)
+        if stats is not None:
+            return smoothquant_layer(w, stats[path].samples, stats[path].absmax, quantizer, rank=r)
+        if not r:
+            return _data_free(w, quantizer)
+        residual, branch = lowrank_split(w, r)
+        return dataclasses.replace(rtn(residual, quantizer), lowrank=branch, method=f"data-free: rtn +lowrank r{r}")
+
+    return _per_layer(weights, "svdquant", one)
+
+
 def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False):
     from .rotation import quarot_layer, rotate_hessian, rotate_weight
 
@@ -161,6 +183,9 @@ RECIPES: dict[str, Recipe] = {
     "clq-no-obs": partial(_clq_recipe, parts=Components(obs=False)),
     "clq-no-clps": partial(_clq_recipe, parts=Components(clps=False)),
     "clq+gptq": partial(_clq_recipe, parts=Components(gptq=True)),
+    "svdquant": _svdquant_recipe,
+    "clq+lowrank": partial(_clq_recipe, parts=Components(lowrank=True)),
+    "clq+gptq+lowrank": partial(_clq_recipe, parts=Components(gptq=True, lowrank=True)),
 }
 
 

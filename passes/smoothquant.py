@@ -28,6 +28,7 @@ import torch
 
 from .configs import QuantizerConfig
 from .layer import ActivationTransform, QuantizedLinear
+from .lowrank import lowrank_split, with_input_transform
 from .rotation import rotate_weight
 from .weight_quantization import rtn
 
@@ -64,15 +65,24 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
 
 
 def _smoothed_layer(weight: torch.Tensor, act_mul: torch.Tensor, quantizer: QuantizerConfig,
-                    alpha: float) -> QuantizedLinear:
-    """The layer smoothed by act_mul = 1/s (strength alpha) online, W · diag(s) quantized RTN."""
+                    alpha: float, rank: int = 0) -> QuantizedLinear:
+    """The layer smoothed by act_mul = 1/s (strength alpha) online, W · diag(s) quantized RTN;
+    with a `rank`, W · diag(s) is first split into a 16-bit low-rank branch and the residual that
+    is quantized (SVDQuant, passes/lowrank.py)."""
     # The weight undoes the float32 multiplier the op actually applies, not the float64 1/s.
-    layer = rtn(rotate_weight(weight, act_mul=act_mul), quantizer)
-    return dataclasses.replace(layer, online=ActivationTransform(mul=act_mul), method=f"smoothquant α={alpha:g}")
+    smoothed = rotate_weight(weight, act_mul=act_mul)
+    if not rank:
+        layer = rtn(smoothed, quantizer)
+        return dataclasses.replace(layer, online=ActivationTransform(mul=act_mul), method=f"smoothquant α={alpha:g}")
+    residual, branch = lowrank_split(smoothed, rank, weight.dtype)
+    return dataclasses.replace(rtn(residual, quantizer), online=ActivationTransform(mul=act_mul),
+                               lowrank=with_input_transform(branch, act_mul),
+                               method=f"svdquant α={alpha:g} +lowrank r{rank}")
 
 
 def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.Tensor,
-                      quantizer: QuantizerConfig, alphas: Sequence[float] = DEFAULT_ALPHAS) -> QuantizedLinear:
+                      quantizer: QuantizerConfig, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                      rank: int = 0) -> QuantizedLinear:
     """SmoothQuant with α searched per layer on calibration samples.
 
     Args:
@@ -81,18 +91,21 @@ def smoothquant_layer(weight: torch.Tensor, x: torch.Tensor, act_absmax: torch.T
         act_absmax: [K] max |x| per channel over all calibration data (may cover more than x).
         quantizer: formats, groups and weight symmetry, as for RTN.
         alphas: the grid of migration strengths tried.
+        rank: with 1 or more, SVDQuant: each candidate keeps a low-rank branch of this rank
+            split from W · diag(s) (its error, branch included, decides α).
 
     Returns:
         The QuantizedLinear whose output error ||x · Wᵀ - layer(x)||² (through the reference op,
         with the real weight and activation quantization) is least over the grid; its method reads
         "smoothquant α=<chosen α>". Ties go to the earlier α in the grid.
     """
-    (layer,) = smoothquant_shared([weight], [x], act_absmax, quantizer, alphas)
+    (layer,) = smoothquant_shared([weight], [x], act_absmax, quantizer, alphas, rank)
     return layer
 
 
 def smoothquant_shared(weights: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], act_absmax: torch.Tensor,
-                       quantizer: QuantizerConfig, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[QuantizedLinear]:
+                       quantizer: QuantizerConfig, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                       rank: int = 0) -> list[QuantizedLinear]:
     """SmoothQuant for layers that must share one s (the consumers of a fold group).
 
     s comes from the layers' weights stacked along the outputs; α minimizes the sum of the layers'
@@ -110,7 +123,7 @@ def smoothquant_shared(weights: Sequence[torch.Tensor], xs: Sequence[torch.Tenso
     best, best_error = None, float("inf")
     for alpha in alphas:
         act_mul = (1 / smoothing_factors(act_absmax, stacked, alpha)).float()
-        layers = [_smoothed_layer(w, act_mul, quantizer, alpha) for w in weights]
+        layers = [_smoothed_layer(w, act_mul, quantizer, alpha, rank) for w in weights]
         error = sum(float((layer.forward(xx, None, "reference").double() - ref).square().sum())
                     for layer, xx, ref in zip(layers, samples, references))
         if error < best_error:

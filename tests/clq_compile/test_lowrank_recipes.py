@@ -1,0 +1,137 @@
+"""Recipes with a 16-bit low-rank branch (svdquant, clq+lowrank): compiled, saved, loaded, reported."""
+
+import json
+
+import pytest
+import torch
+
+import clq_compile
+from clq_compile import artifact, stress, tiny_models
+from clq_compile.artifact import ArtifactError
+from clq_compile.calibration import model_state
+from clq_compile.explain import memory_report
+from clq_compile.options import parse_options
+# `copy` reads the fixture `saved`; both live in the hostile-artifact tests.
+from tests.clq_compile.test_artifact_hostile import forge, manifest_text, tensors_of
+
+
+def calibrated(recipe: str, **options):
+    torch._dynamo.reset()
+    model = stress.stress_model("pixart", seed=0, heads=4, head_dim=16)
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4", "kernels": "reference", "recipe": recipe,
+                                                      **options})
+    with torch.no_grad(), clq_compile.calibrating(qt):
+        for seed in range(2):
+            qt(**tiny_models.make_inputs("pixart", seed=100 + seed))
+    return model, qt
+
+
+def layers_by_hand(model, state, inputs):
+    """The model run eagerly with every quantized nn.Linear replaced by its record's forward."""
+    handles = []
+    for path, layer in state.layers.items():
+        def hook(module, args, output, layer=layer):
+            return layer.forward(args[0], module.bias, "reference")
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(**inputs).sample
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("recipe", ["svdquant", "clq+lowrank"])
+def test_the_compiled_branch_is_the_records_branch(recipe):
+    """The lowered graph (merged q/k/v included, each member adding its own branch) computes what
+    the records do; every layer wide enough has a branch of the option's rank."""
+    model, qt = calibrated(recipe, lowrank_rank=4)
+    state = model_state(qt)
+    assert all(layer.lowrank is not None and layer.lowrank.rank == 4 for layer in state.layers.values())
+    inputs = tiny_models.make_inputs("pixart", seed=5)
+    with torch.no_grad():
+        compiled = qt(**inputs).sample
+    assert torch.equal(compiled, layers_by_hand(model, state, inputs))
+    lowered = [g.lowered for g in state.graphs]
+    assert any(lowered[0].meta["clq_merges"].merges) or recipe == "svdquant"
+    downs = [n.target for g in lowered for n in g.graph.nodes if n.op == "get_attr" and n.target.endswith("_lr_down")]
+    assert len(downs) == len(set(downs)) == len(state.layers)
+    assert "+lowrank r4" in clq_compile.explain(qt)
+
+
+def test_the_branch_lowers_the_error_and_is_counted_in_memory():
+    model, plain = calibrated("clq")
+    inputs = tiny_models.make_inputs("pixart", seed=5)
+    with torch.no_grad():
+        reference = model(**inputs).sample
+        err_plain = float((plain(**inputs).sample - reference).norm() / reference.norm())
+    plain_bytes = memory_report(plain)["quantized_bytes"]
+    _, branch = calibrated("clq+lowrank", lowrank_rank=8)
+    with torch.no_grad():
+        err_branch = float((branch(**inputs).sample - reference).norm() / reference.norm())
+    state = model_state(branch)
+    extra = sum(layer.lowrank.nbytes for layer in state.layers.values())
+    assert extra == sum(4 * 8 * (layer.weight.qweight.shape[0] + layer.weight.in_features)
+                        for layer in state.layers.values())
+    assert memory_report(branch)["quantized_bytes"] == pytest.approx(plain_bytes + extra, abs=64)
+    assert err_branch < err_plain
+
+
+@pytest.fixture(scope="module")
+def saved_lowrank(tmp_path_factory):
+    model, qt = calibrated("clq+lowrank", lowrank_rank=4)
+    path = clq_compile.save(qt, tmp_path_factory.mktemp("lowrank") / "pixart.safetensors")
+    with torch.no_grad():
+        out = qt(**tiny_models.make_inputs("pixart", seed=5)).sample
+    return path, out
+
+
+def test_an_artifact_with_branches_round_trips(saved_lowrank):
+    path, out = saved_lowrank
+    manifest = json.loads(manifest_text(path))
+    assert manifest["format_version"] == 4 and manifest["options"]["lowrank_rank"] == 4
+    assert all({"lr_down", "lr_up"} <= set(layer["tensors"]) for layer in manifest["layers"].values())
+    torch._dynamo.reset()
+    loaded = clq_compile.load(stress.stress_model("pixart", seed=0, heads=4, head_dim=16), path,
+                              options={"kernels": "reference"})
+    with torch.no_grad():
+        assert torch.equal(loaded(**tiny_models.make_inputs("pixart", seed=5)).sample, out)
+
+
+def _drop_up(m):
+    layer = next(iter(m["layers"].values()))
+    del layer["tensors"]["lr_up"]
+
+
+@pytest.mark.parametrize("edit,tensors_edit,match", [
+    (_drop_up, None, r"without \{'lr_up'\}|is stored but no layer uses it"),
+    (None, "narrow", r"lr_down.*\[4, 64\]|lr_up.*rank"),
+])
+def test_a_forged_branch_is_refused(saved_lowrank, tmp_path, edit, tensors_edit, match):
+    path, _ = saved_lowrank
+    target = tmp_path / path.name
+    target.write_bytes(path.read_bytes())
+    tensors = tensors_of(target)
+    if tensors_edit == "narrow":
+        name = next(k for k in sorted(tensors) if k.endswith(".lr_down"))
+        tensors[name] = tensors[name][:3].contiguous()
+    forge(target, edit or (lambda m: None), tensors)
+    with pytest.raises(ArtifactError, match=match):
+        clq_compile.load(stress.stress_model("pixart", seed=0, heads=4, head_dim=16), target)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"recipe": "clq", "lowrank_rank": 8}, r"lowrank_rank.*recipe 'clq' has none"),
+    ({"recipe": "svdquant", "lowrank_rank": 0}, r"lowrank_rank.*positive integer"),
+    ({"recipe": "svdquant", "lowrank_rank": 8.0}, r"lowrank_rank.*positive integer"),
+    ({"recipe": "svdquant", "fold": True}, r"svdquant.*online"),
+])
+def test_bad_lowrank_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        parse_options(options)
+
+
+def test_artifacts_of_recipes_without_a_branch_do_not_record_its_rank():
+    assert "lowrank_rank" not in parse_options({"recipe": "clq"}).quantization_dict()
+    assert parse_options({"recipe": "svdquant"}).quantization_dict()["lowrank_rank"] == 32
+    assert artifact.FORMAT_VERSION == 4

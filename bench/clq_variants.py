@@ -19,8 +19,8 @@ Two parts, each its own process (so two cores run them side by side):
   variant x recipe (`--recipes`, default clq and clq+gptq) at `--bits`: PSNR / SSIM against the
   full-precision samples, class accuracy.
 - `--part stress`: the stress models (clq_compile/stress.py: DiT, PixArt, SD3, Flux configs with
-  trained-like weights and injected outliers), `--seeds` of each, recipe clq: the relative error
-  of the final sample of a 10-step loop against full precision.
+  trained-like weights and injected outliers, `--blocks` transformer blocks), `--seeds` of each,
+  recipe clq: the relative error of the final sample of a 10-step loop against full precision.
 
 Rows are appended to `<part>.jsonl` in `--out` as each cell finishes; every process then writes
 `variants.json` and `variants.md` from all the rows in the folder, so the process that ends last
@@ -28,6 +28,8 @@ leaves the whole table.
 
     python bench/clq_variants.py --part digits --threads 1 --out bench/results/clq-variants &
     python bench/clq_variants.py --part stress --threads 1 --out bench/results/clq-variants
+    python bench/clq_variants.py --part stress --blocks 4 --variants defaults,cbc_prefix=previous,\
+        clps_window=2,clps_window=3 --threads 1 --out bench/results/clq-variants-4-blocks
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ def run_stress(args, journal: Path, progress: tqdm) -> None:
         for seed in range(args.seeds):
             for variant in args.variants:
                 progress.set_postfix_str(f"{family} seed {seed} {variant}")
-                one = compare_recipes(family, ["clq"], args.bits, (seed,), options=VARIANTS[variant])["clq"]
+                one = compare_recipes(family, ["clq"], args.bits, (seed,), options=VARIANTS[variant],
+                                      blocks=args.blocks)["clq"]
                 append_row(journal, {"model": family, "variant": variant, "recipe": "clq", "bits": args.bits,
-                                     "seed": seed, "error": one["error"][0],
+                                     "blocks": args.blocks, "seed": seed, "error": one["error"][0],
                                      "quantize_seconds": round(one["quantize_seconds"][0], 2)})
                 progress.update()
 
@@ -132,7 +135,8 @@ def markdown(rows: dict[str, list[dict]], runs: dict[str, dict]) -> str:
         errors: dict[tuple[str, str], dict[int, float]] = {}
         for r in stress:
             errors.setdefault((r["model"], r["variant"]), {})[r["seed"]] = r["error"]
-        lines += [f"## Stress models ({stress[0]['bits']}, recipe clq): relative error of the final sample, "
+        lines += [f"## Stress models ({stress[0]['bits']}, recipe clq, {stress[0].get('blocks', 2)} blocks): "
+                  "relative error of the final sample, "
                   "mean over seeds (lower is better); in brackets, on how many seeds it beats the defaults", "",
                   "| variant | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
         for variant in dict.fromkeys(r["variant"] for r in stress):
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-class", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--seeds", type=positive_int, default=10, help="stress part: models per family")
+    parser.add_argument("--blocks", type=positive_int, default=2,
+                        help="stress part: transformer blocks of each model (2, the stress models' own, "
+                             "cannot tell cbc_prefix or clps_window > 1 from the defaults; default 2)")
     parser.add_argument("--seed", type=int, default=0,
                         help="digits part: seed of the evaluation noise; calibration uses seed + 1 (default 0)")
     parser.add_argument("--threads", type=positive_int, default=None)

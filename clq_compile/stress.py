@@ -108,11 +108,11 @@ def sample(model, inputs: dict, steps: int = 10) -> torch.Tensor:
 
 
 def stress_model(family: str, seed: int, outlier_scale: float = 50.0, heads: int = 8,
-                 head_dim: int = 32) -> nn.Module:
-    """A tiny `family` model with trained-like weights and injected outliers (see above)."""
+                 head_dim: int = 32, blocks: int = 2) -> nn.Module:
+    """A tiny `family` model of `blocks` blocks with trained-like weights and injected outliers (see above)."""
     from . import tiny_models
 
-    model = tiny_models.build(family, seed=seed, heads=heads, head_dim=head_dim)
+    model = tiny_models.build(family, seed=seed, heads=heads, head_dim=head_dim, blocks=blocks)
     trained_like_weights(model, seed=seed)
     if outlier_scale:
         inject_outliers(model, scale=outlier_scale, seed=seed)
@@ -121,7 +121,7 @@ def stress_model(family: str, seed: int, outlier_scale: float = 50.0, heads: int
 
 def compare_recipes(family: str, recipes: list[str], bits: str = "w4a4", seeds: tuple[int, ...] = (0, 1, 2),
                     steps: int = 10, calibration_calls: int = 4, outlier_scale: float = 50.0,
-                    options: dict | None = None) -> dict[str, dict[str, list[float]]]:
+                    options: dict | None = None, blocks: int = 2) -> dict[str, dict[str, list[float]]]:
     """Relative error of each recipe's final sample against full precision, per seed.
 
     For every seed: a stress model, calibration on `calibration_calls` random inputs, then the
@@ -136,7 +136,7 @@ def compare_recipes(family: str, recipes: list[str], bits: str = "w4a4", seeds: 
 
     results = {r: {"error": [], "quantize_seconds": []} for r in recipes}
     for seed in seeds:
-        model = stress_model(family, seed, outlier_scale)
+        model = stress_model(family, seed, outlier_scale, blocks=blocks)
         noise = tiny_models.make_inputs(family, seed=1000 + seed)
         with torch.no_grad():
             reference = sample(model, noise, steps)

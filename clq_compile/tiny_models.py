@@ -17,13 +17,17 @@ FAMILIES = ("dit", "pixart", "sd3", "flux")
 
 
 def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, heads: int = 2,
-          head_dim: int = 16) -> nn.Module:
+          head_dim: int = 16, blocks: int = 2) -> nn.Module:
     """A tiny transformer of `family` (one of FAMILIES) with weights drawn from `seed`, in eval mode.
 
     Width = heads x head_dim (32 by default); wider models show what block rotations and
-    channel swapping do, which a single 32-wide Hadamard block cannot.
+    channel swapping do, which a single 32-wide Hadamard block cannot. blocks: transformer blocks
+    (Flux: half double-stream, half single-stream; at least 2), enough to tell apart what looks
+    further than the next block (CBC's prefix, CLPS's window).
     """
-    builders: dict[str, Callable[[int, int], nn.Module]] = {
+    if type(blocks) is not int or blocks < 2 or (family == "flux" and blocks % 2):
+        raise ValueError(f"blocks must be an integer of at least 2 (even for flux); got {blocks!r}")
+    builders: dict[str, Callable[[int, int, int], nn.Module]] = {
         "dit": _dit,
         "pixart": _pixart,
         "sd3": _sd3,
@@ -32,23 +36,23 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, heads:
     if family not in builders:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
-    return builders[family](heads, head_dim).to(dtype).eval()
+    return builders[family](heads, head_dim, blocks).to(dtype).eval()
 
 
-def _dit(heads: int, head_dim: int) -> nn.Module:
+def _dit(heads: int, head_dim: int, blocks: int) -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+        num_layers=blocks, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
     )
 
 
-def _pixart(heads: int, head_dim: int) -> nn.Module:
+def _pixart(heads: int, head_dim: int, blocks: int) -> nn.Module:
     from diffusers import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=head_dim,
+        sample_size=8, num_layers=blocks, patch_size=2, attention_head_dim=head_dim,
         num_attention_heads=heads, caption_channels=24, in_channels=4,
         cross_attention_dim=heads * head_dim, out_channels=8,
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
@@ -56,21 +60,22 @@ def _pixart(heads: int, head_dim: int) -> nn.Module:
     )
 
 
-def _sd3(heads: int, head_dim: int) -> nn.Module:
+def _sd3(heads: int, head_dim: int, blocks: int) -> nn.Module:
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=head_dim,
+        sample_size=8, patch_size=2, in_channels=4, num_layers=blocks, attention_head_dim=head_dim,
         num_attention_heads=heads, caption_projection_dim=heads * head_dim, joint_attention_dim=24,
         pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
     )
 
 
-def _flux(heads: int, head_dim: int) -> nn.Module:
+def _flux(heads: int, head_dim: int, blocks: int) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        patch_size=1, in_channels=8, num_layers=blocks // 2, num_single_layers=blocks // 2,
+        attention_head_dim=head_dim,
         num_attention_heads=heads, joint_attention_dim=24, pooled_projection_dim=16,
         axes_dims_rope=[head_dim // 4, head_dim // 4, head_dim // 2],
     )

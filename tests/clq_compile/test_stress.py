@@ -47,3 +47,17 @@ def test_sampling_loop_is_deterministic_and_moves_the_latents():
     with torch.no_grad():
         a, b = stress.sample(model, inputs, steps=3), stress.sample(model, inputs, steps=3)
     assert torch.equal(a, b) and not torch.allclose(a, inputs["hidden_states"])
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_stress_models_of_more_blocks_keep_the_first_blocks(family):
+    """blocks=4 builds four transformer blocks (Flux: two double-stream, two single-stream)."""
+    two, four = stress.stress_model(family, seed=3, blocks=2), stress.stress_model(family, seed=3, blocks=4)
+    for model, n in ((two, 2), (four, 4)):
+        assert sum(len(getattr(model, name, ())) for name in ("transformer_blocks", "single_transformer_blocks")) == n
+    assert sum(p.numel() for p in four.parameters()) > sum(p.numel() for p in two.parameters())
+    with pytest.raises(ValueError, match="blocks must be an integer of at least 2"):
+        tiny_models.build(family, blocks=1)
+    if family == "flux":
+        with pytest.raises(ValueError, match="even for flux"):
+            tiny_models.build(family, blocks=3)

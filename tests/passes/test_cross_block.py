@@ -1,6 +1,5 @@
 """CBC and CLPS on a real captured graph: segments, quantized-prefix inputs, search objective."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -48,8 +47,8 @@ def pixart_calibration():
 @pytest.fixture(scope="module")
 def three_blocks():
     """A PixArt-like model of three blocks: "previous" and "all" prefixes differ from block 2 on."""
-    model = tiny_models.build("pixart", heads=4, head_dim=16)
-    model.transformer_blocks.append(copy.deepcopy(model.transformer_blocks[1]))
+    model = tiny_models.build("pixart", heads=4, head_dim=16, blocks=3)
+    assert len(model.transformer_blocks) == 3
     stress.trained_like_weights(model)
     stress.inject_outliers(model, scale=20)
     return calibration_of(model)

@@ -1,10 +1,12 @@
 """CLQ's own choices, as this project makes them and as the CLQ paper's reviewers describe them.
 
-Each variant changes options of the `clq` recipes (clq_compile/options.py) from their defaults:
+Each variant changes one option of the `clq` recipes (clq_compile/options.py) from the choices
+this project made before these options existed ("earlier defaults", spelled out, so that the
+results keep their meaning whatever the defaults become):
 
 | variant | options | the reviewers' reading |
 |---|---|---|
-| defaults | — | — |
+| earlier defaults | obs_swap spread, cbc_prefix all, clps_target peak-error, clps_window 1, clps_norm l2 | — |
 | obs_swap=group | {"obs_swap": "group"} | channel swapping groups channels of similar magnitude |
 | cbc_prefix=previous | {"cbc_prefix": "previous"} | CBC quantizes only the previous block |
 | clps_target=max-variance | {"clps_target": "max-variance"} | CLPS targets the largest-variance layer |
@@ -22,13 +24,14 @@ Two parts, each its own process (so two cores run them side by side):
   trained-like weights and injected outliers, `--blocks` transformer blocks), `--seeds` of each,
   recipe clq: the relative error of the final sample of a 10-step loop against full precision.
 
-Rows are appended to `<part>.jsonl` in `--out` as each cell finishes; every process then writes
+Rows are appended to `<part>.jsonl` in `--out` (digits at `--seed` s > 0: `digits-seed<s>.jsonl`)
+as each cell finishes; every process then writes
 `variants.json` and `variants.md` from all the rows in the folder, so the process that ends last
 leaves the whole table.
 
     python bench/clq_variants.py --part digits --threads 1 --out bench/results/clq-variants &
     python bench/clq_variants.py --part stress --threads 1 --out bench/results/clq-variants
-    python bench/clq_variants.py --part stress --blocks 4 --variants defaults,cbc_prefix=previous,\
+    python bench/clq_variants.py --part stress --blocks 4 --variants "earlier defaults",cbc_prefix=previous,\
         clps_window=2,clps_window=3 --threads 1 --out bench/results/clq-variants-4-blocks
 """
 
@@ -60,14 +63,17 @@ log = logging.getLogger("clq_compile.bench")
 
 PAPER = {"obs_swap": "group", "cbc_prefix": "previous", "clps_target": "max-variance", "clps_window": 3,
          "clps_norm": "l1"}
+BASE = "earlier defaults"
+EARLIER = {"obs_swap": "spread", "cbc_prefix": "all", "clps_target": "peak-error", "clps_window": 1,
+           "clps_norm": "l2"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "obs_swap=group": {"obs_swap": "group"},
-    "cbc_prefix=previous": {"cbc_prefix": "previous"},
-    "clps_target=max-variance": {"clps_target": "max-variance"},
-    "clps_window=2": {"clps_window": 2},
-    "clps_window=3": {"clps_window": 3},
-    "clps_norm=l1": {"clps_norm": "l1"},
+    BASE: EARLIER,
+    "obs_swap=group": {**EARLIER, "obs_swap": "group"},
+    "cbc_prefix=previous": {**EARLIER, "cbc_prefix": "previous"},
+    "clps_target=max-variance": {**EARLIER, "clps_target": "max-variance"},
+    "clps_window=2": {**EARLIER, "clps_window": 2},
+    "clps_window=3": {**EARLIER, "clps_window": 3},
+    "clps_norm=l1": {**EARLIER, "clps_norm": "l1"},
     "paper": PAPER,
 }
 PARTS = ("digits", "stress")
@@ -105,28 +111,50 @@ def run_stress(args, journal: Path, progress: tqdm) -> None:
                 progress.update()
 
 
+def journal_name(part: str, seed: int) -> str:
+    """digits.jsonl, digits-seed1.jsonl, ... (one digits journal per evaluation seed), stress.jsonl."""
+    return f"{part}{f'-seed{seed}' if part == 'digits' and seed else ''}.jsonl"
+
+
 def read_rows(out: Path) -> dict[str, list[dict]]:
-    return {part: [json.loads(line) for line in (out / f"{part}.jsonl").read_text().splitlines() if line]
-            for part in PARTS if (out / f"{part}.jsonl").exists()}
+    """{part: rows of every journal of that part in `out`}."""
+    rows: dict[str, list[dict]] = {}
+    for part in PARTS:
+        for journal in sorted(out.glob(f"{part}*.jsonl")):
+            rows.setdefault(part, []).extend(json.loads(line) for line in journal.read_text().splitlines() if line)
+    return rows
+
+
+def _compared(mine: dict, base: dict) -> str:
+    """"mean (wins/common)" of `mine` ({seed: value}) against `base` on their common seeds; higher
+    wins for PSNR, so callers pass negated errors."""
+    common = [s for s in mine if s in base]
+    wins = sum(mine[s] > base[s] for s in common)
+    return f"({wins}/{len(common)})"
 
 
 def markdown(rows: dict[str, list[dict]], runs: dict[str, dict]) -> str:
-    lines = ["# CLQ's choices: this project's defaults against the CLQ paper's reviewers' reading", ""]
+    lines = ["# CLQ's choices: this project's earlier defaults against the CLQ paper's reviewers' reading", ""]
     digits = rows.get("digits", [])
     if digits:
         models = list(dict.fromkeys(r["model"] for r in digits))
         recipes = list(dict.fromkeys(r["recipe"] for r in digits))
-        lines += [f"## Digits DiT ({digits[0]['bits']}): PSNR dB / SSIM / accuracy against full precision "
-                  "(higher is better)", "",
+        seeds = sorted({r.get("seed", 0) for r in digits})
+        psnr: dict[tuple[str, str, str], dict[int, float]] = {}
+        for r in digits:
+            psnr.setdefault((r["model"], r["variant"], r["recipe"]), {})[r.get("seed", 0)] = r["psnr"]
+        lines += [f"## Digits DiT ({digits[0]['bits']}): PSNR dB against full precision, mean over evaluation "
+                  f"seeds {', '.join(map(str, seeds))} where measured (higher is better); in brackets, on how "
+                  f"many seeds it beats the {BASE}", "",
                   "| variant | " + " | ".join(f"{m} {r}" for m in models for r in recipes) + " |",
                   "|---|" + "---|" * (len(models) * len(recipes))]
-        cells = {(r["model"], r["variant"], r["recipe"]): r for r in digits}
         for variant in dict.fromkeys(r["variant"] for r in digits):
             shown = []
             for m in models:
                 for r in recipes:
-                    c = cells.get((m, variant, r))
-                    shown.append("—" if c is None else f"{c['psnr']:.2f} / {c['ssim']:.3f} / {c['accuracy']:.2f}")
+                    mine, base = psnr.get((m, variant, r), {}), psnr.get((m, BASE, r), {})
+                    shown.append("—" if not mine else f"{statistics.mean(mine.values()):.2f}"
+                                 + ("" if variant == BASE else f" {_compared(mine, base)}"))
             lines.append(f"| {variant} | " + " | ".join(shown) + " |")
         lines.append("")
     stress = rows.get("stress", [])
@@ -137,18 +165,18 @@ def markdown(rows: dict[str, list[dict]], runs: dict[str, dict]) -> str:
             errors.setdefault((r["model"], r["variant"]), {})[r["seed"]] = r["error"]
         lines += [f"## Stress models ({stress[0]['bits']}, recipe clq, {stress[0].get('blocks', 2)} blocks): "
                   "relative error of the final sample, "
-                  "mean over seeds (lower is better); in brackets, on how many seeds it beats the defaults", "",
+                  f"mean over seeds (lower is better); in brackets, on how many seeds it beats the {BASE}", "",
                   "| variant | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
         for variant in dict.fromkeys(r["variant"] for r in stress):
             shown = []
             for f in families:
-                mine, base = errors.get((f, variant), {}), errors.get((f, "defaults"), {})
+                mine, base = errors.get((f, variant), {}), errors.get((f, BASE), {})
                 if not mine:
                     shown.append("—")
                     continue
-                common = [s for s in mine if s in base]
-                wins = sum(mine[s] < base[s] for s in common)
-                shown.append(f"{statistics.mean(mine.values()):.4f} ({wins}/{len(common)})")
+                negated = ({s: -e for s, e in mine.items()}, {s: -e for s, e in base.items()})
+                shown.append(f"{statistics.mean(mine.values()):.4f}"
+                             + ("" if variant == BASE else f" {_compared(*negated)}"))
             lines.append(f"| {variant} | " + " | ".join(shown) + " |")
         lines.append("")
     lines.append("Variants: " + "; ".join(f"{k} = {json.dumps(v)}" for k, v in VARIANTS.items()) + ".")
@@ -162,8 +190,8 @@ def markdown(rows: dict[str, list[dict]], runs: dict[str, dict]) -> str:
 
 def write_report(out: Path) -> None:
     rows = read_rows(out)
-    runs = {p: json.loads((out / f"{p}-machine.json").read_text()) for p in PARTS
-            if (out / f"{p}-machine.json").exists()}
+    runs = {path.name[:-len("-machine.json")]: json.loads(path.read_text())
+            for path in sorted(out.glob("*-machine.json"))}
     (out / "variants.json").write_text(json.dumps({"runs": runs, "rows": rows, "variants": VARIANTS}, indent=1) + "\n")
     (out / "variants.md").write_text(markdown(rows, runs))
 
@@ -181,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=positive_int, default=10, help="stress part: models per family")
     parser.add_argument("--blocks", type=positive_int, default=2,
                         help="stress part: transformer blocks of each model (2, the stress models' own, "
-                             "cannot tell cbc_prefix or clps_window > 1 from the defaults; default 2)")
+                             "cannot tell cbc_prefix or clps_window > 1 apart; default 2)")
     parser.add_argument("--seed", type=int, default=0,
                         help="digits part: seed of the evaluation noise; calibration uses seed + 1 (default 0)")
     parser.add_argument("--threads", type=positive_int, default=None)
@@ -191,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; the variants are {', '.join(VARIANTS)}")
-    journal = args.out / f"{args.part}.jsonl"
+    journal = args.out / journal_name(args.part, args.seed)
     if journal.exists():
         parser.error(f"{journal} exists: choose a new --out, or remove it to run the {args.part} part again")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -208,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
            "command": shlex.join(["python", "bench/clq_variants.py", *(sys.argv[1:] if argv is None else argv)]),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "wall_seconds": round(time.perf_counter() - started, 1)}
-    (args.out / f"{args.part}-machine.json").write_text(json.dumps(run, indent=2) + "\n")
+    (args.out / f"{journal.stem}-machine.json").write_text(json.dumps(run, indent=2) + "\n")
     write_report(args.out)
     print((args.out / "variants.md").read_text())
     return 0

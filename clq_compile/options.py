@@ -26,6 +26,9 @@ CLPS_NORMS = ("l2", "l1")
 # Options that change how the model runs or calibrates, not what its quantized layers hold: free
 # to differ from an artifact's.
 RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
+# What an option that an artifact's manifest lacks meant when it was written: the behaviour before
+# the option existed, where the default has changed since.
+BEFORE_OPTION = {"cbc_prefix": "all"}
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class Options:
     obs_swap:         how OBS's channel swapping places channels before the block Hadamard:
                       "spread" (outliers dealt evenly over the blocks) or "group" (channels of
                       similar magnitude share a block)
-    cbc_prefix:       what CBC quantizes before the block it calibrates: "all" (the whole
-                      prefix, its error accumulated) or "previous" (only the previous block, on
-                      the full-precision model's input to it)
+    cbc_prefix:       what CBC quantizes before the block it calibrates: "previous" (only the
+                      previous block, on the full-precision model's input to it; better on the
+                      trained digits DiT at every seed measured, README) or "all" (the whole
+                      prefix, its error accumulated; the default before this option existed)
     clps_target:      CLPS's target layer among those a layer reaches: "peak-error" (where the
                       unclipped layer's error peaks) or "max-variance" (the largest output variance)
     clps_window:      how many blocks after a layer's own CLPS looks for its target (0 to 3)
@@ -98,7 +102,7 @@ class Options:
     obs_statistics: str = "quantized-prefix"
     cbc_reference: str = "fp-layer"
     obs_swap: str = "spread"
-    cbc_prefix: str = "all"
+    cbc_prefix: str = "previous"
     clps_target: str = "peak-error"
     clps_window: int = 1
     clps_norm: str = "l2"
@@ -277,7 +281,8 @@ def _with_artifact(values: dict[str, Any]) -> Options:
     # A loaded model's artifact was read once and is held; only a new one is read from disk.
     artifact = held(path)
     manifest = artifact.manifest if artifact is not None else read_manifest(path)
-    saved = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["options"].items()})
+    recorded = {**BEFORE_OPTION, **manifest["options"]}
+    saved = Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
     given = Options(**values)
     conflicts = [f"{key}: {getattr(given, key)!r} given, {getattr(saved, key)!r} in the artifact"
                  for key in values if key not in RUNTIME_KEYS and getattr(given, key) != getattr(saved, key)]

@@ -15,8 +15,10 @@ from torch._dynamo.exc import BackendCompilerFailed
 import clq_compile
 from clq_compile import artifact, tiny_models
 from clq_compile.artifact import ArtifactError, read_artifact, read_manifest
+from clq_compile.calibration import model_state
 from clq_compile.kernels.packing import pack_weight
 from clq_compile.kernels.quantize import quantize
+from clq_compile.options import Options
 
 LAYER = "transformer_blocks.0.attn1.to_q"
 OTHER = "transformer_blocks.1.attn1.to_q"
@@ -208,6 +210,17 @@ def test_older_format_versions_still_load(copy, saved, version):
     manifest["layers"]["pos_embed.proj"] = manifest["layers"].pop(LAYER)
     rewrite(copy, json.dumps(artifact.seal(manifest) if version > 1 else manifest, sort_keys=True, indent=1))
     refused_untouched(copy, r"pos_embed\.proj")
+
+
+def test_an_option_the_artifact_predates_means_what_it_did_then(copy, saved):
+    """A manifest written before `cbc_prefix` existed (no such key) was made with the whole prefix
+    quantized: it loads as cbc_prefix="all", not as today's default, and refuses a contrary option."""
+    forge(copy, lambda m: m["options"].pop("cbc_prefix"))
+    qt = clq_compile.load(fresh_model(), copy)
+    assert torch.equal(run(qt), saved["output"])
+    assert model_state(qt).options.cbc_prefix == "all" != Options().cbc_prefix
+    with pytest.raises(ValueError, match=r"cbc_prefix: 'previous' given, 'all' in the artifact"):
+        clq_compile.load(fresh_model(), copy, options={"cbc_prefix": "previous"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,60 +125,68 @@ def read_rows(out: Path) -> dict[str, list[dict]]:
     return rows
 
 
-def _compared(mine: dict, base: dict) -> str:
-    """"mean (wins/common)" of `mine` ({seed: value}) against `base` on their common seeds; higher
-    wins for PSNR, so callers pass negated errors."""
+def _cell(mine: dict[int, float], base: dict[int, float], spec: str, higher: bool) -> str:
+    """`mine` ({seed: value}) as its mean; against the base (on the seeds both measured) its mean
+    there and on how many of those seeds `mine` is better: "29.27 (3/3 vs 28.93)"."""
+    if not mine:
+        return "—"
+    shown = format(statistics.mean(mine.values()), spec)
+    if mine is base:
+        return shown
     common = [s for s in mine if s in base]
-    wins = sum(mine[s] > base[s] for s in common)
-    return f"({wins}/{len(common)})"
+    if not common:
+        return shown
+    wins = sum((mine[s] > base[s]) if higher else (mine[s] < base[s]) for s in common)
+    return f"{shown} ({wins}/{len(common)} vs {format(statistics.mean(base[s] for s in common), spec)})"
+
+
+def digits_table(digits: list[dict]) -> list[str]:
+    """Caption and table of the digits rows: mean PSNR per variant x model x recipe over seeds."""
+    models = list(dict.fromkeys(r["model"] for r in digits))
+    recipes = list(dict.fromkeys(r["recipe"] for r in digits))
+    seeds = sorted({r.get("seed", 0) for r in digits})
+    psnr: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in digits:
+        psnr.setdefault((r["model"], r["variant"], r["recipe"]), {})[r.get("seed", 0)] = r["psnr"]
+    lines = [f"Digits DiT ({digits[0]['bits']}): PSNR dB against full precision, mean over the evaluation "
+             f"seeds measured ({', '.join(map(str, seeds))}; higher is better); in brackets, on how many "
+             f"of them it beats the {BASE}, and their mean on the same seeds:", "",
+             "| variant | " + " | ".join(f"{m} {r}" for m in models for r in recipes) + " |",
+             "|---|" + "---|" * (len(models) * len(recipes))]
+    for variant in dict.fromkeys(r["variant"] for r in digits):
+        shown = []
+        for m in models:
+            for r in recipes:
+                base = psnr.get((m, BASE, r), {})
+                shown.append(_cell(base if variant == BASE else psnr.get((m, variant, r), {}), base, ".2f", True))
+        lines.append(f"| {variant} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def stress_table(stress: list[dict]) -> list[str]:
+    """Caption and table of the stress rows: mean error per variant x family over seeds."""
+    families = list(dict.fromkeys(r["model"] for r in stress))
+    errors: dict[tuple[str, str], dict[int, float]] = {}
+    for r in stress:
+        errors.setdefault((r["model"], r["variant"]), {})[r["seed"]] = r["error"]
+    lines = [f"Stress models ({stress[0]['bits']}, recipe clq, {stress[0].get('blocks', 2)} blocks): relative "
+             f"error of the final sample, mean over seeds (lower is better); in brackets, on how many seeds "
+             f"it beats the {BASE}, and their mean:", "",
+             "| variant | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    for variant in dict.fromkeys(r["variant"] for r in stress):
+        shown = []
+        for f in families:
+            base = errors.get((f, BASE), {})
+            shown.append(_cell(base if variant == BASE else errors.get((f, variant), {}), base, ".4f", False))
+        lines.append(f"| {variant} | " + " | ".join(shown) + " |")
+    return lines
 
 
 def markdown(rows: dict[str, list[dict]], runs: dict[str, dict]) -> str:
     lines = ["# CLQ's choices: this project's earlier defaults against the CLQ paper's reviewers' reading", ""]
-    digits = rows.get("digits", [])
-    if digits:
-        models = list(dict.fromkeys(r["model"] for r in digits))
-        recipes = list(dict.fromkeys(r["recipe"] for r in digits))
-        seeds = sorted({r.get("seed", 0) for r in digits})
-        psnr: dict[tuple[str, str, str], dict[int, float]] = {}
-        for r in digits:
-            psnr.setdefault((r["model"], r["variant"], r["recipe"]), {})[r.get("seed", 0)] = r["psnr"]
-        lines += [f"## Digits DiT ({digits[0]['bits']}): PSNR dB against full precision, mean over evaluation "
-                  f"seeds {', '.join(map(str, seeds))} where measured (higher is better); in brackets, on how "
-                  f"many seeds it beats the {BASE}", "",
-                  "| variant | " + " | ".join(f"{m} {r}" for m in models for r in recipes) + " |",
-                  "|---|" + "---|" * (len(models) * len(recipes))]
-        for variant in dict.fromkeys(r["variant"] for r in digits):
-            shown = []
-            for m in models:
-                for r in recipes:
-                    mine, base = psnr.get((m, variant, r), {}), psnr.get((m, BASE, r), {})
-                    shown.append("—" if not mine else f"{statistics.mean(mine.values()):.2f}"
-                                 + ("" if variant == BASE else f" {_compared(mine, base)}"))
-            lines.append(f"| {variant} | " + " | ".join(shown) + " |")
-        lines.append("")
-    stress = rows.get("stress", [])
-    if stress:
-        families = list(dict.fromkeys(r["model"] for r in stress))
-        errors: dict[tuple[str, str], dict[int, float]] = {}
-        for r in stress:
-            errors.setdefault((r["model"], r["variant"]), {})[r["seed"]] = r["error"]
-        lines += [f"## Stress models ({stress[0]['bits']}, recipe clq, {stress[0].get('blocks', 2)} blocks): "
-                  "relative error of the final sample, "
-                  f"mean over seeds (lower is better); in brackets, on how many seeds it beats the {BASE}", "",
-                  "| variant | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
-        for variant in dict.fromkeys(r["variant"] for r in stress):
-            shown = []
-            for f in families:
-                mine, base = errors.get((f, variant), {}), errors.get((f, BASE), {})
-                if not mine:
-                    shown.append("—")
-                    continue
-                negated = ({s: -e for s, e in mine.items()}, {s: -e for s, e in base.items()})
-                shown.append(f"{statistics.mean(mine.values()):.4f}"
-                             + ("" if variant == BASE else f" {_compared(*negated)}"))
-            lines.append(f"| {variant} | " + " | ".join(shown) + " |")
-        lines.append("")
+    for part, table in (("digits", digits_table), ("stress", stress_table)):
+        if rows.get(part):
+            lines += [*table(rows[part]), ""]
     lines.append("Variants: " + "; ".join(f"{k} = {json.dumps(v)}" for k, v in VARIANTS.items()) + ".")
     for part, run in runs.items():
         m = run["machine"]

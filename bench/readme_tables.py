@@ -17,6 +17,7 @@ and everything between them is what this script writes from that file. Kinds of 
 - ``recipes BITS``: rows of one or more ``bench/recipes.py`` recipes.json files (separated by
   spaces; a recipe found in an earlier file is taken from there), the table of ``recipes_table``
   at BITS, with the number of seeds above it.
+- ``variants PART FILE``: the digits or stress table of a ``bench/clq_variants.py`` variants.json.
 
 tests/bench/test_readme_tables.py fails when the README and the JSON disagree.
 """
@@ -32,6 +33,7 @@ from typing import Any
 
 # bench/ is a folder of scripts, not a package: run as a script, Python puts this folder on
 # sys.path; importers put it there themselves, and only while importing.
+from clq_variants import digits_table, stress_table
 from quality import quality_cell
 from recipes import recipes_table
 
@@ -85,9 +87,12 @@ def render(spec: str) -> str:
         lines = quality_table(_load(words[0]), words[1].split(",") if len(words) == 2 else None)
     elif kind == "recipes" and len(words) >= 2:
         lines = recipes_block(words[0], words[1:])
+    elif kind == "variants" and len(words) == 2 and words[0] in ("digits", "stress"):
+        rows = _load(words[1])["rows"][words[0]]
+        lines = (digits_table if words[0] == "digits" else stress_table)(rows)
     else:
-        raise ValueError(f"README table marker {spec!r}: expected 'quality FILE [BITS,...]' or "
-                         f"'recipes BITS FILE...'")
+        raise ValueError(f"README table marker {spec!r}: expected 'quality FILE [BITS,...]', "
+                         f"'recipes BITS FILE...' or 'variants digits|stress FILE'")
     return "\n".join(lines) + "\n"
 
 

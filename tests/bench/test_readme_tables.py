@@ -68,5 +68,23 @@ def test_recipes_tables_take_each_recipe_from_the_first_file_holding_it(tables, 
 
 
 def test_an_unknown_marker_is_a_clear_error(tables):
-    with pytest.raises(ValueError, match=r"expected 'quality FILE \[BITS,...\]' or 'recipes BITS FILE...'"):
+    with pytest.raises(ValueError, match=r"expected 'quality FILE \[BITS,...\]', 'recipes BITS FILE...' or "
+                                         r"'variants digits\|stress FILE'"):
         tables.render("speed bench/results/kernels.json")
+
+
+def test_variants_tables_compare_each_variant_with_the_base_on_the_seeds_both_measured(tables, tmp_path):
+    """A variant measured on seed 0 only is set against the base's seed-0 value, not its mean."""
+    def row(variant, seed, psnr=None, error=None):
+        return {"model": "m", "variant": variant, "recipe": "clq", "bits": "w4a4", "seed": seed,
+                **({"psnr": psnr} if psnr is not None else {"error": error})}
+
+    base = "earlier defaults"
+    digits = [row(base, 0, 30.0), row(base, 1, 20.0), row("x", 0, 31.0), row("y", 0, 29.0), row("y", 1, 21.0)]
+    stress = [row(base, 0, error=0.2), row(base, 1, error=0.4), row("x", 0, error=0.1), row("x", 1, error=0.5)]
+    results = tmp_path / "variants.json"
+    results.write_text(json.dumps({"rows": {"digits": digits, "stress": stress}}))
+    lines = tables.render(f"variants digits {results}").splitlines()
+    assert lines[-3:] == ["| earlier defaults | 25.00 |", "| x | 31.00 (1/1 vs 30.00) |", "| y | 25.00 (1/2 vs 25.00) |"]
+    lines = tables.render(f"variants stress {results}").splitlines()
+    assert lines[-2:] == ["| earlier defaults | 0.3000 |", "| x | 0.3000 (1/2 vs 0.3000) |"]

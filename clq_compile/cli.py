@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from clq_compile.choices import BITS, CONDITIONING_BITS, DEFAULT_SAMPLING_STEPS, KERNELS, RECIPE_NAMES
+from clq_compile.choices import (BITS, CONDITIONING_BITS, DEFAULT_SAMPLING_STEPS, KERNELS, LOWRANK_RECIPES,
+                                 RECIPE_NAMES)
 
 if TYPE_CHECKING:
     import torch
@@ -182,6 +183,9 @@ def _size(path: Path) -> int:
 
 def quantize(args: argparse.Namespace) -> int:
     """Calibrate `args.model` on its own samples, quantize it and save the artifact."""
+    if args.lowrank_rank is not None and args.recipe not in LOWRANK_RECIPES:
+        raise InputError(f"--lowrank-rank {args.lowrank_rank}: recipe {args.recipe} has no low-rank branch; "
+                         f"drop it, or choose one of {', '.join(LOWRANK_RECIPES)}")
     _artifact_target(args.out)
     model, task = _model_and_task(args.model, 1, args.calib_samples, args.seed, args.latent_size)
     import torch
@@ -196,7 +200,8 @@ def quantize(args: argparse.Namespace) -> int:
         calls = calibration_calls(task, _stepping(model, bar), args.steps, args.calib_steps)
     torch._dynamo.reset()
     options = {"bits": args.bits, "recipe": args.recipe, "kernels": args.kernels,
-               **({"conditioning_bits": args.conditioning_bits} if args.conditioning_bits else {})}
+               **({"conditioning_bits": args.conditioning_bits} if args.conditioning_bits else {}),
+               **({"lowrank_rank": args.lowrank_rank} if args.lowrank_rank is not None else {})}
     qt = torch.compile(model, backend="clq", options=options)
     with torch.no_grad(), clq_compile.calibrating(qt):
         for call in tqdm(calls, desc="calibration calls", unit="call", dynamic_ncols=True):
@@ -359,6 +364,9 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
     q.add_argument("--conditioning-bits", type=str.lower, choices=WEIGHT_ONLY_BITS, default=None, metavar="B",
                    help=f"quantize the conditioning GEMMs and adaLN modulations weight-only too: one of "
                         f"{', '.join(WEIGHT_ONLY_BITS)} (default: keep them in 16 bit)")
+    q.add_argument("--lowrank-rank", type=positive_int, default=None, metavar="R",
+                   help=f"rank of the 16-bit low-rank branch of {', '.join(LOWRANK_RECIPES)} (default 32, "
+                        f"capped per layer at min(out, in) / 4)")
     q.add_argument("--calib-samples", type=positive_int, default=10, metavar="N",
                    help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
     q.add_argument("--calib-steps", type=_non_negative, default=10, metavar="K",

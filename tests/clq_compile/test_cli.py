@@ -44,6 +44,20 @@ def test_conditioning_bits_quantize_the_conditioning_layers_weight_only(capsys, 
     assert rows and all(" w8a16 " in row and "a:16 bit" in row for row in rows)
 
 
+def test_lowrank_rank_reaches_the_recipe_and_is_refused_without_a_branch(capsys, tiny_dit, tmp_path):
+    out = tmp_path / "svd.safetensors"
+    assert main(["quantize", "--model", str(tiny_dit), "--out", str(out), "--recipe", "svdquant",
+                 "--lowrank-rank", "4", *FAST]) == 0
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    assert manifest["options"]["lowrank_rank"] == 4
+    assert all("+lowrank r4" in layer["method"] for layer in manifest["layers"].values())
+    status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "b.safetensors"),
+                         "--recipe", "clq", "--lowrank-rank", "4")
+    assert status == 2 and not (tmp_path / "b.safetensors").exists()
+    assert "--lowrank-rank 4: recipe clq has no low-rank branch" in error_line(err)
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     captured = capsys.readouterr()

@@ -59,6 +59,16 @@ def test_the_compiled_branch_is_the_records_branch(recipe):
     assert "+lowrank r4" in clq_compile.explain(qt)
 
 
+@pytest.mark.parametrize("recipe,options", [("svdquant", {"bits": "w4a16"}), ("clq+gptq+lowrank", {"bits": "w8a8"})])
+def test_weight_only_and_8_bit_modes_carry_the_branch_the_same_way(recipe, options):
+    model, qt = calibrated(recipe, lowrank_rank=4, **options)
+    state = model_state(qt)
+    assert all(layer.lowrank is not None for layer in state.layers.values())
+    inputs = tiny_models.make_inputs("pixart", seed=6)
+    with torch.no_grad():
+        assert torch.equal(qt(**inputs).sample, layers_by_hand(model, state, inputs))
+
+
 def test_the_branch_lowers_the_error_and_is_counted_in_memory():
     model, plain = calibrated("clq")
     inputs = tiny_models.make_inputs("pixart", seed=5)

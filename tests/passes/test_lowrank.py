@@ -106,3 +106,25 @@ def test_svdquant_keeps_the_dominant_directions_in_16_bit():
 
     assert error(svd) < error(plain)
     assert MODES["w4a4"][0] is svd.weight.format
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_clq_splits_the_branch_in_the_coordinates_the_op_receives(online):
+    """A CLQ layer whose input arrives as x·G (folded, online=False) or is rotated by the op
+    (online=True) computes x·Wᵀ either way, branch included: at 8 bits within 8-bit rounding,
+    where a branch in the wrong coordinates would be off by the whole weight."""
+    from clq_compile.passes.cross_block import _LayerQuantizer
+    from clq_compile.passes.cross_layer_search import NO_CLIP
+    from clq_compile.passes.orthogonal_smoothing import orthogonal_smoothing
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=g) + 6 * torch.randn(48, 2, generator=g) @ torch.randn(2, 64, generator=g)
+    x = torch.randn(32, 64, generator=g)
+    smoothing = orthogonal_smoothing(64, torch.rand(64, generator=g) + 0.5, 32)
+    quantizer = parse_options({"bits": "w8a8"}).method_configs().quantizer
+    layer = _LayerQuantizer(w, None, None, quantizer, None, smoothing, online=online, rank=4)(NO_CLIP)
+    assert layer.lowrank is not None and layer.lowrank.rank == 4
+    arriving = x if online else smoothing.transform.apply(x)
+    y = x.double() @ w.double().t()
+    error = float((layer.forward(arriving, None, "reference").double() - y).norm() / y.norm())
+    assert error < 0.02

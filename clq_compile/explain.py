@@ -140,8 +140,10 @@ def explain(qt, columns: int | None = None) -> str:
         lines.append("(not quantized yet: call the model, or calibrate it with clq_compile.calibrating(qt))")
     elif options.quantizes:
         report = memory_report(qt)
+        any_branch = any(layer.lowrank is not None for layer in state.layers.values())
         lines.append(f"weights of quantized layers: {report['fp_bytes'] / 2**20:.2f} MiB as stored by the model "
-                     f"-> {report['quantized_bytes'] / 2**20:.2f} MiB packed "
+                     f"-> {report['quantized_bytes'] / 2**20:.2f} MiB packed"
+                     f"{' (with the 16-bit low-rank branches)' if any_branch else ''} "
                      f"({report['quantized_bytes'] / max(report['fp_bytes'], 1):.3f}x); "
                      f"as bf16: {report['bf16_bytes'] / 2**20:.2f} MiB; full-precision copies "
                      f"{'released' if report['released'] else 'kept'} "

@@ -56,7 +56,8 @@ def test_the_compiled_branch_is_the_records_branch(recipe):
     assert any(lowered[0].meta["clq_merges"].merges) or recipe == "svdquant"
     downs = [n.target for g in lowered for n in g.graph.nodes if n.op == "get_attr" and n.target.endswith("_lr_down")]
     assert len(downs) == len(set(downs)) == len(state.layers)
-    assert "+lowrank r4" in clq_compile.explain(qt)
+    text = clq_compile.explain(qt)
+    assert "+lowrank r4" in text and "MiB packed (with the 16-bit low-rank branches)" in text
 
 
 @pytest.mark.parametrize("recipe,options", [("svdquant", {"bits": "w4a16"}), ("clq+gptq+lowrank", {"bits": "w8a8"})])

@@ -79,6 +79,9 @@ class Options:
     lowrank_rank:     rank of the 16-bit low-rank branch of the recipes that keep one (svdquant,
                       clq+lowrank, clq+gptq+lowrank; passes/lowrank.py), capped per layer at
                       min(out, in) / 4; refused with any other recipe
+    mean_correction:  after the recipe, move each quantized layer's bias by its output mean
+                      deviation on the calibration tokens (the activation side of D²Quant's DAC,
+                      passes/mean_correction.py); needs calibration data
     conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
                       weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
                       weights round to nearest (weight_symmetric, weight_group as for the rest),
@@ -111,6 +114,7 @@ class Options:
     offload: bool = False
     gptq_act_order: bool = False
     lowrank_rank: int = 32
+    mean_correction: bool = False
     conditioning_bits: str | None = None
     load: str | None = None
 
@@ -243,7 +247,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if values["recipe"] == "svdquant" and values["fold"]:
         raise ValueError("options['fold']=True: recipe 'svdquant' applies its smoothing online (its low-rank "
                          "branch is split after smoothing); drop 'fold'")
-    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload"):
+    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload", "mean_correction"):
         _boolean(key, values[key])
     values["skip"] = _patterns(values["skip"])
     _formats_allow(values)

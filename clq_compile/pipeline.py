@@ -29,6 +29,7 @@ from torch import fx
 from clq_compile.passes.capture import GraphAnalysis, LinearSite, capture
 from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.lowering import lower
+from clq_compile.passes.mean_correction import correct_means
 from clq_compile.passes.observers import GraphCalibration, layer_errors
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
@@ -80,8 +81,10 @@ def quantize_layers(weights: dict[str, torch.Tensor], roles: dict[str, str], opt
 
     roles: {module path: role} from stage 1. The layers in `options.bits` go to the recipe
     (passes/recipes.py) with the methods' configs built from `options` in one place; those the
-    policy puts in `conditioning_bits` round to nearest, weight-only. `note` is added to every
-    record (why it was quantized where it was). Raises ValueError for NaN / Inf or meta weights.
+    policy puts in `conditioning_bits` round to nearest, weight-only; with `mean_correction`, each
+    layer's bias then takes its output mean deviation (passes/mean_correction.py). `note` is added
+    to every record (why it was quantized where it was). Raises ValueError for NaN / Inf or meta
+    weights.
     """
     check_weights(weights)
     policy = options.policy()
@@ -94,6 +97,11 @@ def quantize_layers(weights: dict[str, torch.Tensor], roles: dict[str, str], opt
         if path not in by_recipe:
             layers[path] = dataclasses.replace(rtn(weight, policy.layer_quantizer(roles[path])),
                                                method="rtn (conditioning_bits)")
+    if options.mean_correction:
+        if calibration:
+            layers = correct_means(calibration, layers, options.kernels)
+        else:
+            note = "; ".join(filter(None, [note, "mean correction skipped: no calibration data"]))
     if note:
         layers = {p: dataclasses.replace(layer, notes=[*layer.notes, note]) for p, layer in layers.items()}
     errors = layer_errors(calibration, layers, options.kernels) if calibration else {}

@@ -264,7 +264,7 @@ def _expected_tensors(layer: Mapping[str, Any], n: int) -> dict[str, tuple[tuple
             "act_rotation": (floating, None), "lr_down": (floating, None), "lr_up": (floating, None)}
 
 
-def _free_shape(arg: str, t: torch.Tensor, k: int, n: int, rank: int | None) -> tuple[bool, str]:
+def _free_shape(arg: str, t: torch.Tensor, k: int, n: int, rank: int) -> tuple[bool, str]:
     """Whether `t` fits argument `arg`, whose shape the scalars do not fix, and what would."""
     if arg == "act_rotation":  # square blocks whose size divides K
         return t.dim() == 2 and t.shape[0] == t.shape[1] > 0 and k % t.shape[0] == 0, f"[b, b] with b dividing {k}"

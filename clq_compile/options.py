@@ -10,8 +10,8 @@ from clq_compile.artifact import held, read_manifest
 from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, LOWRANK_RECIPES, RECIPE_NAMES
 from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
-                                        LowRankConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig, SmoothQuantConfig,
-                                        WeightQuantizerConfig)
+                                        LowRankConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig,
+                                        SmoothQuantConfig, WeightQuantizerConfig)
 
 GROUPS = (None, 32, 64, 128)
 INDUCTOR = ("auto", "always", "never")

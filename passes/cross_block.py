@@ -60,6 +60,11 @@ class Components:
     lowrank: bool = False
 
 
+def _rank(parts: Components, configs: MethodConfigs, out_features: int, in_features: int) -> int:
+    """The rank of a layer's low-rank branch (0: none) under `parts` and configs.lowrank."""
+    return lowrank_rank(out_features, in_features, configs.lowrank.rank) if parts.lowrank else 0
+
+
 def _smoothed_weight(weight: torch.Tensor, smoothing: Smoothing | None) -> torch.Tensor:
     """W·G: weight rows transformed like activation rows, so x·Wᵀ = (x·G)·(W·G)ᵀ."""
     if smoothing is None:
@@ -101,16 +106,16 @@ class _LayerQuantizer:
         self.fold_in = smoothing.transform if smoothing is not None and not online else None
         self.fold_out = None if output is None else output.transform
         rows = _output_transformed(weight, output)
-        folded = self.fold_in is not None
         self.lowrank = None
-        if rank and not folded:
-            residual, self.lowrank = lowrank_split(rows, rank, weight.dtype)
-            self.weight = _smoothed_weight(residual, smoothing)
-        else:
-            self.weight = _smoothed_weight(rows, smoothing)
+        if self.fold_in is not None:  # the op receives x·G: W·G is the layer in its coordinates
+            self.fp_weight = self.weight = _smoothed_weight(rows, smoothing)
             if rank:
-                self.weight, self.lowrank = lowrank_split(self.weight, rank, weight.dtype)
-        self.fp_weight = _smoothed_weight(rows, smoothing) if folded else rows.float()
+                self.weight, self.lowrank = lowrank_split(self.fp_weight, rank, weight.dtype)
+        else:
+            self.fp_weight, quantized_rows = rows.float(), rows
+            if rank:
+                quantized_rows, self.lowrank = lowrank_split(rows, rank, weight.dtype)
+            self.weight = _smoothed_weight(quantized_rows, smoothing)
         self.bias = None if output is None or bias is None else _output_transformed(bias, output).float()
         self.stats = stats
         # Whether the full-precision stand-in differs from the graph's own linear.
@@ -223,9 +228,9 @@ class _GraphQuantizer:
             bias = self.cal.state[x.bias_index] if x.bias_index is not None else None
             online = x.node not in folds or not folds[x.node].producers
             inputs = None if stats is None else stats[x.node]
-            rank = lowrank_rank(x.out_features, x.in_features, configs.lowrank.rank) if parts.lowrank else 0
             plan[x.node] = (_LayerQuantizer(weights[x.path], bias, inputs, configs.quantizer, gptq, smoothing[x.node],
-                                            online, output.get(x.node), rank), folds.get(x.node))
+                                            online, output.get(x.node), _rank(parts, configs, *weights[x.path].shape)),
+                            folds.get(x.node))
         return plan
 
     def _quantize_segment(self, s, todo, weights, layers, bar) -> None:
@@ -295,7 +300,7 @@ def clq_quantize(weights: dict[str, torch.Tensor], configs: MethodConfigs,
         for path in [p for p in weights if p not in layers]:
             smoothing = (orthogonal_smoothing(weights[path].shape[1], None, configs.obs.hadamard_block)
                          if parts.obs else None)
-            rank = lowrank_rank(*weights[path].shape, configs.lowrank.rank) if parts.lowrank else 0
+            rank = _rank(parts, configs, *weights[path].shape)
             layer = _LayerQuantizer(weights[path], None, None, configs.quantizer, None, smoothing, rank=rank)(NO_CLIP)
             layers[path] = replace(layer, method="data-free: " + (
                 f"block Hadamard {smoothing.note} + rtn" if smoothing else "rtn") + (

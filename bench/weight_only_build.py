@@ -28,19 +28,20 @@ from clq_compile.kernels import triton_weight_only as wo
 
 SHAPE_NK = (1152, 1152)
 TOKENS = (1, 32, 4096)
-# (name, w_bits, group, zero point)
-VARIANTS = (("w4a16", 4, None, False), ("w8a16", 8, None, False), ("w3a16", 3, None, False),
-            ("w4a16_g128_zero", 4, 128, True), ("w3a16_g128_zero", 3, 128, True))
+# (name, w_bits, group, zero point, twin-log codes)
+VARIANTS = (("w4a16", 4, None, False, False), ("w8a16", 8, None, False, False), ("w3a16", 3, None, False, False),
+            ("w4a16_g128_zero", 4, 128, True, False), ("w3a16_g128_zero", 3, 128, True, False),
+            ("tlq4", 4, None, False, True), ("tlq3", 3, None, False, True))
 MMA_FAMILIES = ("HGMMA", "HMMA")
 
 
-def launch_args(m: int, n: int, k: int, w_bits: int, group: int | None, zero: bool) -> dict:
+def launch_args(m: int, n: int, k: int, w_bits: int, group: int | None, zero: bool, twin_log: bool = False) -> dict:
     g = group or k
     width = {4: k // 2, 8: k, 3: 3 * k // 8}[w_bits]
     return dict(x_ptr=Pointer("bf16"), w_ptr=Pointer("u8" if w_bits == 3 else "i8"), s_ptr=Pointer("fp32"),
                 z_ptr=Pointer("i8") if zero else None, bias_ptr=None, out_ptr=Pointer("bf16"), M=m, N=n, K=k,
-                stride_xm=k, stride_wn=width, stride_sn=k // g, stride_om=n, GROUP=g,
-                M_BUCKET=wo.m_bucket(m), W_BITS=w_bits, HAS_ZERO=zero, HAS_BIAS=False)
+                stride_xm=k, stride_wn=width, stride_sn=4 if twin_log else k // g, stride_om=n, GROUP=g,
+                M_BUCKET=wo.m_bucket(m), W_BITS=w_bits, HAS_ZERO=zero, HAS_BIAS=False, TWIN_LOG=twin_log)
 
 
 def config_text(cfg: triton.Config) -> str:
@@ -53,11 +54,11 @@ def build(targets: tuple[str, ...], variants: tuple[str, ...], tokens: tuple[int
     n, k = SHAPE_NK
     for target in targets:
         capability = TARGETS[target].capability
-        for name, w_bits, group, zero in VARIANTS:
+        for name, w_bits, group, zero, twin_log in VARIANTS:
             if name not in variants:
                 continue
             for m in tokens:
-                args = launch_args(m, n, k, w_bits, group, zero)
+                args = launch_args(m, n, k, w_bits, group, zero, twin_log)
                 for cfg in wo.prune_configs(wo.CONFIGS, wo.m_bucket(m), group or k, k, w_bits, 2, capability):
                     binary = compile_kernel(wo._weight_only, args, target, cfg)
                     sass = binary.sass

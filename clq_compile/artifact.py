@@ -13,7 +13,8 @@ Since format version 2 the manifest also holds `manifest_sha256`, the SHA-256 of
 JSON (sorted keys, no spaces, without that field), which covers the tensors' hashes in turn: any
 edit of the manifest or of a tensor is refused. Version 1 artifacts (no manifest hash) still load.
 Since version 3 a layer names its number formats ("w_format": "int4", "a_format": "int8"); versions
-1 and 2, which gave bit counts, are read into that form (manifest_schema.py).
+1 and 2, which gave bit counts, are read into that form (manifest_schema.py). Version 4 added
+low-rank branches, version 5 the twin-log weight formats.
 
 A hash stops accidents, not a forger who recomputes it, so nothing read is trusted: the manifest is
 checked against its schema and for consistency with itself and its tensors (manifest_schema.py),
@@ -52,8 +53,8 @@ from clq_compile.passes.policy import Decision
 from .manifest_schema import ManifestError, check_manifest, check_tensors, dtype_name
 
 FORMAT = "clq-compile artifact"
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST_KEY = "clq_manifest"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -452,7 +453,7 @@ def loaded_decision(path: str, policy: Decision, artifact_path: str, layer: Quan
         raise ArtifactError(
             f"the artifact {artifact_path} holds a quantized {path}, but this model's policy keeps that "
             f"layer ({policy.reason}); refusing the artifact. Quantize the model again with this version.")
-    held_as = (layer.weight.format.name, layer.a_format.name)
+    held_as = (layer.weight.format.slot.name, layer.a_format.name)
     expected = (quantizer.weight.format.name, quantizer.activation.format.name)
     if held_as != expected:
         raise ArtifactError(

@@ -14,8 +14,11 @@ KERNELS = ("auto", "reference", "triton")
 CONDITIONING_BITS = (None, "w3a16", "w4a16", "w8a16")
 CONDITIONING_ROLES = ("conditioning", "adaln", "adaln_token")
 RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
-                "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank")
+                "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "lrq-dit")
 # The recipes that give layers a 16-bit low-rank branch (option lowrank_rank).
 LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank")
+# The options only some recipes read: {option: the recipes}. Refused with the others, and not
+# recorded in their artifacts.
+RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": ("lrq-dit",)}
 # DDIM steps of the digits sampler, the command line and the quality benchmark unless told otherwise.
 DEFAULT_SAMPLING_STEPS = 25

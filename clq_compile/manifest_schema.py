@@ -19,6 +19,8 @@ The model itself is checked in deploy.py (each layer is an nn.Linear of that sha
 graph is captured (the model's own policy would quantize it). Every failure is a `ManifestError`
 with the JSON path of the offending value, e.g. manifest["layers"]["blocks.0.proj"]["w_format"].
 
+Format version 5 may name the twin-log weight formats tlq3 / tlq4 (recipe lrq-dit; per-row
+parameters w_scale float32 [N, 4], no zero points, no groups); version 4 did not.
 Format version 4 may give a layer a low-rank branch (tensors lr_down, lr_up); version 3 did not.
 Format version 3 names each layer's number formats ("w_format": "int4", "a_format": "int8");
 versions 1 and 2 gave bit counts ("w_bits": 4, "a_bits": 8, 16 for unquantized activations), which
@@ -167,6 +169,8 @@ def _layer_fields(optional_tensors: tuple[str, ...]) -> dict[str, Callable]:
             "tensors": _record({"qweight": _string, "w_scale": _string}, {a: _string for a in optional_tensors})}
 
 
+# The recipes whose layers may hold non-uniform (twin-log) weights.
+NON_UNIFORM_RECIPES = ("lrq-dit",)
 _OP_TENSORS = tuple(a for a in TENSOR_ARGS if a not in ("qweight", "w_scale"))
 _WEIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.quantizes)
 _FORMAT_FIELDS = {"w_format": _one_of(*_WEIGHT_FORMATS), "a_format": _one_of(*FORMATS)}
@@ -189,6 +193,7 @@ _LEGACY = {**_FIELDS, "layers": _map_of(_LEGACY_LAYER)}
 _SCHEMAS = {1: _record(_LEGACY, _ORDER), 2: _record({**_LEGACY, "manifest_sha256": _sha256}, _ORDER),
             3: _record({**_FIELDS, "layers": _map_of(_V3_LAYER), "manifest_sha256": _sha256}, _ORDER),
             4: _record({**_FIELDS, "manifest_sha256": _sha256}, _ORDER)}
+_SCHEMAS[5] = _SCHEMAS[4]  # version 5 adds the twin-log weight formats (checked in check_manifest)
 
 
 def _current_form(manifest: dict[str, Any], version: int) -> dict[str, Any]:
@@ -231,12 +236,18 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
         if decision is None or not decision["quantize"] or decision["in_features"] != layer["in_features"]:
             raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
                                       f"{layer['in_features']} (its decision: {decision!r:.200})")
+        fmt = get_format(layer["w_format"])
+        if not fmt.uniform and (version < 5 or options.recipe not in NON_UNIFORM_RECIPES):
+            raise ManifestError(keys + ("w_format",), f"is {fmt.name!r}, which only recipe "
+                                f"{', '.join(NON_UNIFORM_RECIPES)} writes, from format version 5 (this is "
+                                f"version {version}, recipe {options.recipe!r})")
         # A layer's formats follow from the options and its role (conditioning_bits).
         quantizer = policy.layer_quantizer(decision["role"])
         expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
                     "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
+        held = {**layer, "w_format": get_format(layer["w_format"]).slot.name}  # tlq4 takes int4's place
         for k, v in expected.items():
-            if layer[k] != v:
+            if held[k] != v:
                 raise ManifestError(keys + (k,), f"is {layer[k]!r} but the artifact's options give {v!r}")
         if ("w_zero" in layer["tensors"]) == options.weight_symmetric:
             raise ManifestError(keys + ("tensors",), "has a w_zero only when weights are asymmetric "
@@ -256,8 +267,9 @@ def _expected_tensors(layer: Mapping[str, Any], n: int) -> dict[str, tuple[tuple
     """{argument: (allowed dtypes, shape)} of a layer's tensors from its scalars."""
     k, group = layer["in_features"], layer["w_group"]
     floating = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    scale_shape = (n, k // group if group else 1)
-    dtype, width = get_format(layer["w_format"]).storage(k)
+    fmt = get_format(layer["w_format"])
+    scale_shape = fmt.scale_shape(n, k, group or None)
+    dtype, width = fmt.storage(k)
     return {"qweight": ((dtype,), (n, width)),
             "w_scale": ((torch.float32,), scale_shape), "w_zero": ((torch.int8,), scale_shape),
             "bias": (floating, (n,)), "act_mul": (floating, (k,)), "act_perm": ((torch.int64,), (k,)),
@@ -284,6 +296,13 @@ def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor])
         for what, g in (("w_group", layer["w_group"]), ("a_group", layer["a_group"])):
             if g and k % g:
                 raise ManifestError(keys + (what,), f"needs in_features divisible by {g}; it is {k}")
+        fmt = get_format(layer["w_format"])
+        try:
+            fmt.scale_shape(n, k, layer["w_group"] or None)
+        except ValueError as e:
+            raise ManifestError(keys + ("w_group",), str(e)) from None
+        if "w_zero" in layer["tensors"] and not fmt.asymmetric:
+            raise ManifestError(keys + ("tensors", "w_zero"), f"{fmt.name} weights have no zero points")
         expected = _expected_tensors(layer, n)
         branch = [a for a in LOWRANK_ARGS if a in layer["tensors"]]
         if branch and len(branch) != len(LOWRANK_ARGS):

@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, LOWRANK_RECIPES, RECIPE_NAMES
+from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, RECIPE_NAMES, RECIPE_OPTIONS
 from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
-                                        LowRankConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig,
+                                        LowRankConfig, LRQConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig,
                                         SmoothQuantConfig, WeightQuantizerConfig)
 
 GROUPS = (None, 32, 64, 128)
@@ -79,6 +79,9 @@ class Options:
     lowrank_rank:     rank of the 16-bit low-rank branch of the recipes that keep one (svdquant,
                       clq+lowrank, clq+gptq+lowrank; passes/lowrank.py), capped per layer at
                       min(out, in) / 4; refused with any other recipe
+    ars_threshold:    recipe lrq-dit: the activation criterion J (root mean square of the scaled
+                      layer input) at or above which a layer takes the outlier-aware rotation
+                      instead of the Hadamard (passes/lrq_dit.py); refused with any other recipe
     mean_correction:  after the recipe, move each quantized layer's bias by its output mean
                       deviation on the calibration tokens (the activation side of D²Quant's DAC,
                       passes/mean_correction.py); needs calibration data
@@ -114,6 +117,7 @@ class Options:
     offload: bool = False
     gptq_act_order: bool = False
     lowrank_rank: int = 32
+    ars_threshold: float = 1.0
     mean_correction: bool = False
     conditioning_bits: str | None = None
     load: str | None = None
@@ -155,7 +159,8 @@ class Options:
             clps=CLPSConfig(self.clps_grid, self.clps_window, self.search_calls, self.cbc_reference,
                             self.clps_target, self.clps_norm),
             cbc=CBCConfig(self.cbc_prefix),
-            lowrank=LowRankConfig(self.lowrank_rank))
+            lowrank=LowRankConfig(self.lowrank_rank),
+            lrq=LRQConfig(self.ars_threshold))
 
     def execution(self) -> Execution:
         """The run-time knobs the recipes' searches need: kernels and offload."""
@@ -165,9 +170,10 @@ class Options:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def quantization_dict(self) -> dict[str, Any]:
-        """The options that decide the quantized layers (what an artifact records; lowrank_rank only
-        for the recipes that read it, which is where parse_options accepts it)."""
-        unused = RUNTIME_KEYS + (() if self.recipe in LOWRANK_RECIPES else ("lowrank_rank",))
+        """The options that decide the quantized layers (what an artifact records; a recipe's own
+        options, RECIPE_OPTIONS, only for the recipes that read them, which is where parse_options
+        accepts them)."""
+        unused = RUNTIME_KEYS + tuple(k for k, recipes in RECIPE_OPTIONS.items() if self.recipe not in recipes)
         return {k: v for k, v in self.as_dict().items() if k not in unused}
 
 
@@ -240,10 +246,15 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     for key in ("search_calls", "lowrank_rank"):
         if type(values[key]) is not int or values[key] < 1:
             raise ValueError(f"options[{key!r}] must be a positive integer; got {values[key]!r}")
-    if "lowrank_rank" in given and values["recipe"] not in LOWRANK_RECIPES:
-        raise ValueError(f"options['lowrank_rank'] is for the recipes with a low-rank branch "
-                         f"({', '.join(LOWRANK_RECIPES)}); recipe {values['recipe']!r} has none. Drop it, "
-                         f"or choose one of those recipes")
+    threshold = values["ars_threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
+        raise ValueError(f"options['ars_threshold'] must be a positive finite number; got {threshold!r}")
+    values["ars_threshold"] = float(threshold)
+    for key, recipes in RECIPE_OPTIONS.items():
+        if key in given and values["recipe"] not in recipes:
+            raise ValueError(f"options[{key!r}] is for recipe{'s' if len(recipes) > 1 else ''} "
+                             f"{', '.join(recipes)}; recipe {values['recipe']!r} does not read it. Drop it, "
+                             f"or choose {'one of those recipes' if len(recipes) > 1 else 'that recipe'}")
     if values["recipe"] == "svdquant" and values["fold"]:
         raise ValueError("options['fold']=True: recipe 'svdquant' applies its smoothing online (its low-rank "
                          "branch is split after smoothing); drop 'fold'")
@@ -271,6 +282,12 @@ def _formats_allow(values: dict[str, Any]) -> None:
         if weights.kernels == ("scaled_mm",) and values[key] is not None:
             raise ValueError(f"options[{key!r}]={values[key]!r}: bits={values['bits']!r} uses one scale per "
                              f"output channel and per token (torch._scaled_mm's rowwise scaling); drop {key!r}")
+    if values["recipe"] == "lrq-dit" and (values["weight_group"] is not None or values["weight_symmetric"] is False):
+        raise ValueError("recipe 'lrq-dit' keeps one twin-log grid pair per output channel (symmetric, no "
+                         "zero point): drop 'weight_group' and 'weight_symmetric'")
+    if values["recipe"] == "lrq-dit" and activations.quantizes and not activations.integer:
+        raise ValueError(f"recipe 'lrq-dit' multiplies twin-log weights with integer activations; bits="
+                         f"{values['bits']!r} has {activations.name} ones: choose w4a4, w4a8, w8a8 or a weight-only mode")
     if not activations.quantizes and values["act_group"] is not None:
         raise ValueError(f"options['act_group']={values['act_group']!r}: bits={values['bits']!r} leaves "
                          f"activations unquantized, so they have no groups; drop 'act_group'")

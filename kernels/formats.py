@@ -19,7 +19,13 @@ formats only); a value v is stored as encode(v / s) and read as decode(code) · 
 | int4 | integers [-8, 7] | two per byte, uint8 [N, K/2] | int8 tensor-core GEMM (Triton), weight-only GEMM |
 | int8 | integers [-128, 127] | int8 [N, K] | int8 tensor-core GEMM (Triton), weight-only GEMM |
 | e4m3 | float8 e4m3fn values, abs <= 448 | float8_e4m3fn [N, K] | torch._scaled_mm rowwise (sm_89+) |
+| tlq3 / tlq4 | twin-log: ±max(a·2^e − c, 0), e in [-(2^(b-1) - 1), 0] (non-uniform) | as int3 / int4 | weight-only GEMM (decoding) |
 | none | activations not quantized (the model's own dtype) | - | - |
+
+The twin-log formats (LRQ-DiT's TLQ) are not scale-times-code: each weight row has its own
+small table of 2^b values, held as four float32 parameters per row (`TwinLogFormat`), chosen by
+their own search (passes/twin_log.py), and take the place of the integer format of the same width
+in a `bits` mode (`slot`: a "w4a4" layer may hold tlq4 weights).
 
 A new format is a subclass here (a non-uniform grid overrides encode / decode with its table; a
 micro-scaled one such as nvfp4 / mxfp4 adds its fixed group and scale format), its entry in
@@ -59,8 +65,31 @@ class NumberFormat:
         """Whether the format can hold a zero point (asymmetric ranges)."""
         return False
 
+    @property
+    def uniform(self) -> bool:
+        """Whether a value is its code times a scale (minus a zero point): codes of two uniform
+        formats multiply on a GEMM's integer or float8 path; a non-uniform weight is decoded first."""
+        return True
+
+    @property
+    def slot(self) -> "NumberFormat":
+        """The format whose place this one takes in a `bits` mode (itself, for the modes' own)."""
+        return self
+
     code_dtype: torch.dtype = torch.int16  # the dtype of a `Quantized`'s codes
     kernels: tuple[str, ...] = ()
+
+    def scale_shape(self, n: int, k: int, group: int | None) -> tuple[int, int]:
+        """The shape of a weight's scale tensor: one float32 per row and group of K."""
+        return n, k // (group or k)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   group: int | None) -> torch.Tensor:
+        """A weight's codes [N, K] (any dtype) -> float32 [N, K]: decode(code) · scale, group by group."""
+        n, k = codes.shape
+        g = group or k
+        values = self.decode(codes.reshape(n, k // g, g), None if zero is None else zero.unsqueeze(-1))
+        return (values * scale.float().unsqueeze(-1)).reshape(n, k)
 
     def qrange(self, symmetric: bool = True) -> tuple[float, float]:
         """The codes' range [qmin, qmax] (symmetric: centred on 0; else starting at 0)."""
@@ -190,6 +219,69 @@ class Float8Format(NumberFormat):
 
 
 @dataclass(frozen=True)
+class TwinLogFormat(IntegerFormat):
+    """LRQ-DiT's twin-log quantization (TLQ): per row, positive and negative weights on two log2 grids.
+
+    A code c in [-L, L - 1], L = 2^(b-1), is a sign and a magnitude index m (c = m for the positive
+    branch, c = -1 - m for the negative one, m in [0, L - 1]); with e = m - (L - 1) in [-(L-1), 0]
+
+        value(c) = +max(a⁺ · 2^e − c⁺, 0)   (c >= 0),      value(c) = −max(a⁻ · 2^e − c⁻, 0)   (c < 0),
+
+    where (a, c) of a branch are s / (1 − η) and s · η / (1 − η): the grid 2^e shifted down by η and
+    stretched back so that its top level is the branch's clipping bound s (LRQ-DiT's ±(2^q − η)).
+    η = 0 is the plain log2 grid (levels s, s/2, s/4, ...); a larger η thins the levels near zero and
+    brings in exact zeros. The per-row parameters are the scale tensor, float32 [N, 4] =
+    (a⁺, c⁺, a⁻, c⁻); the codes are stored as the b-bit integers they are (kernels/packing.py), so
+    a tlq4 row costs what an int4 row does plus 16 bytes. Rows only: no groups, no zero points.
+    The codes come from passes/twin_log.py (η and the clipping bounds searched per row).
+    """
+
+    kernels: tuple[str, ...] = ("weight-only",)
+
+    @property
+    def integer(self) -> bool:
+        return False
+
+    @property
+    def asymmetric(self) -> bool:
+        return False
+
+    @property
+    def uniform(self) -> bool:
+        return False
+
+    @property
+    def slot(self) -> NumberFormat:
+        return integer_format(self.bits)
+
+    @property
+    def levels(self) -> int:
+        """L = 2^(b-1): magnitudes per branch."""
+        return 2 ** (self.bits - 1)
+
+    def encode(self, t, zero):
+        raise ValueError(f"{self.name} values are not a code times a scale: quantize with passes/twin_log.py")
+
+    def scale_shape(self, n, k, group):
+        if group:
+            raise ValueError(f"{self.name} has one set of parameters per row: it takes no weight groups")
+        return n, 4
+
+    def dequantize(self, codes, scale, zero, group):
+        if zero is not None or group:
+            raise ValueError(f"{self.name} weights have no zero points and no groups")
+        c = codes.to(torch.int32)
+        positive = c >= 0
+        m = torch.where(positive, c, -1 - c)
+        power = torch.exp2((m - (self.levels - 1)).float())
+        p = scale.float()
+        a = torch.where(positive, p[:, 0:1], p[:, 2:3])
+        shift = torch.where(positive, p[:, 1:2], p[:, 3:4])
+        magnitude = (a * power - shift).clamp(min=0)
+        return torch.where(positive, magnitude, -magnitude)
+
+
+@dataclass(frozen=True)
 class Unquantized(NumberFormat):
     """Activations left in the model's own dtype (weight-only modes)."""
 
@@ -201,7 +293,10 @@ class Unquantized(NumberFormat):
 INT3, INT4, INT8 = IntegerFormat("int3", 3), IntegerFormat("int4", 4), IntegerFormat("int8", 8)
 E4M3 = Float8Format("e4m3", 8)
 NONE = Unquantized("none", 16)
-FORMATS: dict[str, NumberFormat] = {f.name: f for f in (INT3, INT4, INT8, E4M3, NONE)}
+TLQ3, TLQ4 = TwinLogFormat("tlq3", 3), TwinLogFormat("tlq4", 4)
+FORMATS: dict[str, NumberFormat] = {f.name: f for f in (INT3, INT4, INT8, E4M3, NONE, TLQ3, TLQ4)}
+# The non-uniform weight format of each integer width that has one (recipe lrq-dit).
+TWIN_LOG = {3: TLQ3, 4: TLQ4}
 
 # The `bits` option: (weight format, activation format); None for the model left as it is.
 MODES: dict[str, tuple[NumberFormat | None, NumberFormat | None]] = {
@@ -234,14 +329,14 @@ def as_format(fmt: NumberFormat | int) -> NumberFormat:
 def mode_name(weights: NumberFormat, activations: NumberFormat) -> str:
     """The `bits` option of a (weight, activation) pair, e.g. "w4a8"; "int4/e4m3" for pairs no mode names."""
     for name, pair in MODES.items():
-        if pair == (weights, activations):
-            return name
+        if pair == (weights.slot, activations):
+            return name if weights.slot == weights else f"{name} ({weights.name} weights)"
     return f"{weights.name}/{activations.name}"
 
 
 def check_pair(weights: NumberFormat, activations: NumberFormat) -> None:
     """Refuse a (weight, activation) pair no kernel or reference computes with."""
-    if activations.quantizes and weights.integer != activations.integer:
+    if activations.quantizes and weights.uniform and weights.integer != activations.integer:
         raise ValueError(f"weights in {weights.name} cannot be multiplied with activations in "
                          f"{activations.name}: integer weights need integer (or unquantized) activations, "
                          f"float8 weights float8 ones")

@@ -62,11 +62,8 @@ class Quantized:
         return self.format.bits
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [rows, K]: scale * (q - zero), group by group."""
-        qg = _grouped(self.q.float(), self.group)
-        if self.zero is not None:
-            qg = qg - self.zero.float().unsqueeze(-1)
-        return (qg * self.scale.unsqueeze(-1)).reshape(self.q.shape)
+        """float32 [rows, K]: scale * (q - zero), group by group (a non-uniform format: its decoding)."""
+        return self.format.dequantize(self.q, self.scale, self.zero, self.group)
 
 
 def quantize(v: torch.Tensor, fmt: NumberFormat | int, symmetric: bool = True, group: int | None = None,

@@ -7,7 +7,8 @@ formats the product is accumulated exactly in int32, chunk by chunk where groups
 scales; scales and zero-point corrections are applied in float32 afterwards (`scale_product`).
 For e4m3 the codes are multiplied in float32 (each product of two e4m3 values is exact there: 4
 significant bits times 4) and scaled the same way, as torch._scaled_mm does with rowwise scales.
-Weight-only layers (activation format "none") multiply T(x) by the dequantized weight in float32.
+Weight-only layers (activation format "none") multiply T(x) by the dequantized weight in float32,
+and so do non-uniform (twin-log) weights with the dequantized Q(T(x)).
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def quant_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torc
     n = wq.shape[0]
     wg = w_group or k
     if not a_fmt.quantizes:
-        w = wq.float().reshape(n, k // wg, wg)
-        if w_zero is not None:
-            w = w - w_zero.float().unsqueeze(-1)
-        out = xt @ (w * w_scale.unsqueeze(-1)).reshape(n, k).t()
+        out = xt @ w_fmt.dequantize(wq, w_scale, w_zero, w_group or None).t()
+    elif not w_fmt.uniform:
+        # A non-uniform weight (twin-log) has no integer product: both sides decoded to float32.
+        xa = quantize_activation(xt, a_fmt, a_group or None)
+        out = xa.dequantize() @ w_fmt.dequantize(wq, w_scale, None, None).t()
     else:
         xa = quantize_activation(xt, a_fmt, a_group or None)
         xq = xa.q.to(wq.dtype)

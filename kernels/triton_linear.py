@@ -5,7 +5,9 @@
 - e4m3 weights and activations: torch._scaled_mm with rowwise scales (kernels/float8_linear.py);
 - weight-only layers (activation format "none", integer weights): the weight-only GEMM, which
   dequantizes the weight tile in registers and multiplies in x's 16-bit dtype
-  (kernels/triton_weight_only.py); the online transform, if any, runs first in float32.
+  (kernels/triton_weight_only.py); the online transform, if any, runs first in float32;
+- twin-log weights (tlq3 / tlq4, non-uniform): the weight-only GEMM decoding them, on activations
+  quantized by the quantize kernel and decoded to x's dtype (or left as they are).
 
 Same arguments and same result as `quant_linear_reference` (kernels/reference.py). On CPU tensors
 the Triton kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels
@@ -17,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .float8_linear import float8_linear
-from .formats import check_pair, get_format
+from .formats import NumberFormat, check_pair, get_format
+from .packing import unpack_int4
 from .reference import quant_linear_reference, transform_activation
 from .triton_gemm import quant_matmul
 from .triton_quantize import interpreted, quantize_activation_triton
@@ -49,7 +52,7 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
         raise ValueError(f"qweight for w_format={w_format!r} must be {wanted[0]} [N, {wanted[1]}]; got "
                          f"{qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[0]
-    scale_shape = (n, k // (w_group or k))
+    scale_shape = w_fmt.scale_shape(n, k, w_group or None)
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != scale_shape:
         raise ValueError(f"w_scale must be float32 {list(scale_shape)}; got {w_scale.dtype} "
                          f"{tuple(w_scale.shape)}")
@@ -65,6 +68,27 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
             "clq_compile, or use options={'kernels': 'reference'}")
 
 
+def _non_uniform(rows: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_mul, act_perm, act_rotation, w_fmt: NumberFormat, a_fmt: NumberFormat, a_group: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """A twin-log weight: the activations quantized by the quantize kernel (integer formats) and
+    decoded to x's dtype, or only transformed ("none"); then the weight-only GEMM, which decodes
+    the weight's codes in registers. The log grid has no integer product: this runs at the 16-bit
+    GEMM's rate, and the gain is the weight's memory."""
+    k = rows.shape[1]
+    if a_fmt.quantizes:
+        if not a_fmt.integer:
+            raise ValueError(f"no compiled kernel multiplies {w_fmt.name} weights with {a_fmt.name} activations; "
+                             f"use options={{'kernels': 'reference'}}")
+        q, scale = quantize_activation_triton(rows, a_fmt.bits, a_group or None, act_mul, act_perm, act_rotation)
+        codes = unpack_int4(q) if a_fmt.bits == 4 else q
+        g = a_group or k
+        rows = (codes.float().reshape(-1, k // g, g) * scale.unsqueeze(-1)).reshape(-1, k).to(dtype)
+    elif any(t is not None for t in (act_mul, act_perm, act_rotation)):
+        rows = transform_activation(rows.float(), act_mul, act_perm, act_rotation).to(dtype)
+    return weight_only_matmul(rows, qweight, w_scale, None, bias, k, w_fmt.bits, None, dtype, twin_log=True)
+
+
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                         w_zero: torch.Tensor | None, bias: torch.Tensor | None,
                         act_mul: torch.Tensor | None, act_perm: torch.Tensor | None,
@@ -75,7 +99,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
     w_fmt, a_fmt = get_format(w_format), get_format(a_format)
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_features)
-    if not a_fmt.quantizes and w_fmt.integer:
+    if not w_fmt.uniform:
+        out = _non_uniform(rows, qweight, w_scale, bias, act_mul, act_perm, act_rotation, w_fmt, a_fmt, a_group, x.dtype)
+    elif not a_fmt.quantizes and w_fmt.integer:
         if any(t is not None for t in (act_mul, act_perm, act_rotation)):
             rows = transform_activation(rows.float(), act_mul, act_perm, act_rotation).to(x.dtype)
         out = weight_only_matmul(rows, qweight, w_scale, w_zero, bias, in_features, w_fmt.bits, w_group, x.dtype)

@@ -25,6 +25,12 @@ four positions i of its low-bit plane (elements k0 + 4j + i, whose third bit is 
 high-plane byte j // 2); x's tile, loaded in K order, is split the same way in registers. Since
 Σ_k x_k Ŵ_k is the same sum in any order, no weight tile is ever re-interleaved into K order.
 
+Twin-log weights (TWIN_LOG; tlq3 / tlq4 of kernels/formats.py) are stored as int3 / int4 codes and
+decoded arithmetically instead of through a table: the magnitude index m of the offset code u gives
+2^e (e = m − (L − 1)) by placing e + 127 under float32's exponent bits, and the row's branch
+parameters turn it into ±max(a · 2^e − c, 0): a compare, two selects, one FMA, one max per weight
+on top of the integer path's work. The four parameters of a row are read per phase (cached).
+
 Scales: when the K tile lies inside one group (BLOCK_K divides the group, or one group spans K) a
 tile reads one scale and zero point per row; narrower groups are gathered per element.
 
@@ -82,7 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import integer_format
+from .formats import TWIN_LOG, integer_format
 from .triton_gemm import SHARED_MEMORY_LIMIT, _capability, _config, _round_to_bfloat16, _tile_indices, m_bucket
 from .triton_quantize import interpreted
 
@@ -149,8 +155,24 @@ def _x_tile(x_ptr, rows, stride_xm, k0, K, BLOCK_K: tl.constexpr, MASK_K: tl.con
 
 
 @triton.jit
+def _twin_log_values(u, s_ptr, cols, stride_sn, OFFSET: tl.constexpr):
+    """float32 weights of twin-log offset codes u = c + OFFSET [len(cols), n] (see the module docstring)."""
+    row = cols.to(tl.int64) * stride_sn
+    a_pos = tl.load(s_ptr + row)[:, None]
+    c_pos = tl.load(s_ptr + row + 1)[:, None]
+    a_neg = tl.load(s_ptr + row + 2)[:, None]
+    c_neg = tl.load(s_ptr + row + 3)[:, None]
+    positive = u >= OFFSET
+    m = tl.where(positive, u - OFFSET, OFFSET - 1 - u)
+    power = ((m + (128 - OFFSET)) << 23).to(tl.float32, bitcast=True)
+    magnitude = tl.maximum(tl.where(positive, a_pos, a_neg) * power - tl.where(positive, c_pos, c_neg), 0.0)
+    return tl.where(positive, magnitude, -magnitude)
+
+
+@triton.jit
 def _accumulate_phase(acc, u, x, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K, GROUP, OFFSET: tl.constexpr,
-                      HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr):
+                      HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr,
+                      TWIN_LOG: tl.constexpr = False):
     """acc + Ŵ[cols, ks] · x[:, ks]ᵀ for the codes u = q + OFFSET, int32 [len(cols), len(ks)] in [0, 2^b),
     and x's columns ks, [BLOCK_M, len(ks)].
 
@@ -158,6 +180,9 @@ def _accumulate_phase(acc, u, x, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K
     of 2^23 + OFFSET + zero (a per-row constant): exact, as every integer below 2^24 is in float32.
     That replaces an integer-to-float conversion and a zero-point subtraction per weight.
     """
+    if TWIN_LOG:
+        w = _dot_operand(_twin_log_values(u, s_ptr, cols, stride_sn, OFFSET), x_ptr.dtype.element_ty)
+        return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
     if PER_TILE:
         scale, zero = _group_params(s_ptr, z_ptr, cols, stride_sn, k0 + tl.zeros([1], dtype=tl.int32), K, GROUP,
                                     HAS_ZERO, False)
@@ -177,7 +202,7 @@ def _int3_codes(low, high, i: tl.constexpr):
 @triton.jit
 def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_wn, stride_sn, k0, K,
                      GROUP, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr,
-                     BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, MASK_K: tl.constexpr, TWIN_LOG: tl.constexpr):
     """acc + Ŵ[cols, k0:k0 + BLOCK_K] · x[rows, k0:k0 + BLOCK_K]ᵀ, one dot per phase.
 
     Channels at or past K contribute nothing when MASK_K. x is loaded in K order (contiguous, so
@@ -193,7 +218,7 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
         else:
             q = tl.load(w_ptr + w_rows + ks[None, :])
         acc = _accumulate_phase(acc, (q.to(tl.int32) & 0xFF) ^ 0x80, x, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks,
-                                k0, K, GROUP, 128, HAS_ZERO, PER_TILE, MASK_K)
+                                k0, K, GROUP, 128, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
     elif W_BITS == 4:
         j = tl.arange(0, BLOCK_K // 2)
         ks = k0 + 2 * j
@@ -204,9 +229,9 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
         p = p.to(tl.int32)
         x_even, x_odd = tl.split(tl.reshape(x, [x.shape[0], BLOCK_K // 2, 2]))
         acc = _accumulate_phase(acc, (p & 0xF) ^ 8, x_even, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K, GROUP,
-                                8, HAS_ZERO, PER_TILE, MASK_K)
+                                8, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
         acc = _accumulate_phase(acc, ((p >> 4) & 0xF) ^ 8, x_odd, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 1, k0,
-                                K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K)
+                                K, GROUP, 8, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
     else:
         j = tl.arange(0, BLOCK_K // 4)
         ks = k0 + 4 * j
@@ -228,13 +253,13 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
         x0, x2 = tl.split(x_b0)
         x1, x3 = tl.split(x_b1)
         acc = _accumulate_phase(acc, _int3_codes(low, high, 0), x0, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K,
-                                GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+                                GROUP, 4, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
         acc = _accumulate_phase(acc, _int3_codes(low, high, 1), x1, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 1, k0,
-                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
         acc = _accumulate_phase(acc, _int3_codes(low, high, 2), x2, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 2, k0,
-                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
         acc = _accumulate_phase(acc, _int3_codes(low, high, 3), x3, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks + 3, k0,
-                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K)
+                                K, GROUP, 4, HAS_ZERO, PER_TILE, MASK_K, TWIN_LOG)
     return acc
 
 
@@ -243,7 +268,7 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
 #   w:     int8 [N, K // 2] (W_BITS 4: element 2j in the low nibble of byte j, two's complement, read
 #          as int8), int8 [N, K] (W_BITS 8) or uint8 [N, 3K // 8] (W_BITS 3: two bit planes,
 #          `pack_int3`); row stride stride_wn
-#   scale: float32 [N, K // GROUP], row stride stride_sn
+#   scale: float32 [N, K // GROUP], row stride stride_sn; TWIN_LOG: float32 [N, 4] (a⁺, c⁺, a⁻, c⁻), GROUP = K
 #   zero:  int8 [N, K // GROUP], row stride stride_sn (HAS_ZERO)
 #   bias:  [N] float (HAS_BIAS)
 #   out:   [M, N] float32/float16/bfloat16, row stride stride_om
@@ -253,7 +278,7 @@ def _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, str
 @triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                         stride_om, GROUP, M_BUCKET, W_BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PER_TILE: tl.constexpr, TWIN_LOG: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rows, cols, row_mask, col_mask = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -261,10 +286,10 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     k_full = K - K % BLOCK_K
     for k0 in range(0, k_full, BLOCK_K):
         acc = _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_wn, stride_sn, k0,
-                               K, GROUP, W_BITS, HAS_ZERO, PER_TILE, BLOCK_K, False)
+                               K, GROUP, W_BITS, HAS_ZERO, PER_TILE, BLOCK_K, False, TWIN_LOG)
     if k_full < K:
         acc = _accumulate_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, stride_xm, stride_wn, stride_sn,
-                               k_full, K, GROUP, W_BITS, HAS_ZERO, PER_TILE, BLOCK_K, True)
+                               k_full, K, GROUP, W_BITS, HAS_ZERO, PER_TILE, BLOCK_K, True, TWIN_LOG)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + cols).to(tl.float32)[:, None]
     if _INTERPRET and out_ptr.dtype.element_ty == tl.bfloat16:
@@ -381,7 +406,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
                          x.element_size(), _capability(x.device))
 
 
-_weight_only_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "W_BITS", "HAS_ZERO"],
+_weight_only_tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "W_BITS", "HAS_ZERO", "TWIN_LOG"],
                                      prune_configs_by={"early_config_prune": _prune})(_weight_only)
 
 # The interpreter's tiles: smaller than the tests' shapes so that masking and several programs are
@@ -394,10 +419,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                      bias: torch.Tensor | None, k: int, w_bits: int, group: int,
-                     out_dtype: torch.dtype) -> None:
-    if w_bits not in WEIGHT_BITS:
-        raise ValueError(f"w_bits must be 3, 4 or 8; got {w_bits}")
-    fmt = integer_format(w_bits)
+                     out_dtype: torch.dtype, twin_log: bool = False) -> None:
+    if w_bits not in WEIGHT_BITS or (twin_log and w_bits not in TWIN_LOG):
+        raise ValueError(f"w_bits must be 3, 4 or 8 (3 or 4 for twin-log weights); got {w_bits}")
+    fmt = TWIN_LOG[w_bits] if twin_log else integer_format(w_bits)
     if k <= 0 or fmt.width_problem(k):
         raise ValueError(f"in_features must be a positive multiple of {fmt.width_multiple} for "
                          f"{w_bits}-bit weights; got {k}")
@@ -414,7 +439,9 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
         raise ValueError(f"qweight for w_bits={w_bits} must be {dtype} [N, {width}] (the {fmt.name} storage of "
                          f"kernels/formats.py and kernels/packing.py); got {qweight.dtype} {tuple(qweight.shape)}")
     n = qweight.shape[0]
-    scale_shape = (n, k // group)
+    if twin_log and (group != k or w_zero is not None):
+        raise ValueError("twin-log weights have one set of parameters per row: no groups, no zero points")
+    scale_shape = fmt.scale_shape(n, k, None if group == k else group)
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != scale_shape:
         raise ValueError(f"w_scale must be float32 {list(scale_shape)}; got {w_scale.dtype} {tuple(w_scale.shape)}")
     if w_zero is not None and (w_zero.dtype != torch.int8 or tuple(w_zero.shape) != scale_shape):
@@ -435,7 +462,7 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
 
 def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                        bias: torch.Tensor | None, in_features: int, w_bits: int, w_group: int | None,
-                       out_dtype: torch.dtype) -> torch.Tensor:
+                       out_dtype: torch.dtype, twin_log: bool = False) -> torch.Tensor:
     """Weight-only quantized product: out [M, N] = x · (w_scale ⊙ (q − w_zero))ᵀ + bias.
 
     x:       float16/bfloat16/float32 [M, K] (K = in_features)
@@ -444,11 +471,14 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     w_scale: float32 [N, K // g] with g = w_group or K;  w_zero: int8 [N, K // g] or None
     bias:    [N] float or None.  Returns out_dtype [M, N].
 
+    twin_log: the codes are tlq3 / tlq4 (kernels/formats.py) and w_scale float32 [N, 4] their rows'
+    parameters; Ŵ is then their decoded values.
+
     Ŵ is rounded to x's dtype before the product (float32 x: Ŵ stays float32); the sum is float32.
     """
     k = in_features
     group = w_group or k
-    _check_arguments(x, qweight, w_scale, w_zero, bias, k, w_bits, group, out_dtype)
+    _check_arguments(x, qweight, w_scale, w_zero, bias, k, w_bits, group, out_dtype, twin_log)
     m, n = x.shape[0], qweight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
@@ -460,7 +490,7 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     w = qweight.view(torch.int8) if w_bits == 4 else qweight
     args = (x, w, w_scale, w_zero, bias, out, m, n, k, x.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
             group, m_bucket(m))
-    meta = dict(W_BITS=w_bits, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None)
+    meta = dict(W_BITS=w_bits, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, TWIN_LOG=twin_log)
 
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

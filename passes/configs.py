@@ -110,6 +110,15 @@ class LowRankConfig:
 
 
 @dataclass(frozen=True)
+class LRQConfig:
+    """threshold: LRQ-DiT's ARS criterion J at or above which a layer takes the outlier-aware
+    rotation (passes/lrq_dit.py); seed: the random Hadamard signs."""
+
+    threshold: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class MethodConfigs:
     """Every method's config, built from the user's options in one place."""
 
@@ -120,6 +129,7 @@ class MethodConfigs:
     clps: CLPSConfig
     cbc: CBCConfig
     lowrank: LowRankConfig
+    lrq: LRQConfig = LRQConfig()
     quarot: QuaRotConfig = QuaRotConfig()
 
 

@@ -17,6 +17,7 @@ Recipes are data in `RECIPES`, so the same graph gives every method's result for
 | clq+gptq | CLQ with GPTQ weights |
 | svdquant | SmoothQuant's smoothing, then a 16-bit low-rank branch split off W·diag(s); the residual quantized |
 | clq+lowrank / clq+gptq+lowrank | CLQ (with GPTQ weights) and a 16-bit low-rank branch split off each weight |
+| lrq-dit | LRQ-DiT: smoothing α = 0.5, adaptive rotation (Hadamard or outlier-aware, by J), twin-log weights |
 
 Recipes that need data quantize round-to-nearest when called without calibration, and say so.
 """
@@ -137,6 +138,16 @@ def _svdquant_recipe(weights, configs, calibration, execution):
     return _per_layer(weights, "svdquant", one)
 
 
+def _lrq_dit_recipe(weights, configs, calibration, execution):
+    """LRQ-DiT per layer (passes/lrq_dit.py); data-free: Hadamard and twin-log weights only."""
+    from .lrq_dit import lrq_dit_layer
+
+    stats = _statistics(weights, calibration, hessian=False)
+    return _per_layer(weights, "lrq-dit", lambda p, w: lrq_dit_layer(
+        w, None if stats is None else stats[p].samples, None if stats is None else stats[p].absmax,
+        configs.quantizer, configs.lrq))
+
+
 def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False):
     from .rotation import quarot_layer, rotate_hessian, rotate_weight
 
@@ -186,6 +197,7 @@ RECIPES: dict[str, Recipe] = {
     "svdquant": _svdquant_recipe,
     "clq+lowrank": partial(_clq_recipe, parts=Components(lowrank=True)),
     "clq+gptq+lowrank": partial(_clq_recipe, parts=Components(gptq=True, lowrank=True)),
+    "lrq-dit": _lrq_dit_recipe,
 }
 
 

@@ -100,7 +100,7 @@ def saved_lowrank(tmp_path_factory):
 def test_an_artifact_with_branches_round_trips(saved_lowrank):
     path, out = saved_lowrank
     manifest = json.loads(manifest_text(path))
-    assert manifest["format_version"] == 4 and manifest["options"]["lowrank_rank"] == 4
+    assert manifest["format_version"] == artifact.FORMAT_VERSION and manifest["options"]["lowrank_rank"] == 4
     assert all({"lr_down", "lr_up"} <= set(layer["tensors"]) for layer in manifest["layers"].values())
     torch._dynamo.reset()
     loaded = clq_compile.load(stress.stress_model("pixart", seed=0, heads=4, head_dim=16), path,
@@ -132,7 +132,7 @@ def test_a_forged_branch_is_refused(saved_lowrank, tmp_path, edit, tensors_edit,
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"recipe": "clq", "lowrank_rank": 8}, r"lowrank_rank.*recipe 'clq' has none"),
+    ({"recipe": "clq", "lowrank_rank": 8}, r"lowrank_rank.*recipe 'clq' does not read it"),
     ({"recipe": "svdquant", "lowrank_rank": 0}, r"lowrank_rank.*positive integer"),
     ({"recipe": "svdquant", "lowrank_rank": 8.0}, r"lowrank_rank.*positive integer"),
     ({"recipe": "svdquant", "fold": True}, r"svdquant.*online"),
@@ -145,4 +145,4 @@ def test_bad_lowrank_options_are_refused(options, match):
 def test_artifacts_of_recipes_without_a_branch_do_not_record_its_rank():
     assert "lowrank_rank" not in parse_options({"recipe": "clq"}).quantization_dict()
     assert parse_options({"recipe": "svdquant"}).quantization_dict()["lowrank_rank"] == 32
-    assert artifact.FORMAT_VERSION == 4
+    assert artifact.FORMAT_VERSION == 5

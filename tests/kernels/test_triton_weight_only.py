@@ -216,3 +216,63 @@ def test_configs_are_pruned_by_m_bucket_groups_and_device_resources():
     # A 3-bit phase of a 32-wide K tile is 8 channels, too narrow for a 16-bit tensor-core dot.
     narrow = triton_weight_only._config(16, 32, 32, 2, 3)
     assert triton_weight_only.fits(narrow, 8, 2, 90) and not triton_weight_only.fits(narrow, 3, 2, 90)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([3, 4]), st.sampled_from([1, 7, 17]), st.integers(1, 37), st.sampled_from(DTYPES),
+       st.booleans(), st.integers(0, 2**16))
+def test_twin_log_codes_decode_in_registers_to_the_float64_product(bits, m, n, x_dtype, bias, seed):
+    """tlq3 / tlq4 codes (every code of the range) with per-row parameters: the kernel's arithmetic
+    decoding (exponent bits, branch select, max) gives the float64 product within the roundings
+    the integer path allows (the decoded weight rounds once in float32, once to x's dtype)."""
+    from clq_compile.kernels.formats import TWIN_LOG
+
+    fmt = TWIN_LOG[bits]
+    g = torch.Generator().manual_seed(seed)
+    k = 8 * (1 + seed % 9)
+    q = torch.randint(-fmt.levels, fmt.levels, (n, k), generator=g, dtype=torch.int8)
+    bound = 2.0 ** (torch.rand(n, 2, generator=g) * 4 - 4)
+    eta = torch.rand(n, 1, generator=g) * 0.5
+    a = bound / (1 - eta)
+    params = torch.stack([a[:, 0], a[:, 0] * eta[:, 0], a[:, 1], a[:, 1] * eta[:, 0]], dim=1).float()
+    b = torch.randn(n, generator=g).to(x_dtype) if bias else None
+    x = torch.randn(m, k, generator=g).to(x_dtype)
+    out = weight_only_matmul(x, stored_weight(q, bits), params, None, b, k, bits, None, x_dtype, twin_log=True)
+    w64 = fmt.dequantize(q, params, None, None).double()
+    y64 = x.double() @ w64.t() + (0 if b is None else b.double())
+    err = (out.double() - y64).abs()
+    tol = tolerance(x, w64, b, y64, x_dtype)
+    assert (err <= tol).all(), f"largest error {err.max().item():.3g} at tolerance {tol.flatten()[err.argmax()]:.3g}"
+
+
+def test_twin_log_weights_refuse_groups_zero_points_and_8_bits():
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="no groups, no zero points"):
+        weight_only_matmul(x, pack_int4(torch.zeros(3, 32, dtype=torch.int8)), torch.ones(3, 2), None, None, 32, 4,
+                           16, torch.float32, twin_log=True)
+    with pytest.raises(ValueError, match="3 or 4 for twin-log"):
+        weight_only_matmul(x, torch.zeros(3, 32, dtype=torch.int8), torch.ones(3, 4), None, None, 32, 8, None,
+                           torch.float32, twin_log=True)
+
+
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_twin_log_layers_with_quantized_activations_take_the_decoding_path(a_bits):
+    """quant_linear_triton on tlq4 weights and int activations: the activations quantized by the
+    quantize kernel, decoded to x's dtype, multiplied by the decoded weight: the float64 product
+    of those two within the weight-only GEMM's roundings."""
+    from clq_compile.kernels.formats import TLQ4
+    from clq_compile.kernels.quantize import quantize_activation
+    from clq_compile.kernels.triton_linear import quant_linear_triton
+
+    g = torch.Generator().manual_seed(a_bits)
+    n, k, m = 9, 64, 7
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    params = torch.tensor([[0.5, 0.01, 0.4, 0.0]]).repeat(n, 1)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    out = quant_linear_triton(x, pack_int4(q), params, None, None, None, None, None, k, "tlq4", f"int{a_bits}", 0, 0)
+    x_hat = quantize_activation(x.float(), a_bits).dequantize().to(torch.bfloat16)
+    w64 = TLQ4.dequantize(q, params, None, None).double()
+    y64 = x_hat.double() @ w64.t()
+    err = (out.double() - y64).abs()
+    assert (err <= tolerance(x_hat, w64, None, y64, torch.bfloat16)).all()
+    assert not torch.equal(x_hat, x)  # the activations were quantized

@@ -1,0 +1,109 @@
+"""Recipe lrq-dit end to end: compiled, explained, saved with twin-log weights, loaded, refused when forged."""
+
+import json
+
+import pytest
+import torch
+
+import clq_compile
+from clq_compile import stress, tiny_models
+from clq_compile.artifact import ArtifactError
+from clq_compile.calibration import model_state
+from clq_compile.options import parse_options
+from tests.clq_compile.test_artifact_hostile import forge, manifest_text, tensors_of
+from tests.clq_compile.test_lowrank_recipes import layers_by_hand
+
+
+def calibrated(**options):
+    torch._dynamo.reset()
+    model = stress.stress_model("pixart", seed=0, heads=4, head_dim=16)
+    qt = torch.compile(model, backend="clq", options={"bits": "w4a4", "kernels": "reference", "recipe": "lrq-dit",
+                                                      **options})
+    with torch.no_grad(), clq_compile.calibrating(qt):
+        for seed in range(2):
+            qt(**tiny_models.make_inputs("pixart", seed=100 + seed))
+    return model, qt
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, qt = calibrated()
+    path = clq_compile.save(qt, tmp_path_factory.mktemp("lrq") / "pixart.safetensors")
+    inputs = tiny_models.make_inputs("pixart", seed=5)
+    with torch.no_grad():
+        out = qt(**inputs).sample
+    return model, qt, path, out
+
+
+def test_the_compiled_model_is_its_records_with_twin_log_weights(saved):
+    model, qt, _, out = saved
+    state = model_state(qt)
+    assert {layer.weight.format.name for layer in state.layers.values()} == {"tlq4"}
+    assert torch.equal(out, layers_by_hand(model, state, tiny_models.make_inputs("pixart", seed=5)))
+    text = clq_compile.explain(qt)
+    assert "w4a4 (tlq4 weights)" in text and "ars: " in text
+
+
+def test_the_threshold_sends_layers_to_the_outlier_aware_rotation():
+    _, qt = calibrated(ars_threshold=1e-6)
+    choices = {layer.details["ars"] for layer in model_state(qt).layers.values()}
+    assert choices == {"outlier-aware"}
+    assert "ars: outlier-aware rotation" in clq_compile.explain(qt)
+
+
+def test_an_artifact_with_twin_log_weights_round_trips(saved):
+    _, _, path, out = saved
+    manifest = json.loads(manifest_text(path))
+    assert manifest["format_version"] == 5 and {m["w_format"] for m in manifest["layers"].values()} == {"tlq4"}
+    torch._dynamo.reset()
+    loaded = clq_compile.load(stress.stress_model("pixart", seed=0, heads=4, head_dim=16), path,
+                              options={"kernels": "reference"})
+    with torch.no_grad():
+        assert torch.equal(loaded(**tiny_models.make_inputs("pixart", seed=5)).sample, out)
+
+
+def _as_rtn(m):
+    m["options"]["recipe"] = m["recipe"] = "rtn"
+    del m["options"]["ars_threshold"]
+
+
+def _as_version_4(m):
+    m["format_version"] = 4
+
+
+def _grouped(m):
+    m["options"]["weight_group"] = 32
+    for layer in m["layers"].values():
+        layer["w_group"] = 32
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_as_rtn, r"'tlq4', which only recipe lrq-dit writes"),
+    (_as_version_4, r"from format version 5 \(this is version 4"),
+    (_grouped, r"lrq-dit.*drop 'weight_group'"),
+])
+def test_forged_twin_log_layers_are_refused(saved, tmp_path, edit, match):
+    _, _, path, _ = saved
+    target = tmp_path / path.name
+    target.write_bytes(path.read_bytes())
+    forge(target, edit, tensors_of(target))
+    with pytest.raises(ArtifactError, match=match):
+        clq_compile.load(stress.stress_model("pixart", seed=0, heads=4, head_dim=16), target)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"recipe": "clq", "ars_threshold": 2.0}, r"ars_threshold.*recipe 'clq' does not read it"),
+    ({"recipe": "lrq-dit", "ars_threshold": 0}, r"ars_threshold.*positive finite"),
+    ({"recipe": "lrq-dit", "ars_threshold": True}, r"ars_threshold.*positive finite"),
+    ({"recipe": "lrq-dit", "weight_group": 64}, r"drop 'weight_group'"),
+    ({"recipe": "lrq-dit", "weight_symmetric": False}, r"drop 'weight_group' and 'weight_symmetric'"),
+    ({"recipe": "lrq-dit", "bits": "fp8"}, r"integer activations"),
+])
+def test_bad_lrq_dit_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        parse_options(options)
+
+
+def test_only_lrq_dit_artifacts_record_the_threshold():
+    assert "ars_threshold" not in parse_options({"recipe": "clq"}).quantization_dict()
+    assert parse_options({"recipe": "lrq-dit", "ars_threshold": 2}).quantization_dict()["ars_threshold"] == 2.0

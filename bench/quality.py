@@ -99,7 +99,7 @@ RESULTS = BENCH / "results"
 # Each cell's row is appended here as soon as the cell finishes, so a run stopped early keeps them.
 JOURNAL = "quality.jsonl"
 OUTPUTS = (JOURNAL, "quality.json", "quality-machine.json", "quality.md", "quality-grid.png", "obs-activation.png")
-DEFAULT_BITS = ("w8a8", "w4a8", "w4a4")
+DEFAULT_BITS = ("w8a8", "w4a8", "w4a4", "w4a16", "w3a16")
 GRID_BITS = "w4a4"
 # Float rounding of the scaled channels, measured on the digits DiT: 2e-5 after 25 DDIM steps,
 # 1.3e-4 after 3, where the first steps divide by sqrt(alpha_bar) near 0 and amplify it. A copy

@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import BITS, CONDITIONING_BITS, KERNELS, RECIPE_NAMES, RECIPE_OPTIONS
+from clq_compile.choices import (BITS, CONDITIONING_BITS, KERNELS, MEAN_CORRECTED_RECIPES, RECIPE_NAMES,
+                                 RECIPE_OPTIONS)
 from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
                                         LowRankConfig, LRQConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig,
@@ -84,7 +85,8 @@ class Options:
                       instead of the Hadamard (passes/lrq_dit.py); refused with any other recipe
     mean_correction:  after the recipe, move each quantized layer's bias by its output mean
                       deviation on the calibration tokens (the activation side of D²Quant's DAC,
-                      passes/mean_correction.py); needs calibration data
+                      passes/mean_correction.py); needs calibration data. None (the default):
+                      the recipe's choice, on for d2quant (it is its DAC), off for the others
     conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
                       weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
                       weights round to nearest (weight_symmetric, weight_group as for the rest),
@@ -118,7 +120,7 @@ class Options:
     gptq_act_order: bool = False
     lowrank_rank: int = 32
     ars_threshold: float = 1.0
-    mean_correction: bool = False
+    mean_correction: bool | None = None
     conditioning_bits: str | None = None
     load: str | None = None
 
@@ -131,6 +133,13 @@ class Options:
     def a_format(self) -> NumberFormat | None:
         """The activations' number format ("none" for weight-only modes, None for w16a16)."""
         return MODES[self.bits][1]
+
+    @property
+    def corrects_means(self) -> bool:
+        """Whether the mean correction follows the recipe (`mean_correction`, or the recipe's choice)."""
+        if self.mean_correction is None:
+            return self.recipe in MEAN_CORRECTED_RECIPES
+        return self.mean_correction
 
     @property
     def quantizes(self) -> bool:
@@ -258,8 +267,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if values["recipe"] == "svdquant" and values["fold"]:
         raise ValueError("options['fold']=True: recipe 'svdquant' applies its smoothing online (its low-rank "
                          "branch is split after smoothing); drop 'fold'")
-    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload", "mean_correction"):
+    for key in ("weight_symmetric", "quantize_cross_kv", "gptq_act_order", "fold", "offload"):
         _boolean(key, values[key])
+    if values["mean_correction"] is not None:
+        _boolean("mean_correction", values["mean_correction"])
     values["skip"] = _patterns(values["skip"])
     _formats_allow(values)
     if "load" in given:

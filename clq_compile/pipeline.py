@@ -81,9 +81,10 @@ def quantize_layers(weights: dict[str, torch.Tensor], roles: dict[str, str], opt
 
     roles: {module path: role} from stage 1. The layers in `options.bits` go to the recipe
     (passes/recipes.py) with the methods' configs built from `options` in one place; those the
-    policy puts in `conditioning_bits` round to nearest, weight-only; with `mean_correction`, each
-    layer's bias then takes its output mean deviation (passes/mean_correction.py). `note` is added
-    to every record (why it was quantized where it was). Raises ValueError for NaN / Inf or meta
+    policy puts in `conditioning_bits` round to nearest, weight-only; with the mean correction
+    (option `mean_correction`; by default after recipe d2quant, whose DAC it is), each layer's
+    bias then takes its output mean deviation (passes/mean_correction.py). `note` is added to
+    every record (why it was quantized where it was). Raises ValueError for NaN / Inf or meta
     weights.
     """
     check_weights(weights)
@@ -97,7 +98,7 @@ def quantize_layers(weights: dict[str, torch.Tensor], roles: dict[str, str], opt
         if path not in by_recipe:
             layers[path] = dataclasses.replace(rtn(weight, policy.layer_quantizer(roles[path])),
                                                method="rtn (conditioning_bits)")
-    if options.mean_correction:
+    if options.corrects_means:
         if calibration:
             layers = correct_means(calibration, layers, options.kernels)
         else:

@@ -18,6 +18,7 @@ Recipes are data in `RECIPES`, so the same graph gives every method's result for
 | svdquant | SmoothQuant's smoothing, then a 16-bit low-rank branch split off W·diag(s); the residual quantized |
 | clq+lowrank / clq+gptq+lowrank | CLQ (with GPTQ weights) and a 16-bit low-rank branch split off each weight |
 | lrq-dit | LRQ-DiT: smoothing α = 0.5, adaptive rotation (Hadamard or outlier-aware, by J), twin-log weights |
+| d2quant | D²Quant: GPTQ weights, the feed-forward down projections dual-scaled first; then the mean correction |
 
 Recipes that need data quantize round-to-nearest when called without calibration, and say so.
 """
@@ -148,6 +149,42 @@ def _lrq_dit_recipe(weights, configs, calibration, execution):
         configs.quantizer, configs.lrq))
 
 
+# The roles DSQ is for: the feed-forward down projections.
+DOWN_PROJECTIONS = ("ff_down",)
+
+
+def _d2quant_recipe(weights, configs, calibration, execution):
+    """D²Quant's weight side: GPTQ for every layer; a down projection first gets DSQ's column
+    scales t (passes/dual_scale.py), and GPTQ then quantizes W · diag(1/t) under the Hessian of
+    x · diag(t). The activation side (DAC, the mean correction) runs after the recipe
+    (clq_compile/pipeline.py), for every layer."""
+    from .dual_scale import dsq_layer
+    from .gptq import gptq_layer
+
+    quantizer, gptq = configs.quantizer, configs.gptq
+    stats = _statistics(weights, calibration, hessian=True)
+    if stats is None:
+        return _per_layer(weights, "d2quant", lambda p, w: _data_free(w, quantizer))
+    roles = {site.path: site.role for cal in calibration for site in cal.analysis.sites}
+
+    def one(path, w):
+        h = stats[path].hessian
+        if roles.get(path) not in DOWN_PROJECTIONS:
+            return dataclasses.replace(gptq_layer(w, h, quantizer, gptq), method="d2quant: gptq")
+        _, t = dsq_layer(w, stats[path].samples, quantizer)
+        if t is None:
+            return dataclasses.replace(gptq_layer(w, h, quantizer, gptq), method="d2quant: gptq",
+                                       notes=["dsq: one scale per row fit best (no column scales)"])
+        mul = t.float()
+        scaled = (w.detach().double() / mul.double()).float()
+        layer = gptq_layer(scaled, h * (mul.double()[:, None] * mul.double()[None, :]), quantizer, gptq)
+        return dataclasses.replace(layer, online=ActivationTransform(mul=mul), method="d2quant: dsq + gptq",
+                                   notes=[*layer.notes, f"dsq: column scales {float(mul.min()):.3g} .. "
+                                                        f"{float(mul.max()):.3g} on the input"])
+
+    return _per_layer(weights, "d2quant", one)
+
+
 def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False):
     from .rotation import quarot_layer, rotate_hessian, rotate_weight
 
@@ -198,6 +235,7 @@ RECIPES: dict[str, Recipe] = {
     "clq+lowrank": partial(_clq_recipe, parts=Components(lowrank=True)),
     "clq+gptq+lowrank": partial(_clq_recipe, parts=Components(gptq=True, lowrank=True)),
     "lrq-dit": _lrq_dit_recipe,
+    "d2quant": _d2quant_recipe,
 }
 
 

@@ -4,21 +4,14 @@ import pytest
 import torch
 
 import clq_compile
-from clq_compile import stress, tiny_models
+from clq_compile import tiny_models
 from clq_compile.calibration import model_state
 from clq_compile.options import parse_options
-from tests.clq_compile.test_lowrank_recipes import layers_by_hand
+from tests.clq_compile.test_lowrank_recipes import calibrated as calibrated_pixart, layers_by_hand
 
 
 def calibrated(**options):
-    torch._dynamo.reset()
-    model = stress.stress_model("pixart", seed=0, heads=4, head_dim=16)
-    qt = torch.compile(model, backend="clq", options={"bits": "w3a16", "kernels": "reference", "recipe": "d2quant",
-                                                      **options})
-    with torch.no_grad(), clq_compile.calibrating(qt):
-        for seed in range(2):
-            qt(**tiny_models.make_inputs("pixart", seed=100 + seed))
-    return model, qt
+    return calibrated_pixart(options.pop("recipe", "d2quant"), bits="w3a16", **options)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,11 @@ from clq_compile.artifact import ArtifactError
 from clq_compile.calibration import model_state
 from clq_compile.options import parse_options
 from tests.clq_compile.test_artifact_hostile import forge, manifest_text, tensors_of
-from tests.clq_compile.test_lowrank_recipes import layers_by_hand
+from tests.clq_compile.test_lowrank_recipes import calibrated as calibrated_pixart, layers_by_hand
 
 
 def calibrated(**options):
-    torch._dynamo.reset()
-    model = stress.stress_model("pixart", seed=0, heads=4, head_dim=16)
-    qt = torch.compile(model, backend="clq", options={"bits": "w4a4", "kernels": "reference", "recipe": "lrq-dit",
-                                                      **options})
-    with torch.no_grad(), clq_compile.calibrating(qt):
-        for seed in range(2):
-            qt(**tiny_models.make_inputs("pixart", seed=100 + seed))
-    return model, qt
+    return calibrated_pixart(options.pop("recipe", "lrq-dit"), **options)
 
 
 @pytest.fixture(scope="module")

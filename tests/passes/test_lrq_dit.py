@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clq_compile.kernels.formats import INT4, INT8, NONE
-from clq_compile.kernels.reference import transform_activation
 from clq_compile.passes.configs import ActivationConfig, LRQConfig, QuantizerConfig, WeightQuantizerConfig
 from clq_compile.passes.lrq_dit import (activation_criterion, greedy_block_rotation, lrq_dit_layer,
                                         outlier_aware_rotation)

@@ -21,6 +21,6 @@ LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank")
 # recorded in their artifacts.
 # The recipes whose layers always take the mean correction after the recipe (D²Quant's DAC).
 MEAN_CORRECTED_RECIPES = ("d2quant",)
-RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": ("lrq-dit",)}
+RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": ("lrq-dit",), "lrq_weights": ("lrq-dit",)}
 # DDIM steps of the digits sampler, the command line and the quality benchmark unless told otherwise.
 DEFAULT_SAMPLING_STEPS = 25

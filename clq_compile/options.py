@@ -24,6 +24,7 @@ OBS_SWAPS = ("spread", "group")
 CBC_PREFIXES = ("all", "previous")
 CLPS_TARGETS = ("peak-error", "max-variance")
 CLPS_NORMS = ("l2", "l1")
+LRQ_WEIGHTS = ("twin-log", "uniform")
 # Options that change how the model runs or calibrates, not what its quantized layers hold: free
 # to differ from an artifact's.
 RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
@@ -83,6 +84,8 @@ class Options:
     ars_threshold:    recipe lrq-dit: the activation criterion J (root mean square of the scaled
                       layer input) at or above which a layer takes the outlier-aware rotation
                       instead of the Hadamard (passes/lrq_dit.py); refused with any other recipe
+    lrq_weights:      recipe lrq-dit: "twin-log" weights (TLQ, 3 and 4 bits) or "uniform" (the
+                      integer grid; an ablation); refused with any other recipe
     mean_correction:  after the recipe, move each quantized layer's bias by its output mean
                       deviation on the calibration tokens (the activation side of D²Quant's DAC,
                       passes/mean_correction.py); needs calibration data. None (the default):
@@ -120,6 +123,7 @@ class Options:
     gptq_act_order: bool = False
     lowrank_rank: int = 32
     ars_threshold: float = 1.0
+    lrq_weights: str = "twin-log"
     mean_correction: bool | None = None
     conditioning_bits: str | None = None
     load: str | None = None
@@ -169,7 +173,7 @@ class Options:
                             self.clps_target, self.clps_norm),
             cbc=CBCConfig(self.cbc_prefix),
             lowrank=LowRankConfig(self.lowrank_rank),
-            lrq=LRQConfig(self.ars_threshold))
+            lrq=LRQConfig(self.ars_threshold, self.lrq_weights))
 
     def execution(self) -> Execution:
         """The run-time knobs the recipes' searches need: kernels and offload."""
@@ -248,7 +252,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     _allowed("obs_statistics", values["obs_statistics"], OBS_STATISTICS)
     _allowed("clps_window", values["clps_window"], CLPS_WINDOWS)
     for key, choices in (("obs_swap", OBS_SWAPS), ("cbc_prefix", CBC_PREFIXES), ("clps_target", CLPS_TARGETS),
-                         ("clps_norm", CLPS_NORMS)):
+                         ("clps_norm", CLPS_NORMS), ("lrq_weights", LRQ_WEIGHTS)):
         _allowed(key, values[key], choices)
     _allowed("conditioning_bits", values["conditioning_bits"], CONDITIONING_BITS)
     values["clps_grid"] = _ratios(values["clps_grid"])

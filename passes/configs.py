@@ -112,9 +112,11 @@ class LowRankConfig:
 @dataclass(frozen=True)
 class LRQConfig:
     """threshold: LRQ-DiT's ARS criterion J at or above which a layer takes the outlier-aware
-    rotation (passes/lrq_dit.py); seed: the random Hadamard signs."""
+    rotation (passes/lrq_dit.py); weights: "twin-log" (TLQ) or "uniform" (the integer grid, an
+    ablation); seed: the random Hadamard signs."""
 
     threshold: float = 1.0
+    weights: str = "twin-log"
     seed: int = 0
 
 

@@ -16,7 +16,9 @@ Per layer y = x · Wᵀ, with calibration inputs X [T, K]:
    orthogonal, composed offline into one [K, K] matrix, applied online like QuaRot's.
 3. Weights: W · diag(s) · R, twin-log quantized per row (passes/twin_log.py) when the weight format
    has a twin-log form (3 and 4 bits), else rounded to nearest on the uniform grid (8 bits: a log
-   grid's smallest levels would go unused there), and the layer's notes say so.
+   grid's smallest levels would go unused there), and the layer's notes say so. Option
+   `lrq_weights="uniform"` rounds every layer on the uniform grid instead (an ablation: after the
+   rotation the weights are close to Gaussian, which a uniform grid fits better; README).
 
 `explain` shows the choice per layer ("ars: hadamard (J 0.41 < 1)" / "ars: outlier-aware (J 2.3 >= 1)").
 Without calibration data there is nothing to scale by or to judge J on: the layer gets the Hadamard
@@ -128,14 +130,15 @@ def lrq_dit_layer(weight: torch.Tensor, samples: torch.Tensor | None, act_absmax
     transformed = rotate_weight(weight, act_mul=mul, act_rotation=rotation)
     w = quantizer.weight
     fmt = TWIN_LOG.get(w.format.bits) if w.format.integer else None
-    if fmt is not None and w.symmetric and w.group is None:
+    if fmt is not None and w.symmetric and w.group is None and config.weights == "twin-log":
         packed = pack_weight(twin_log_quantize(transformed, fmt))
         layer = QuantizedLinear(packed, quantizer.activation.format, quantizer.activation.group)
         weights = fmt.name
     else:
         layer = rtn(transformed, quantizer)
         weights = f"{w.format.name} rtn"
-        notes.append(f"weights: {w.format.name} has no twin-log form here; rounded to nearest")
+        notes.append("weights: uniform grid (option lrq_weights)" if config.weights == "uniform" else
+                     f"weights: {w.format.name} has no twin-log form here; rounded to nearest")
     method = f"lrq-dit: {weights} + {choice}" + ("" if samples is not None else " (data-free)")
     return QuantizedLinear(layer.weight, layer.a_format, layer.a_group, online=online, method=method,
                            notes=notes, details=details)

@@ -57,7 +57,7 @@ def test_an_artifact_with_twin_log_weights_round_trips(saved):
 
 def _as_rtn(m):
     m["options"]["recipe"] = m["recipe"] = "rtn"
-    del m["options"]["ars_threshold"]
+    del m["options"]["ars_threshold"], m["options"]["lrq_weights"]
 
 
 def _as_version_4(m):
@@ -100,3 +100,14 @@ def test_bad_lrq_dit_options_are_refused(options, match):
 def test_only_lrq_dit_artifacts_record_the_threshold():
     assert "ars_threshold" not in parse_options({"recipe": "clq"}).quantization_dict()
     assert parse_options({"recipe": "lrq-dit", "ars_threshold": 2}).quantization_dict()["ars_threshold"] == 2.0
+
+
+def test_uniform_weights_are_the_ablation_the_notes_name():
+    _, qt = calibrated(lrq_weights="uniform")
+    layers = model_state(qt).layers.values()
+    assert {layer.weight.format.name for layer in layers} == {"int4"}
+    assert all("weights: uniform grid (option lrq_weights)" in layer.notes for layer in layers)
+    with pytest.raises(ValueError, match="lrq_weights.*recipe 'clq' does not read it"):
+        parse_options({"recipe": "clq", "lrq_weights": "uniform"})
+    with pytest.raises(ValueError, match="lrq_weights.*'twin-log', 'uniform'"):
+        parse_options({"recipe": "lrq-dit", "lrq_weights": "log"})

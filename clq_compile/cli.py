@@ -180,12 +180,45 @@ def _size(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # Subcommands
 
+# Options with a flag of their own (and `load`, which quantize does not take): not in --options.
+_FLAGGED_OPTIONS = {"bits": "--bits", "recipe": "--recipe", "kernels": "--kernels",
+                    "conditioning_bits": "--conditioning-bits", "lowrank_rank": "--lowrank-rank", "load": None}
+
+
+def _with_further_options(options: dict, text: str | None) -> dict:
+    """`options` and the backend options of --options (a JSON object), checked as the backend
+    will check them, before any model is loaded; an InputError names what is wrong."""
+    if text is None:
+        return options
+    try:
+        further = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"--options {text!r:.80}: not JSON ({error.msg}); e.g. '{{\"ars_threshold\": 0.5}}'") from None
+    if not isinstance(further, dict):
+        raise InputError(f"--options must be a JSON object of backend options, e.g. '{{\"mean_correction\": true}}'; "
+                         f"got {text!r:.80}")
+    for key in sorted(set(further) & set(_FLAGGED_OPTIONS)):
+        flag = _FLAGGED_OPTIONS[key]
+        raise InputError(f"--options: {key!r} " + (f"has its own flag, {flag}" if flag else "is not for quantize"))
+    merged = {**options, **further}
+    from clq_compile.options import parse_options
+
+    try:
+        parse_options(merged)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"--options: {error}") from None
+    return merged
+
 
 def quantize(args: argparse.Namespace) -> int:
     """Calibrate `args.model` on its own samples, quantize it and save the artifact."""
     if args.lowrank_rank is not None and args.recipe not in LOWRANK_RECIPES:
         raise InputError(f"--lowrank-rank {args.lowrank_rank}: recipe {args.recipe} has no low-rank branch; "
                          f"drop it, or choose one of {', '.join(LOWRANK_RECIPES)}")
+    options = {"bits": args.bits, "recipe": args.recipe, "kernels": args.kernels,
+               **({"conditioning_bits": args.conditioning_bits} if args.conditioning_bits else {}),
+               **({"lowrank_rank": args.lowrank_rank} if args.lowrank_rank is not None else {})}
+    options = _with_further_options(options, args.options)
     _artifact_target(args.out)
     model, task = _model_and_task(args.model, 1, args.calib_samples, args.seed, args.latent_size)
     import torch
@@ -199,9 +232,6 @@ def quantize(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, desc="calibration trajectory", unit="step", dynamic_ncols=True) as bar:
         calls = calibration_calls(task, _stepping(model, bar), args.steps, args.calib_steps)
     torch._dynamo.reset()
-    options = {"bits": args.bits, "recipe": args.recipe, "kernels": args.kernels,
-               **({"conditioning_bits": args.conditioning_bits} if args.conditioning_bits else {}),
-               **({"lowrank_rank": args.lowrank_rank} if args.lowrank_rank is not None else {})}
     qt = torch.compile(model, backend="clq", options=options)
     with torch.no_grad(), clq_compile.calibrating(qt):
         for call in tqdm(calls, desc="calibration calls", unit="call", dynamic_ncols=True):
@@ -367,6 +397,9 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
     q.add_argument("--lowrank-rank", type=positive_int, default=None, metavar="R",
                    help=f"rank of the 16-bit low-rank branch of {', '.join(LOWRANK_RECIPES)} (default 32, "
                         f"capped per layer at min(out, in) / 4)")
+    q.add_argument("--options", default=None, metavar="JSON",
+                   help="further backend options as a JSON object (README, Options), e.g. "
+                        "'{\"ars_threshold\": 0.5}' with --recipe lrq-dit, or '{\"mean_correction\": true}'")
     q.add_argument("--calib-samples", type=positive_int, default=10, metavar="N",
                    help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
     q.add_argument("--calib-steps", type=_non_negative, default=10, metavar="K",

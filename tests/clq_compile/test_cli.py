@@ -58,6 +58,30 @@ def test_lowrank_rank_reaches_the_recipe_and_is_refused_without_a_branch(capsys,
     assert "--lowrank-rank 4: recipe clq has no low-rank branch" in error_line(err)
 
 
+def test_further_options_reach_the_backend_and_bad_ones_stop_before_any_work(capsys, tiny_dit, tmp_path,
+                                                                             monkeypatch):
+    out = tmp_path / "lrq.safetensors"
+    assert main(["quantize", "--model", str(tiny_dit), "--out", str(out), "--recipe", "lrq-dit",
+                 "--options", '{"ars_threshold": 1e-6, "lrq_weights": "uniform"}', *FAST]) == 0
+    capsys.readouterr()
+    manifest = read_manifest(out)
+    assert manifest["options"]["ars_threshold"] == 1e-6 and manifest["options"]["lrq_weights"] == "uniform"
+    assert all(layer["method"] == "lrq-dit: int4 rtn + outlier-aware" for layer in manifest["layers"].values())
+
+    def refuse(path):
+        raise AssertionError(f"the command loaded {path} before checking --options")
+
+    monkeypatch.setattr(workloads, "load_model", refuse)
+    for options, message in (('{"ars_threshold": 2}', "ars_threshold'] is for recipe lrq-dit; recipe 'clq'"),
+                             ("[1]", "must be a JSON object"), ("{bad", "not JSON"),
+                             ('{"recipe": "rtn"}', "'recipe' has its own flag, --recipe"),
+                             ('{"load": "x"}', "'load' is not for quantize"),
+                             ('{"clps_window": 9}', "clps_window'] must be one of")):
+        status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "b.safetensors"),
+                             "--options", options)
+        assert status == 2 and message in error_line(err), err
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     captured = capsys.readouterr()

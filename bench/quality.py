@@ -436,6 +436,25 @@ def output_folder_problem(out: Path) -> str | None:
     return None
 
 
+def options_problem(options: Any, recipes: list[str], bits: list[str]) -> str | None:
+    """Why --options cannot run with every recipe and bit width asked for, or None: checked as the
+    backend checks them, before any model is loaded, so that a typo does not fail every cell."""
+    from clq_compile.options import parse_options
+
+    if not isinstance(options, dict):
+        return f"--options must be a JSON object of backend options; got {options!r:.80}"
+    for key in ("recipe", "bits"):
+        if key in options:
+            return f"--options: {key!r} has its own flag, --{key if key == 'bits' else 'recipes'}"
+    for recipe in recipes:
+        for b in bits:
+            try:
+                parse_options({**options, "recipe": recipe, "bits": b})
+            except (TypeError, ValueError) as error:
+                return f"--options with recipe {recipe} at {b}: {error}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     recipes = list(RECIPES)
     parser = argparse.ArgumentParser(
@@ -498,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--calib-steps must be 0 (all steps) or more; got {args.calib_steps}")
     if args.out is None:
         args.out = RESULTS / datetime.datetime.now(datetime.timezone.utc).strftime("quality-%Y%m%d-%H%M%S")
-    problem = output_folder_problem(args.out)
+    problem = output_folder_problem(args.out) or options_problem(args.options, args.recipes, args.bits)
     if problem:
         parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

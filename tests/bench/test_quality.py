@@ -58,6 +58,19 @@ def test_unknown_recipe_is_a_clear_error(quality, capsys):
     assert "unknown 'nonsense'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options,message", [
+    ('{"ars_threshold": 2}', "recipe rtn at w4a4: options['ars_threshold'] is for recipe lrq-dit"),
+    ('{"bits": "w8a8"}', "'bits' has its own flag, --bits"),
+    ("[1]", "must be a JSON object"),
+])
+def test_bad_options_stop_before_any_cell(quality, tmp_path, capsys, options, message):
+    """A typo in --options is refused once, before the model is loaded, not by every cell in turn."""
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--recipes", "rtn", "--bits", "w4a4", "--options", options, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on tiny models
 

@@ -25,6 +25,7 @@ CBC_PREFIXES = ("all", "previous")
 CLPS_TARGETS = ("peak-error", "max-variance")
 CLPS_NORMS = ("l2", "l1")
 LRQ_WEIGHTS = ("twin-log", "uniform")
+CALIBRATION_WEIGHTINGS = ("uniform", "fisher")
 # Options that change how the model runs or calibrates, not what its quantized layers hold: free
 # to differ from an artifact's.
 RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
@@ -90,6 +91,11 @@ class Options:
                       deviation on the calibration tokens (the activation side of D²Quant's DAC,
                       passes/mean_correction.py); needs calibration data. None (the default):
                       the recipe's choice, on for d2quant (it is its DAC), off for the others
+    calibration_weighting: how the calibration rows (one image at its timestep in one recorded
+                      call) count in the layers' statistics: "uniform", or "fisher" (AdaTSQ's
+                      temporal Fisher: each row by the output's sensitivity to its layer's output,
+                      pooled over rows of similar timestep; passes/fisher.py). Weighs GPTQ's
+                      Hessians and the rows the searches judge candidates on
     conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
                       weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
                       weights round to nearest (weight_symmetric, weight_group as for the rest),
@@ -125,6 +131,7 @@ class Options:
     ars_threshold: float = 1.0
     lrq_weights: str = "twin-log"
     mean_correction: bool | None = None
+    calibration_weighting: str = "uniform"
     conditioning_bits: str | None = None
     load: str | None = None
 
@@ -173,7 +180,8 @@ class Options:
                             self.clps_target, self.clps_norm),
             cbc=CBCConfig(self.cbc_prefix),
             lowrank=LowRankConfig(self.lowrank_rank),
-            lrq=LRQConfig(self.ars_threshold, self.lrq_weights))
+            lrq=LRQConfig(self.ars_threshold, self.lrq_weights),
+            calibration_weighting=self.calibration_weighting)
 
     def execution(self) -> Execution:
         """The run-time knobs the recipes' searches need: kernels and offload."""
@@ -252,7 +260,8 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     _allowed("obs_statistics", values["obs_statistics"], OBS_STATISTICS)
     _allowed("clps_window", values["clps_window"], CLPS_WINDOWS)
     for key, choices in (("obs_swap", OBS_SWAPS), ("cbc_prefix", CBC_PREFIXES), ("clps_target", CLPS_TARGETS),
-                         ("clps_norm", CLPS_NORMS), ("lrq_weights", LRQ_WEIGHTS)):
+                         ("clps_norm", CLPS_NORMS), ("lrq_weights", LRQ_WEIGHTS),
+                         ("calibration_weighting", CALIBRATION_WEIGHTINGS)):
         _allowed(key, values[key], choices)
     _allowed("conditioning_bits", values["conditioning_bits"], CONDITIONING_BITS)
     values["clps_grid"] = _ratios(values["clps_grid"])

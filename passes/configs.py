@@ -133,6 +133,8 @@ class MethodConfigs:
     lowrank: LowRankConfig
     lrq: LRQConfig = LRQConfig()
     quarot: QuaRotConfig = QuaRotConfig()
+    # How calibration rows are weighted: "uniform", or "fisher" (passes/fisher.py).
+    calibration_weighting: str = "uniform"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
 from .segments import SegmentedGraph, fp_linear
+from .fisher import fisher_weights
 from .statistics import LayerStats
 
 
@@ -167,6 +168,9 @@ class _GraphQuantizer:
     def __init__(self, cal: GraphCalibration, configs: MethodConfigs, parts: Components,
                  weights: dict[str, torch.Tensor], execution: Execution):
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
+        # Row weights of the statistics (GPTQ's Hessians, OBS's samples): calibration_weighting.
+        self.row_weights = (fisher_weights([cal], set(weights))
+                            if configs.calibration_weighting == "fisher" else None)
         self.cal, self.configs, self.parts, self.kernels = cal, configs, parts, execution.kernels
         self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not execution.offload)]
         # Under CBC the calls are also carried through the full-precision prefix when CLPS's
@@ -247,7 +251,7 @@ class _GraphQuantizer:
         def observe(site, x, w, b, call, into):
             if site.node in into:
                 check_finite_input(site, x, call)
-                into[site.node].add(x)
+                into[site.node].add(x, None if self.row_weights is None else self.row_weights.get(0, site.path, call))
             return fp_linear(site, x, w, b)
 
         passes = [(self.fp_envs, scores)] if self.fp_scores else []

@@ -100,19 +100,22 @@ class _Watcher(fx.Interpreter):
 
 
 def observe(calibrations: list[GraphCalibration], paths: set[str], callback: LinearCallback,
-            desc: str = "observing") -> None:
-    """Replay every recorded call in full precision, calling `callback` at each linear in `paths`.
+            desc: str = "observing", on_call: Callable[[int, int], None] | None = None) -> None:
+    """Replay every recorded call in full precision, calling `callback` at each linear in `paths`
+    (and `on_call(graph, call)`, the positions in `calibrations` and its calls, before each call).
 
     Raises NonFiniteActivation, naming the layer and the call, at the first watched layer whose
     input holds NaN or Inf.
     """
     total = sum(len(c.calls) for c in calibrations)
     with torch.no_grad(), tqdm(total=total, desc=desc, leave=False, disable=total < 2) as bar:
-        for cal in calibrations:
+        for g, cal in enumerate(calibrations):
             sites = {s.node: s for s in cal.analysis.sites if s.path in paths}
             watcher = _Watcher(cal.gm, sites, callback)
             for call, args in enumerate(cal.arguments()):
                 watcher.call = call
+                if on_call is not None:
+                    on_call(g, call)
                 watcher.run(*args)
                 bar.update()
 

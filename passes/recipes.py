@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .configs import Execution, MethodConfigs, QuantizerConfig
 from .cross_block import Components, clq_quantize
+from .fisher import fisher_weights
 from .layer import IDENTITY, ActivationTransform, QuantizedLinear
 from .observers import GraphCalibration, observe
 from .statistics import LayerStats
@@ -44,16 +45,22 @@ Recipe = Callable[[dict[str, torch.Tensor], MethodConfigs, "list[GraphCalibratio
 
 
 def _statistics(weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
-                hessian: bool) -> dict[str, LayerStats] | None:
-    """Input statistics of every layer on the full-precision model's recorded calls."""
+                hessian: bool, weighting: str = "uniform") -> dict[str, LayerStats] | None:
+    """Input statistics of every layer on the full-precision model's recorded calls; with
+    weighting "fisher", each row weighted by its sensitivity (passes/fisher.py)."""
     if not calibration:
         return None
     stats = {p: LayerStats(w.shape[1], hessian=hessian) for p, w in weights.items()}
+    row_weights = fisher_weights(calibration, set(weights)) if weighting == "fisher" else None
+    where = [0, 0]
+
+    def at(graph, call):
+        where[:] = graph, call
 
     def record(site, x, weight, bias, y):
-        stats[site.path].add(x)
+        stats[site.path].add(x, None if row_weights is None else row_weights.get(where[0], site.path, where[1]))
 
-    observe(calibration, set(weights), record, desc="calibration statistics")
+    observe(calibration, set(weights), record, desc="calibration statistics", on_call=at)
     return stats
 
 
@@ -75,7 +82,7 @@ def _smoothquant_recipe(weights, configs, calibration, execution):
     from .smoothquant import smoothquant_layer
 
     quantizer = configs.quantizer
-    stats = _statistics(weights, calibration, hessian=False)
+    stats = _statistics(weights, calibration, False, configs.calibration_weighting)
     if stats is None:
         return _per_layer(weights, "smoothquant", lambda p, w: _data_free(w, quantizer))
     layers = _folded_smoothquant(weights, quantizer, calibration, stats) if configs.smoothquant.fold else {}
@@ -125,7 +132,7 @@ def _svdquant_recipe(weights, configs, calibration, execution):
     from .smoothquant import smoothquant_layer
 
     quantizer, rank = configs.quantizer, configs.lowrank.rank
-    stats = _statistics(weights, calibration, hessian=False)
+    stats = _statistics(weights, calibration, False, configs.calibration_weighting)
 
     def one(path, w):
         r = lowrank_rank(*w.shape, rank)
@@ -143,7 +150,7 @@ def _lrq_dit_recipe(weights, configs, calibration, execution):
     """LRQ-DiT per layer (passes/lrq_dit.py); data-free: Hadamard and twin-log weights only."""
     from .lrq_dit import lrq_dit_layer
 
-    stats = _statistics(weights, calibration, hessian=False)
+    stats = _statistics(weights, calibration, False, configs.calibration_weighting)
     return _per_layer(weights, "lrq-dit", lambda p, w: lrq_dit_layer(
         w, None if stats is None else stats[p].samples, None if stats is None else stats[p].absmax,
         configs.quantizer, configs.lrq))
@@ -162,7 +169,7 @@ def _d2quant_recipe(weights, configs, calibration, execution):
     from .gptq import gptq_layer
 
     quantizer, gptq = configs.quantizer, configs.gptq
-    stats = _statistics(weights, calibration, hessian=True)
+    stats = _statistics(weights, calibration, True, configs.calibration_weighting)
     if stats is None:
         return _per_layer(weights, "d2quant", lambda p, w: _data_free(w, quantizer))
     roles = {site.path: site.role for cal in calibration for site in cal.analysis.sites}
@@ -193,7 +200,7 @@ def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False)
         return _per_layer(weights, "quarot", lambda p, w: quarot_layer(w, quantizer, configs.quarot))
     from .gptq import gptq_layer
 
-    stats = _statistics(weights, calibration, hessian=True)
+    stats = _statistics(weights, calibration, True, configs.calibration_weighting)
 
     def one(path, w):
         layer = quarot_layer(w, quantizer, configs.quarot)
@@ -210,7 +217,7 @@ def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False)
 def _gptq_recipe(weights, configs, calibration, execution):
     from .gptq import gptq_layer
 
-    stats = _statistics(weights, calibration, hessian=True)
+    stats = _statistics(weights, calibration, True, configs.calibration_weighting)
     if stats is None:
         return _per_layer(weights, "gptq", lambda p, w: _data_free(w, configs.quantizer))
     return _per_layer(weights, "gptq", lambda p, w: gptq_layer(w, stats[p].hessian, configs.quantizer, configs.gptq))

@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(not offline_compile.have_toolchain(),
                                 reason="this Triton wheel carries no ptxas / cuobjdump")
 
 # A subset of bench/weight_only_build.py's full table, to keep the test short: per-channel 4- and
-# 8-bit and grouped 3-bit weights with zero points on Hopper, grouped 4-bit ones on Ampere; M = 32
-# keeps every config that M = 1 keeps and one more.
-BUILDS = (("sm_90", "w4a16,w8a16,w3a16_g128_zero"), ("sm_80", "w4a16_g128_zero"))
+# 8-bit, grouped 3-bit weights with zero points and twin-log 4-bit weights on Hopper, grouped 4-bit
+# ones on Ampere; M = 32 keeps every config that M = 1 keeps and one more.
+BUILDS = (("sm_90", "w4a16,w8a16,w3a16_g128_zero,tlq4"), ("sm_80", "w4a16_g128_zero"))
 TOKENS = "32,4096"
 
 

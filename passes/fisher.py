@@ -1,0 +1,146 @@
+"""Fisher-guided temporal calibration (AdaTSQ): how much each calibration row matters to the output.
+
+A recorded call holds a batch of images, each at its own timestep (the calibration calls span the
+trajectory). For a linear layer with output y and the model's output f, an error e in row b of y
+(one image) changes f by J_b · e, J_b = ∂f/∂y[b]; for errors of equal size in every direction the
+expected squared change is proportional to ‖J_b‖_F², the trace of the empirical Fisher of the
+output under an isotropic Gaussian error. It is estimated with random probes (Hutchinson): for
+v ~ N(0, I) shaped like f, E_v ‖∂(vᵀf)/∂y[b]‖² = ‖J_b‖_F², so each probe is one backward pass of
+the full-precision graph (`row_sensitivities`, which reports the mean over y[b]'s entries).
+
+Sensitivity changes with the timestep, and a few probes are noisy, so rows are pooled by timestep:
+the rows' timesteps are cut into `TIMESTEP_BUCKETS` quantile buckets and a row's weight is its
+bucket's mean sensitivity over the mean of all rows, per layer (`fisher_weights`): weights average 1
+over the calibration rows, and uniform weighting is all ones. A graph without a `timestep` input, or
+a layer whose rows are not the batch's, keeps one weight per row.
+
+The weights multiply each row's share of a layer's statistics (passes/statistics.py): its GPTQ
+Hessian and its chance of being among the rows the searches judge candidates on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten
+
+from .capture import LinearSite
+from .observers import GraphCalibration
+
+PROBES = 4
+TIMESTEP_BUCKETS = 8
+
+
+class _Probe(fx.Interpreter):
+    """Runs the graph with each watched linear's output as a leaf the gradient is taken at;
+    `perturb` {node: tensor} is added to those outputs first (finite-difference checks)."""
+
+    def __init__(self, gm: fx.GraphModule, sites: dict[str, LinearSite], perturb: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.sites, self.perturb = sites, perturb
+        self.leaves: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.sites:
+            if n.name in self.perturb:
+                out = out + self.perturb[n.name]
+            out = out.detach().requires_grad_(True)
+            self.leaves[n.name] = out
+        return out
+
+
+def probe_value(cal: GraphCalibration, args: list, probe: int, sites: dict[str, LinearSite],
+                perturb: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(vᵀf, {node: ∂(vᵀf)/∂y}) on one call's arguments, v ~ N(0, I) from seed `probe`, f every
+    floating output of the graph; y the outputs of `sites` (plus `perturb`)."""
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    interpreter = _Probe(cal.gm, sites, perturb or {})
+    with torch.enable_grad():
+        outputs, _ = tree_flatten(interpreter.run(*detached))
+        generator = torch.Generator().manual_seed(probe)
+        value = sum((torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) * o).sum()
+                    for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point())
+        nodes = list(interpreter.leaves)
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            return torch.as_tensor(float(value)), {n: torch.zeros_like(interpreter.leaves[n]) for n in nodes}
+        grads = torch.autograd.grad(value, [interpreter.leaves[n] for n in nodes], allow_unused=True)
+    return value.detach(), {n: torch.zeros_like(interpreter.leaves[n]) if g is None else g
+                            for n, g in zip(nodes, grads)}
+
+
+def row_sensitivities(cal: GraphCalibration, paths: Iterable[str], probes: int = PROBES) -> dict[str, torch.Tensor]:
+    """{path: float64 [calls, rows]}: per recorded call and row (the first dimension of the layer's
+    output), the mean over the row's entries of ∂(vᵀf)/∂y squared, averaged over `probes` probes."""
+    wanted = set(paths)
+    sites = {s.node: s for s in cal.analysis.sites if s.path in wanted}
+    per_call: dict[str, list[torch.Tensor]] = {s.path: [] for s in sites.values()}
+    for args in cal.arguments():
+        total: dict[str, torch.Tensor] = {}
+        for probe in range(probes):
+            _, grads = probe_value(cal, args, probe, sites)
+            for node, g in grads.items():
+                rows = g.detach().double().reshape(g.shape[0], -1).square().mean(dim=1)
+                total[node] = total.get(node, 0) + rows / probes
+        for node, site in sites.items():
+            per_call[site.path].append(total[node].cpu())
+    return {p: torch.stack(v) for p, v in per_call.items() if v and len({t.shape for t in v}) == 1}
+
+
+def call_timesteps(cal: GraphCalibration) -> list[torch.Tensor] | None:
+    """Each recorded call's timestep per batch row (float64 [B]), from the graph input the user
+    passed as `timestep`; None when the graph has none."""
+    positions = cal.analysis.input_indices
+    index = next((positions.index(p.index) for p in cal.analysis.placeholders
+                  if p.kind == "input" and p.source == "timestep" and p.index in positions), None)
+    if index is None:
+        return None
+    out = []
+    for call in cal.calls:
+        t = call[index]
+        t = getattr(t, "tensor", t)  # an Offloaded recording
+        if not isinstance(t, torch.Tensor):
+            return None
+        out.append(t.detach().double().reshape(-1).cpu())
+    return out
+
+
+def bucket_means(values: torch.Tensor, keys: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Each entry of `values` replaced by the mean of those whose `keys` fall in the same of
+    `buckets` quantile buckets of the keys (values, keys: float64 [n])."""
+    edges = torch.quantile(keys, torch.linspace(0, 1, buckets + 1, dtype=torch.float64)[1:-1]).unique()
+    ids = torch.bucketize(keys, edges)
+    sums = torch.zeros(len(edges) + 1, dtype=torch.float64).index_add_(0, ids, values)
+    counts = torch.zeros(len(edges) + 1, dtype=torch.float64).index_add_(0, ids, torch.ones_like(values))
+    return (sums / counts.clamp(min=1))[ids]
+
+
+class RowWeights:
+    """Per graph, layer and recorded call: the weight of each row ([rows] float32), or None."""
+
+    def __init__(self, weights: dict[tuple[int, str], torch.Tensor]):
+        self._weights = weights
+
+    def get(self, graph: int, path: str, call: int) -> torch.Tensor | None:
+        w = self._weights.get((graph, path))
+        return None if w is None else w[call]
+
+
+def fisher_weights(calibrations: list[GraphCalibration], paths: Iterable[str], probes: int = PROBES,
+                   buckets: int = TIMESTEP_BUCKETS) -> RowWeights:
+    """Row weights of every layer in `paths` on every graph's recorded calls (see the module docstring)."""
+    paths = set(paths)
+    weights: dict[tuple[int, str], torch.Tensor] = {}
+    for g, cal in enumerate(calibrations):
+        timesteps = call_timesteps(cal)
+        for path, s in row_sensitivities(cal, paths, probes).items():
+            flat = s.reshape(-1)
+            if timesteps is not None and all(t.numel() in (1, s.shape[1]) for t in timesteps):
+                keys = torch.stack([t.expand(s.shape[1]) for t in timesteps]).reshape(-1)
+                flat = bucket_means(flat, keys, buckets)
+            mean = flat.mean()
+            w = flat / mean if mean > 0 else torch.ones_like(flat)
+            weights[(g, path)] = w.reshape(s.shape).float()
+    return RowWeights(weights)

@@ -251,7 +251,8 @@ class _GraphQuantizer:
         def observe(site, x, w, b, call, into):
             if site.node in into:
                 check_finite_input(site, x, call)
-                into[site.node].add(x, None if self.row_weights is None else self.row_weights.get(0, site.path, call))
+                rows = None if self.row_weights is None else self.row_weights.get(0, site.path, call)
+                into[site.node].add(x) if rows is None else into[site.node].add(x, rows)
             return fp_linear(site, x, w, b)
 
         passes = [(self.fp_envs, scores)] if self.fp_scores else []
@@ -270,8 +271,9 @@ class _GraphQuantizer:
 
         calls = self.search_calls
         clps = self.configs.clps
+        weights = None if self.row_weights is None else (lambda c, path: self.row_weights.get(0, path, c))
         search = WindowSearch(seg, lo, hi, self.envs[:calls], self.fp_envs[:calls] if self.fp_model else None,
-                              stand_in, self.kernels, self.device, clps.target, clps.norm)
+                              stand_in, self.kernels, self.device, clps.target, clps.norm, weights)
         for site in todo:
             quantizer, fold = plan[site.node]
             layers[site.path] = self._quantize_site(site, quantizer, fold, search)

@@ -65,12 +65,15 @@ def search_clip(objective: Callable[[tuple[float, float]], float],
     return best, values
 
 
-def relative_errors(outputs: list[dict], references: list[dict], nodes, norm: str) -> dict:
-    """||Y - Ŷ|| / ||Y|| (in `norm`, "l2" or "l1") at each node over all search calls."""
+def relative_errors(outputs: list[dict], references: list[dict], nodes, norm: str,
+                    weights: Callable[[int, fx.Node], torch.Tensor | None] | None = None) -> dict:
+    """||Y - Ŷ|| / ||Y|| (in `norm`, "l2" or "l1") at each node over all search calls; `weights(call,
+    node)` weighs each call's rows (calibration_weighting "fisher"), None: uniform."""
     meter = RelativeError(norm)
-    for out, reference in zip(outputs, references):
+    for c, (out, reference) in enumerate(zip(outputs, references)):
         for n in nodes:
-            meter.add(n, reference[n], out[n])
+            w = None if weights is None else weights(c, n)
+            meter.add(n, reference[n], out[n]) if w is None else meter.add(n, reference[n], out[n], w)
     return meter.result()
 
 
@@ -94,14 +97,17 @@ class WindowSearch:
     reference outputs come from (None: the same, "fp-layer"; the full-precision prefix's:
     "fp-model"); stand_in: the full-precision linear of every layer in the window's coordinates;
     kernels / device: how the candidate layer runs and where the runs compute; target / norm:
-    CLPSConfig's (how the target is picked, the norm candidates are scored in).
+    CLPSConfig's (how the target is picked, the norm candidates are scored in); row_weights(call,
+    path): the weights of a search call's rows at the layer `path` (calibration_weighting), or None.
     """
 
     def __init__(self, seg: SegmentedGraph, lo: int, hi: int, envs: list[dict[fx.Node, Any]],
                  reference_envs: list[dict[fx.Node, Any]] | None, stand_in: LinearFn, kernels: str,
-                 device: torch.device | None, target: str, norm: str):
+                 device: torch.device | None, target: str, norm: str,
+                 row_weights: Callable[[int, str], torch.Tensor | None] | None = None):
         self.seg, self.hi, self.stand_in, self.kernels, self.device = seg, hi, stand_in, kernels, device
         self.target, self.norm = target, norm
+        self.weights = None if row_weights is None else (lambda c, n: row_weights(c, seg.sites[n.name].path))
         window = seg.nodes[lo:hi]
         self.runs, self.references = [], []
         for c, env in enumerate(envs):
@@ -135,13 +141,13 @@ class WindowSearch:
             scores = output_variances(self.references, candidates_t)
         else:
             scores = relative_errors(self._rerun(site, downstream, make(NO_CLIP)), self.references, candidates_t,
-                                     self.norm)
+                                     self.norm, self.weights)
         target_node = pick_target(scores)
         cone = seg.cone(site.node, target_node.name)
 
         def objective(c):
             outs = self._rerun(site, cone, make(c))
-            return relative_errors(outs, self.references, [target_node], self.norm)[target_node]
+            return relative_errors(outs, self.references, [target_node], self.norm, self.weights)[target_node]
 
         clip, values = search_clip(objective, candidates)
         return clip, seg.sites[target_node.name].path, values

@@ -135,11 +135,17 @@ class RelativeError:
         self.err: dict = {}
         self.ref: dict = {}
 
-    def add(self, key, reference: torch.Tensor, estimate: torch.Tensor) -> None:
+    def add(self, key, reference: torch.Tensor, estimate: torch.Tensor,
+            weights: torch.Tensor | None = None) -> None:
+        """Add a tensor pair; `weights` [d0] weigh the rows of their first dimension (None: all 1)."""
         y = reference.float()
         size = torch.Tensor.abs if self.norm == "l1" else torch.Tensor.square
-        self.err[key] = self.err.get(key, 0.0) + float(size(estimate.float() - y).sum())
-        self.ref[key] = self.ref.get(key, 0.0) + float(size(y).sum())
+        err, ref = size(estimate.float() - y), size(y)
+        if weights is not None:
+            w = weights.to(device=y.device, dtype=torch.float32)
+            err, ref = err.reshape(len(w), -1).sum(dim=1) * w, ref.reshape(len(w), -1).sum(dim=1) * w
+        self.err[key] = self.err.get(key, 0.0) + float(err.sum())
+        self.ref[key] = self.ref.get(key, 0.0) + float(ref.sum())
 
     def result(self) -> dict:
         power = 1.0 if self.norm == "l1" else 0.5

@@ -58,7 +58,8 @@ def _statistics(weights: dict[str, torch.Tensor], calibration: list[GraphCalibra
         where[:] = graph, call
 
     def record(site, x, weight, bias, y):
-        stats[site.path].add(x, None if row_weights is None else row_weights.get(where[0], site.path, where[1]))
+        w = None if row_weights is None else row_weights.get(where[0], site.path, where[1])
+        stats[site.path].add(x) if w is None else stats[site.path].add(x, w)
 
     observe(calibration, set(weights), record, desc="calibration statistics", on_call=at)
     return stats

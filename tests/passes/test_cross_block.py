@@ -179,9 +179,9 @@ def test_clps_norm_l1_scores_the_candidates_in_l1(pixart_calibration, monkeypatc
     norms = []
     measure = cross_layer_search.relative_errors
 
-    def spy(outputs, references, nodes, norm):
+    def spy(outputs, references, nodes, norm, weights=None):
         norms.append(norm)
-        return measure(outputs, references, nodes, norm)
+        return measure(outputs, references, nodes, norm, weights)
 
     monkeypatch.setattr(cross_layer_search, "relative_errors", spy)
     l1 = clq_quantize(weights, dataclasses.replace(options, clps_norm="l1").method_configs(), [cal],

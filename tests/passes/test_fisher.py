@@ -157,3 +157,38 @@ def test_bad_weighting_is_refused():
 
     with pytest.raises(ValueError, match="calibration_weighting.*'uniform', 'fisher'"):
         parse_options({"calibration_weighting": "time"})
+
+
+@given(st.sampled_from(["l2", "l1"]), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_the_search_objective_weighs_rows_as_a_float64_sum(norm, rows, width, seed):
+    from clq_compile.passes.observers import RelativeError
+
+    g = torch.Generator().manual_seed(seed)
+    y, e, w = torch.randn(rows, 3, width, generator=g), torch.randn(rows, 3, width, generator=g), torch.rand(rows, generator=g)
+    meter = RelativeError(norm)
+    meter.add("n", y, e, w)
+    size = (lambda t: t.abs()) if norm == "l1" else (lambda t: t.square())
+    err = (w.double()[:, None, None] * size(e.double() - y.double())).sum()
+    ref = (w.double()[:, None, None] * size(y.double())).sum()
+    expected = float(err / ref) ** (1.0 if norm == "l1" else 0.5)
+    assert meter.result()["n"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fisher_weighting_weighs_the_clps_objective(monkeypatch):
+    from clq_compile.passes import cross_layer_search
+    from tests.clq_compile.test_lowrank_recipes import calibrated
+
+    seen = []
+    measure = cross_layer_search.relative_errors
+
+    def spy(outputs, references, nodes, norm, weights=None):
+        seen.append(weights is not None and all(weights(c, n) is not None for c in range(len(outputs))
+                                                for n in nodes))
+        return measure(outputs, references, nodes, norm, weights)
+
+    monkeypatch.setattr(cross_layer_search, "relative_errors", spy)
+    calibrated("clq", calibration_weighting="fisher")
+    assert seen and all(seen)
+    seen.clear()
+    calibrated("clq")
+    assert seen and not any(seen)

@@ -169,7 +169,8 @@ class _GraphQuantizer:
                  weights: dict[str, torch.Tensor], execution: Execution):
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
         # Row weights of the statistics (GPTQ's Hessians, OBS's samples): calibration_weighting.
-        self.row_weights = (fisher_weights([cal], set(weights))
+        # Every linear of the graph, not only those quantized: any may be CLPS's target.
+        self.row_weights = (fisher_weights([cal], {x.path for x in cal.analysis.sites})
                             if configs.calibration_weighting == "fisher" else None)
         self.cal, self.configs, self.parts, self.kernels = cal, configs, parts, execution.kernels
         self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not execution.offload)]

@@ -34,8 +34,9 @@ TIMESTEP_BUCKETS = 8
 
 
 class _Probe(fx.Interpreter):
-    """Runs the graph with each watched linear's output as a leaf the gradient is taken at;
-    `perturb` {node: tensor} is added to those outputs first (finite-difference checks)."""
+    """Runs the graph with a zero added to each watched linear's output, the leaf the gradient is
+    taken at: its gradient is the output's total derivative by the linear's output, through every
+    later layer. `perturb` {node: tensor} is added to those outputs too (finite-difference checks)."""
 
     def __init__(self, gm: fx.GraphModule, sites: dict[str, LinearSite], perturb: dict[str, torch.Tensor]):
         super().__init__(gm)
@@ -45,10 +46,11 @@ class _Probe(fx.Interpreter):
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n.name in self.sites:
+            zero = torch.zeros_like(out, requires_grad=True)
+            self.leaves[n.name] = zero
+            out = out + zero
             if n.name in self.perturb:
                 out = out + self.perturb[n.name]
-            out = out.detach().requires_grad_(True)
-            self.leaves[n.name] = out
         return out
 
 

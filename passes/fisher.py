@@ -75,9 +75,14 @@ def probe_value(cal: GraphCalibration, args: list, probe: int, sites: dict[str, 
 
 def row_sensitivities(cal: GraphCalibration, paths: Iterable[str], probes: int = PROBES) -> dict[str, torch.Tensor]:
     """{path: float64 [calls, rows]}: per recorded call and row (the first dimension of the layer's
-    output), the mean over the row's entries of ∂(vᵀf)/∂y squared, averaged over `probes` probes."""
+    output), the mean over the row's entries of ∂(vᵀf)/∂y squared, averaged over `probes` probes.
+    Modules the graph calls more than once are left out (their rows keep weight 1)."""
     wanted = set(paths)
-    sites = {s.node: s for s in cal.analysis.sites if s.path in wanted}
+    uses: dict[str, int] = {}
+    for s in cal.analysis.sites:
+        uses[s.path] = uses.get(s.path, 0) + 1
+    # A module the graph calls twice (a shared embedder) has no one row weight per call: left out.
+    sites = {s.node: s for s in cal.analysis.sites if s.path in wanted and uses[s.path] == 1}
     per_call: dict[str, list[torch.Tensor]] = {s.path: [] for s in sites.values()}
     for args in cal.arguments():
         total: dict[str, torch.Tensor] = {}

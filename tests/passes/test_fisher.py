@@ -194,3 +194,16 @@ def test_fisher_weighting_weighs_the_clps_objective(monkeypatch):
     seen.clear()
     calibrated("clq")
     assert seen and not any(seen)
+
+
+def test_a_module_called_twice_keeps_uniform_weights(calibration):
+    """Two sites of one path (a shared module called twice) have no single row weight per call."""
+    import dataclasses
+
+    site = token_site(calibration)
+    other = next(s for s in calibration.analysis.sites if s.path.endswith("attn1.to_q"))
+    twice = [dataclasses.replace(s, path=site.path) if s.node == other.node else s for s in calibration.analysis.sites]
+    analysis = dataclasses.replace(calibration.analysis, sites=twice)
+    cal = GraphCalibration(calibration.gm, analysis, calibration.state, calibration.calls)
+    weights = fisher_weights([cal], [site.path], probes=1)
+    assert weights.get(0, site.path, 0) is None

@@ -174,10 +174,12 @@ def append_row(journal: Path, row: dict[str, Any]) -> None:
 
 def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.Tensor, recipes: list[str],
                       bits: list[str], steps: int, calib_steps: int, grid_bits: str,
-                      progress: tqdm, journal: Path, options: dict[str, Any] | None = None) -> VariantResult:
+                      progress: tqdm, journal: Path, options: dict[str, Any] | None = None,
+                      skip: dict[tuple[str, str], str] | None = None) -> VariantResult:
     """The fp row and one row per recipe x bits for one model variant; `reference` are its fp samples.
 
-    Every row is appended to `journal` as soon as it is known.
+    Every row is appended to `journal` as soon as it is known; a cell in `skip` ({(recipe, bits):
+    why}) is a row saying why it was not run.
     """
     log.info("%s: calibration trajectory", name)
     calls = calibration_calls(task, model, steps, calib_steps)
@@ -190,6 +192,12 @@ def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.
         for b in bits:
             progress.set_postfix_str(f"{name} {recipe} {b}")
             row: dict[str, Any] = {"model": name, "recipe": recipe, "bits": b}
+            if skip and (recipe, b) in skip:
+                row.update(psnr=None, ssim=None, accuracy=None, quantize_seconds=None, not_applicable=skip[(recipe, b)])
+                result.rows.append(row)
+                append_row(journal, row)
+                progress.update()
+                continue
             start = time.perf_counter()
             try:
                 images, seconds = quantize_and_sample(model, task, calls, recipe, b, steps, options)
@@ -351,6 +359,8 @@ def quality_cell(row: dict[str, Any] | None, psnr: str = ".2f") -> str:
         return ""
     if row.get("error"):
         return "failed"
+    if row.get("not_applicable"):
+        return "n/a"
 
     def show(value, spec):
         return "–" if value is None else format(value, spec)
@@ -395,6 +405,8 @@ def markdown_report(rows: list[dict[str, Any]], recipes: list[str], bits: list[s
         "model's samples against the full-precision samples from the same noise; quantize_seconds is "
         "the time spent leaving the calibrating block.\n\n"
         + (f"Outlier check:\n\n{checks}\n" if checks else "")
+        + "".join(f"n/a: {c['recipe']} at {c['bits']}, which the backend refuses ({c['why']})\n\n"
+                  for c in run.get("not_applicable", []))
         + markdown_tables(rows, recipes, bits))
 
 
@@ -436,9 +448,25 @@ def output_folder_problem(out: Path) -> str | None:
     return None
 
 
+def not_applicable(recipes: list[str], bits: list[str]) -> dict[tuple[str, str], str]:
+    """{(recipe, bits): why}: the cells the backend refuses whatever the options (e.g. recipe
+    lrq-dit at fp8); they are reported as "n/a" instead of run."""
+    from clq_compile.options import parse_options
+
+    cells = {}
+    for recipe in recipes:
+        for b in bits:
+            try:
+                parse_options({"recipe": recipe, "bits": b})
+            except ValueError as error:
+                cells[(recipe, b)] = str(error)
+    return cells
+
+
 def options_problem(options: Any, recipes: list[str], bits: list[str]) -> str | None:
-    """Why --options cannot run with every recipe and bit width asked for, or None: checked as the
-    backend checks them, before any model is loaded, so that a typo does not fail every cell."""
+    """Why --options cannot run with every recipe and bit width asked for (the not-applicable
+    cells aside), or None: checked as the backend checks them, before any model is loaded, so
+    that a typo does not fail every cell."""
     from clq_compile.options import parse_options
 
     if not isinstance(options, dict):
@@ -446,8 +474,11 @@ def options_problem(options: Any, recipes: list[str], bits: list[str]) -> str | 
     for key in ("recipe", "bits"):
         if key in options:
             return f"--options: {key!r} has its own flag, --{key if key == 'bits' else 'recipes'}"
+    skipped = not_applicable(recipes, bits)
     for recipe in recipes:
         for b in bits:
+            if (recipe, b) in skipped:
+                continue
             try:
                 parse_options({**options, "recipe": recipe, "bits": b})
             except (TypeError, ValueError) as error:
@@ -538,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     grid_bits = GRID_BITS if GRID_BITS in args.bits else args.bits[-1]
+    skipped = not_applicable(args.recipes, args.bits)
+    for (recipe, b), why in skipped.items():
+        log.info("not applicable, not run: %s at %s (%s)", recipe, b, why)
     log.info("benchmark of %s: %s", name, task.description)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -555,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                 checks.append(outlier_check(variant, reference, results[0].name, results[0].reference))
             results.append(benchmark_variant(variant, module, task, reference, args.recipes, args.bits,
                                              args.steps, args.calib_steps, grid_bits, progress,
-                                             args.out / JOURNAL, args.options))
+                                             args.out / JOURNAL, args.options, skipped))
 
     shown = results[-1]
     figure, layer = obs_activation_figure(variants[-1][1], shown.calls, Options().hadamard_block)
@@ -581,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{len(shown.calls)} calls of {calibration_batch} that each span the trajectory"),
         },
         "outlier_check": checks,
+        "not_applicable": [{"recipe": r, "bits": b, "why": why} for (r, b), why in skipped.items()],
         "obs_figure_layer": f"{shown.name}: {layer}",
     }
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2) + "\n")

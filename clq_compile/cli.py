@@ -186,10 +186,11 @@ _FLAGGED_OPTIONS = {"bits": "--bits", "recipe": "--recipe", "kernels": "--kernel
 
 
 def _with_further_options(options: dict, text: str | None) -> dict:
-    """`options` and the backend options of --options (a JSON object), checked as the backend
-    will check them, before any model is loaded; an InputError names what is wrong."""
+    """`options` and the backend options of --options (a JSON object, or None), checked as the
+    backend will check them, before any model is loaded; an InputError names what is wrong
+    (a recipe that cannot run at --bits, too)."""
     if text is None:
-        return options
+        return _checked(options, "")
     try:
         further = json.loads(text)
     except json.JSONDecodeError as error:
@@ -200,14 +201,17 @@ def _with_further_options(options: dict, text: str | None) -> dict:
     for key in sorted(set(further) & set(_FLAGGED_OPTIONS)):
         flag = _FLAGGED_OPTIONS[key]
         raise InputError(f"--options: {key!r} " + (f"has its own flag, {flag}" if flag else "is not for quantize"))
-    merged = {**options, **further}
+    return _checked({**options, **further}, "--options: ")
+
+
+def _checked(options: dict, prefix: str) -> dict:
     from clq_compile.options import parse_options
 
     try:
-        parse_options(merged)
+        parse_options(options)
     except (TypeError, ValueError) as error:
-        raise InputError(f"--options: {error}") from None
-    return merged
+        raise InputError(f"{prefix}{error}") from None
+    return options
 
 
 def quantize(args: argparse.Namespace) -> int:

@@ -71,6 +71,22 @@ def test_bad_options_stop_before_any_cell(quality, tmp_path, capsys, options, me
     assert not (tmp_path / "out").exists()
 
 
+def test_cells_the_backend_refuses_are_reported_not_run(quality, tmp_path):
+    """lrq-dit at fp8 cannot run (twin-log weights need integer activations): its cell says n/a
+    and why, in the journal, the JSON and the report, while the other cells run."""
+    folder = tmp_path / "tiny-dit"
+    tiny_digits_dit().save_pretrained(folder)
+    out = tmp_path / "results"
+    assert quality.main(["--model", str(folder), "--recipes", "rtn,lrq-dit", "--bits", "fp8", "--outlier-scale", "0",
+                         "--samples-per-class", "1", "--steps", "2", "--calib-samples", "2", "--out", str(out)]) == 0
+    rows = {r["recipe"]: r for r in json.loads((out / "quality.json").read_text())}
+    assert rows["rtn"]["psnr"] is not None and "not_applicable" not in rows["rtn"]
+    assert rows["lrq-dit"]["psnr"] is None and "integer activations" in rows["lrq-dit"]["not_applicable"]
+    assert quality.quality_cell(rows["lrq-dit"]) == "n/a"
+    assert "n/a: lrq-dit at fp8" in (out / "quality.md").read_text()
+    assert len((out / "quality.jsonl").read_text().splitlines()) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on tiny models
 

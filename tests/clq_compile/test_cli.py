@@ -80,6 +80,10 @@ def test_further_options_reach_the_backend_and_bad_ones_stop_before_any_work(cap
         status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "b.safetensors"),
                              "--options", options)
         assert status == 2 and message in error_line(err), err
+    # A recipe that cannot run at --bits is refused the same way, with or without --options.
+    status, _, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(tmp_path / "b.safetensors"),
+                         "--recipe", "lrq-dit", "--bits", "fp8")
+    assert status == 2 and "recipe 'lrq-dit' multiplies twin-log weights with integer activations" in error_line(err)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

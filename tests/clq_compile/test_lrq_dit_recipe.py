@@ -111,3 +111,21 @@ def test_uniform_weights_are_the_ablation_the_notes_name():
         parse_options({"recipe": "clq", "lrq_weights": "uniform"})
     with pytest.raises(ValueError, match="lrq_weights.*'twin-log', 'uniform'"):
         parse_options({"recipe": "lrq-dit", "lrq_weights": "log"})
+
+
+@pytest.mark.parametrize("bits,threshold", [("w4a4", 1.0), ("w4a8", 1e-6), ("w3a16", 1.0)])
+def test_the_compiled_kernels_compute_what_the_reference_does(bits, threshold):
+    """The whole model through the Triton paths (interpreted on CPU): twin-log weights decoded by
+    the weight-only GEMM, activations quantized by the quantize kernel with the online multiplier
+    and the (Hadamard or outlier-aware) rotation; float32 model, so only float32 rounding differs."""
+    pytest.importorskip("triton")
+    from clq_compile.kernels import triton_quantize
+
+    if not triton_quantize.interpreted():
+        pytest.skip("the kernels were defined without TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU)")
+    outs = {}
+    for kernels in ("reference", "triton"):
+        _, qt = calibrated(bits=bits, kernels=kernels, ars_threshold=threshold, inductor="never")
+        with torch.no_grad():
+            outs[kernels] = qt(**tiny_models.make_inputs("pixart", seed=5)).sample.double()
+    assert float((outs["triton"] - outs["reference"]).norm() / outs["reference"].norm()) < 1e-5

@@ -68,25 +68,17 @@ def _check_arguments(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tens
             "clq_compile, or use options={'kernels': 'reference'}")
 
 
-def _non_uniform(rows: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 act_mul, act_perm, act_rotation, w_fmt: NumberFormat, a_fmt: NumberFormat, a_group: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """A twin-log weight: the activations quantized by the quantize kernel (integer formats) and
-    decoded to x's dtype, or only transformed ("none"); then the weight-only GEMM, which decodes
-    the weight's codes in registers. The log grid has no integer product: this runs at the 16-bit
-    GEMM's rate, and the gain is the weight's memory."""
-    k = rows.shape[1]
-    if a_fmt.quantizes:
-        if not a_fmt.integer:
-            raise ValueError(f"no compiled kernel multiplies {w_fmt.name} weights with {a_fmt.name} activations; "
-                             f"use options={{'kernels': 'reference'}}")
-        q, scale = quantize_activation_triton(rows, a_fmt.bits, a_group or None, act_mul, act_perm, act_rotation)
-        codes = unpack_int4(q) if a_fmt.bits == 4 else q
-        g = a_group or k
-        rows = (codes.float().reshape(-1, k // g, g) * scale.unsqueeze(-1)).reshape(-1, k).to(dtype)
-    elif any(t is not None for t in (act_mul, act_perm, act_rotation)):
-        rows = transform_activation(rows.float(), act_mul, act_perm, act_rotation).to(dtype)
-    return weight_only_matmul(rows, qweight, w_scale, None, bias, k, w_fmt.bits, None, dtype, twin_log=True)
+def _decoded_activations(rows: torch.Tensor, act_mul, act_perm, act_rotation, w_fmt: NumberFormat,
+                         a_fmt: NumberFormat, a_group: int) -> torch.Tensor:
+    """For a twin-log weight, which has no integer product: the activations quantized by the
+    quantize kernel and decoded back to x's dtype, for the weight-only GEMM to multiply. This runs
+    at the 16-bit GEMM's rate; the gain is the weight's memory."""
+    if not a_fmt.integer:
+        raise ValueError(f"no compiled kernel multiplies {w_fmt.name} weights with {a_fmt.name} activations; "
+                         f"use options={{'kernels': 'reference'}}")
+    q, scale = quantize_activation_triton(rows, a_fmt.bits, a_group or None, act_mul, act_perm, act_rotation)
+    codes = unpack_int4(q) if a_fmt.bits == 4 else q
+    return a_fmt.dequantize(codes, scale, None, a_group or None).to(rows.dtype)
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
@@ -99,12 +91,14 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
     w_fmt, a_fmt = get_format(w_format), get_format(a_format)
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_features)
-    if not w_fmt.uniform:
-        out = _non_uniform(rows, qweight, w_scale, bias, act_mul, act_perm, act_rotation, w_fmt, a_fmt, a_group, x.dtype)
-    elif not a_fmt.quantizes and w_fmt.integer:
-        if any(t is not None for t in (act_mul, act_perm, act_rotation)):
+    if not w_fmt.uniform or (not a_fmt.quantizes and w_fmt.integer):
+        # The weight-only GEMM: integer weights dequantized, or twin-log ones decoded, in registers.
+        if a_fmt.quantizes:
+            rows = _decoded_activations(rows, act_mul, act_perm, act_rotation, w_fmt, a_fmt, a_group)
+        elif any(t is not None for t in (act_mul, act_perm, act_rotation)):
             rows = transform_activation(rows.float(), act_mul, act_perm, act_rotation).to(x.dtype)
-        out = weight_only_matmul(rows, qweight, w_scale, w_zero, bias, in_features, w_fmt.bits, w_group, x.dtype)
+        out = weight_only_matmul(rows, qweight, w_scale, w_zero, bias, in_features, w_fmt.bits, w_group, x.dtype,
+                                 twin_log=not w_fmt.uniform)
     elif not a_fmt.quantizes:
         return quant_linear_reference(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
                                       in_features, w_format, a_format, w_group, a_group)

@@ -172,7 +172,7 @@ def _twin_log_values(u, s_ptr, cols, stride_sn, OFFSET: tl.constexpr):
 @triton.jit
 def _accumulate_phase(acc, u, x, x_ptr, s_ptr, z_ptr, cols, stride_sn, ks, k0, K, GROUP, OFFSET: tl.constexpr,
                       HAS_ZERO: tl.constexpr, PER_TILE: tl.constexpr, MASK_K: tl.constexpr,
-                      TWIN_LOG: tl.constexpr = False):
+                      TWIN_LOG: tl.constexpr):
     """acc + Ŵ[cols, ks] · x[:, ks]ᵀ for the codes u = q + OFFSET, int32 [len(cols), len(ks)] in [0, 2^b),
     and x's columns ks, [BLOCK_M, len(ks)].
 

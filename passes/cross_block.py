@@ -252,8 +252,7 @@ class _GraphQuantizer:
         def observe(site, x, w, b, call, into):
             if site.node in into:
                 check_finite_input(site, x, call)
-                rows = None if self.row_weights is None else self.row_weights.get(0, site.path, call)
-                into[site.node].add(x) if rows is None else into[site.node].add(x, rows)
+                into[site.node].add(x, None if self.row_weights is None else self.row_weights.get(0, site.path, call))
             return fp_linear(site, x, w, b)
 
         passes = [(self.fp_envs, scores)] if self.fp_scores else []

@@ -72,8 +72,7 @@ def relative_errors(outputs: list[dict], references: list[dict], nodes, norm: st
     meter = RelativeError(norm)
     for c, (out, reference) in enumerate(zip(outputs, references)):
         for n in nodes:
-            w = None if weights is None else weights(c, n)
-            meter.add(n, reference[n], out[n]) if w is None else meter.add(n, reference[n], out[n], w)
+            meter.add(n, reference[n], out[n], None if weights is None else weights(c, n))
     return meter.result()
 
 

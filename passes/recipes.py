@@ -58,8 +58,7 @@ def _statistics(weights: dict[str, torch.Tensor], calibration: list[GraphCalibra
         where[:] = graph, call
 
     def record(site, x, weight, bias, y):
-        w = None if row_weights is None else row_weights.get(where[0], site.path, where[1])
-        stats[site.path].add(x) if w is None else stats[site.path].add(x, w)
+        stats[site.path].add(x, None if row_weights is None else row_weights.get(where[0], site.path, where[1]))
 
     observe(calibration, set(weights), record, desc="calibration statistics", on_call=at)
     return stats
@@ -168,6 +167,7 @@ def _d2quant_recipe(weights, configs, calibration, execution):
     (clq_compile/pipeline.py), for every layer."""
     from .dual_scale import dsq_layer
     from .gptq import gptq_layer
+    from .rotation import rotate_weight
 
     quantizer, gptq = configs.quantizer, configs.gptq
     stats = _statistics(weights, calibration, True, configs.calibration_weighting)
@@ -184,7 +184,7 @@ def _d2quant_recipe(weights, configs, calibration, execution):
             return dataclasses.replace(gptq_layer(w, h, quantizer, gptq), method="d2quant: gptq",
                                        notes=["dsq: one scale per row fit best (no column scales)"])
         mul = t.float()
-        scaled = (w.detach().double() / mul.double()).float()
+        scaled = rotate_weight(w, act_mul=mul).float()  # W · diag(1/t): undoes the op's x · diag(t)
         layer = gptq_layer(scaled, h * (mul.double()[:, None] * mul.double()[None, :]), quantizer, gptq)
         return dataclasses.replace(layer, online=ActivationTransform(mul=mul), method="d2quant: dsq + gptq",
                                    notes=[*layer.notes, f"dsq: column scales {float(mul.min()):.3g} .. "

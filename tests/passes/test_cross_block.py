@@ -81,9 +81,9 @@ def recording_stats(monkeypatch) -> list[list[torch.Tensor]]:
             self.inputs = []
             created.append(self.inputs)
 
-        def add(self, x):
+        def add(self, x, weights=None):
             self.inputs.append(x.clone())
-            super().add(x)
+            super().add(x, weights)
 
     monkeypatch.setattr(cross_block, "LayerStats", Recording)
     return created

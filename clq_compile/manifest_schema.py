@@ -245,7 +245,7 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
         quantizer = policy.layer_quantizer(decision["role"])
         expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
                     "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
-        held = {**layer, "w_format": get_format(layer["w_format"]).slot.name}  # tlq4 takes int4's place
+        held = {**layer, "w_format": fmt.slot.name}  # tlq4 takes int4's place
         for k, v in expected.items():
             if held[k] != v:
                 raise ManifestError(keys + (k,), f"is {layer[k]!r} but the artifact's options give {v!r}")
@@ -290,13 +290,13 @@ def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor])
     for path, layer in manifest["layers"].items():
         keys = ("layers", path)
         k, n = layer["in_features"], manifest["decisions"][path]["out_features"]
-        problem = get_format(layer["w_format"]).width_problem(k)
+        fmt = get_format(layer["w_format"])
+        problem = fmt.width_problem(k)
         if problem:
             raise ManifestError(keys + ("w_format",), f"cannot store in_features {k}: {problem}")
         for what, g in (("w_group", layer["w_group"]), ("a_group", layer["a_group"])):
             if g and k % g:
                 raise ManifestError(keys + (what,), f"needs in_features divisible by {g}; it is {k}")
-        fmt = get_format(layer["w_format"])
         try:
             fmt.scale_shape(n, k, layer["w_group"] or None)
         except ValueError as e:

@@ -95,7 +95,7 @@ class Options:
                       call) count in the layers' statistics: "uniform", or "fisher" (AdaTSQ's
                       temporal Fisher: each row by the output's sensitivity to its layer's output,
                       pooled over rows of similar timestep; passes/fisher.py). Weighs GPTQ's
-                      Hessians and the rows the searches judge candidates on
+                      Hessians, the rows the searches judge candidates on, and CLPS's objective
     conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
                       weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
                       weights round to nearest (weight_symmetric, weight_group as for the rest),

@@ -61,18 +61,18 @@ def greedy_block_rotation(x: torch.Tensor, steps: int = GREEDY_STEPS, seed: int 
     kept while it lowers max |x · R|. b must be a Hadamard order."""
     b = x.shape[1]
     x = x.double()
-    rotation = torch.eye(b, dtype=torch.float64)
+    rotation, y = torch.eye(b, dtype=torch.float64), x  # y = x · rotation
     peak = float(x.abs().max()) if x.numel() else 0.0
     for step in range(steps):
-        y = x @ rotation
         channel = int(y.abs().amax(dim=0).argmax())
         swap = torch.arange(b)
         swap[0], swap[channel] = channel, 0
         candidate = rotation[:, swap] @ random_hadamard(b, seed * 1009 + step, torch.float64)
-        new_peak = float((x @ candidate).abs().max())
+        y_candidate = x @ candidate
+        new_peak = float(y_candidate.abs().max())
         if not new_peak < peak:
             break
-        rotation, peak = candidate, new_peak
+        rotation, y, peak = candidate, y_candidate, new_peak
     return rotation
 
 
@@ -93,10 +93,8 @@ def outlier_aware_rotation(x: torch.Tensor, block: int = BLOCK, steps: int = GRE
     first = _block_diagonal(x, used, steps, seed)
     y = x @ first
     perm = balanced_permutation(outlier_scores(y.abs().amax(dim=0)), used)
-    gather = torch.zeros(k, k, dtype=torch.float64)
-    gather[perm, torch.arange(k)] = 1.0  # y[:, perm] = y @ gather
     second = _block_diagonal(y[:, perm], used, steps, seed + k)
-    return first @ gather @ second, used
+    return first[:, perm] @ second, used  # x · first, gathered by perm, then · second
 
 
 def lrq_dit_layer(weight: torch.Tensor, samples: torch.Tensor | None, act_absmax: torch.Tensor | None,

@@ -79,15 +79,16 @@ def twin_log_quantize(weight: torch.Tensor, fmt: TwinLogFormat, etas: tuple[floa
         raise ValueError("the weight holds NaN or Inf: twin-log quantization needs finite weights")
     n = w.shape[0]
     positive = w >= 0
-    bounds = {True: _branch_bounds(w.abs(), positive, percentiles), False: _branch_bounds(w.abs(), ~positive,
-                                                                                         percentiles)}
+    masks = {True: positive, False: ~positive}
+    # Per branch: its percentile bounds and its magnitudes (0 where the other branch's weights are).
+    bounds = {b: _branch_bounds(w.abs(), mask, percentiles) for b, mask in masks.items()}
+    magnitudes = {b: torch.where(mask, w.abs(), 0.0) for b, mask in masks.items()}
     best_error = torch.full((n,), torch.inf, dtype=torch.float64, device=w.device)
     best = torch.zeros(n, 4, dtype=torch.float32, device=w.device)
     for eta in etas:
         chosen, total = [], 0
         for branch in (True, False):
-            mask = positive if branch else ~positive
-            magnitude = torch.where(mask, w.abs(), 0.0)
+            mask, magnitude = masks[branch], magnitudes[branch]
             errors, params = [], []
             for bound in bounds[branch]:
                 a, c = branch_parameters(bound, torch.full_like(bound, eta))

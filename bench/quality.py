@@ -463,10 +463,11 @@ def not_applicable(recipes: list[str], bits: list[str]) -> dict[tuple[str, str],
     return cells
 
 
-def options_problem(options: Any, recipes: list[str], bits: list[str]) -> str | None:
+def options_problem(options: Any, recipes: list[str], bits: list[str],
+                    skipped: dict[tuple[str, str], str]) -> str | None:
     """Why --options cannot run with every recipe and bit width asked for (the not-applicable
-    cells aside), or None: checked as the backend checks them, before any model is loaded, so
-    that a typo does not fail every cell."""
+    cells, `skipped`, aside), or None: checked as the backend checks them, before any model is
+    loaded, so that a typo does not fail every cell."""
     from clq_compile.options import parse_options
 
     if not isinstance(options, dict):
@@ -474,7 +475,6 @@ def options_problem(options: Any, recipes: list[str], bits: list[str]) -> str | 
     for key in ("recipe", "bits"):
         if key in options:
             return f"--options: {key!r} has its own flag, --{key if key == 'bits' else 'recipes'}"
-    skipped = not_applicable(recipes, bits)
     for recipe in recipes:
         for b in bits:
             if (recipe, b) in skipped:
@@ -548,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--calib-steps must be 0 (all steps) or more; got {args.calib_steps}")
     if args.out is None:
         args.out = RESULTS / datetime.datetime.now(datetime.timezone.utc).strftime("quality-%Y%m%d-%H%M%S")
-    problem = output_folder_problem(args.out) or options_problem(args.options, args.recipes, args.bits)
+    skipped = not_applicable(args.recipes, args.bits)
+    problem = output_folder_problem(args.out) or options_problem(args.options, args.recipes, args.bits, skipped)
     if problem:
         parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -569,7 +570,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     grid_bits = GRID_BITS if GRID_BITS in args.bits else args.bits[-1]
-    skipped = not_applicable(args.recipes, args.bits)
     for (recipe, b), why in skipped.items():
         log.info("not applicable, not run: %s at %s (%s)", recipe, b, why)
     log.info("benchmark of %s: %s", name, task.description)

@@ -90,7 +90,7 @@ def run_digits(args, journal: Path, progress: tqdm) -> None:
         for variant in args.variants:
             for recipe in args.recipes:
                 progress.set_postfix_str(f"{variant_name} {variant} {recipe}")
-                images, seconds = quantize_and_sample(module, task, calls, recipe, args.bits, args.steps,
+                images, seconds, _ = quantize_and_sample(module, task, calls, recipe, args.bits, args.steps,
                                                       VARIANTS[variant])
                 append_row(journal, {"model": variant_name, "variant": variant, "recipe": recipe,
                                      "bits": args.bits, "seed": args.seed, **score(task, images, reference),

@@ -65,7 +65,7 @@ def digits_rows(recipes: list[str], samples_per_class: int, steps: int, calib_sa
         calls = calibration_calls(task, m, steps, min(steps, 10))
         for recipe in recipes:
             for setting, options in SETTINGS.items():
-                images, seconds = quantize_and_sample(m, task, calls, recipe, "w4a4", steps, options)
+                images, seconds, _ = quantize_and_sample(m, task, calls, recipe, "w4a4", steps, options)
                 rows.append({"model": variant, "recipe": recipe, "setting": setting,
                              **score(task, images, reference), "quantize_seconds": round(seconds, 2)})
                 print(f"  {variant} {recipe} {setting}: {rows[-1]}", flush=True)

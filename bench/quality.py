@@ -148,11 +148,12 @@ class VariantResult:
 
 
 def quantize_and_sample(model: nn.Module, task: Task, calls: list[dict[str, Any]], recipe: str,
-                        bits: str, steps: int, options: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
+                        bits: str, steps: int, options: dict[str, Any] | None = None,
+                        ) -> tuple[torch.Tensor, float, nn.Module]:
     """Compile with the clq backend, calibrate on `calls`, sample the evaluation set.
 
-    options: further backend options. Returns the samples and the seconds spent leaving the
-    calibrating block (quantization).
+    options: further backend options. Returns the samples, the seconds spent leaving the
+    calibrating block (quantization) and the compiled model.
     """
     torch._dynamo.reset()
     qt = torch.compile(model, backend="clq", options={"bits": bits, "recipe": recipe, **(options or {})})
@@ -163,7 +164,7 @@ def quantize_and_sample(model: nn.Module, task: Task, calls: list[dict[str, Any]
             start = time.perf_counter()
         seconds = time.perf_counter() - start
         images = task.draw(qt, task.evaluation, steps)
-    return images, seconds
+    return images, seconds, qt
 
 
 def append_row(journal: Path, row: dict[str, Any]) -> None:
@@ -200,7 +201,7 @@ def benchmark_variant(name: str, model: nn.Module, task: Task, reference: torch.
                 continue
             start = time.perf_counter()
             try:
-                images, seconds = quantize_and_sample(model, task, calls, recipe, b, steps, options)
+                images, seconds, _ = quantize_and_sample(model, task, calls, recipe, b, steps, options)
                 row.update(score(task, images, reference), quantize_seconds=round(seconds, 2))
                 if b == grid_bits:
                     result.grid.append((recipe, images[task.grid_index] / scale))
@@ -486,8 +487,15 @@ def options_problem(options: Any, recipes: list[str], bits: list[str],
     return None
 
 
+# adatsq quantizes every candidate mode per timestep bucket and searches their mix: minutes per
+# cell. It runs when named (--recipes adatsq; its budget is the bits mode's average unless
+# --options gives avg_bits); bench/adatsq.py measures it against the static modes.
+NOT_BY_DEFAULT = ("adatsq",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     recipes = list(RECIPES)
+    defaults = [r for r in recipes if r not in NOT_BY_DEFAULT]
     parser = argparse.ArgumentParser(
         prog="python bench/quality.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -511,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a diffusers pipeline folder (model_index.json); its .transformer is benchmarked")
     parser.add_argument("--options", type=json.loads, default={},
                         help='further backend options as JSON, e.g. \'{"obs_statistics": "fp"}\'')
-    parser.add_argument("--recipes", type=lambda t: _names(t, recipes), default=recipes,
-                        help=f"comma-separated recipes (default: all, {','.join(recipes)})")
+    parser.add_argument("--recipes", type=lambda t: _names(t, recipes), default=defaults,
+                        help=f"comma-separated recipes (default: all but {', '.join(NOT_BY_DEFAULT)}: "
+                             f"{','.join(defaults)})")
     parser.add_argument("--bits", type=lambda t: _names(t, BITS), default=list(DEFAULT_BITS),
                         help=f"comma-separated bit widths (default {','.join(DEFAULT_BITS)})")
     parser.add_argument("--samples-per-class", type=positive_int, default=10,
@@ -540,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def begin_run(script: str, threads: int | None, argv: list[str] | None) -> tuple[float, str]:
+    """Log to the terminal, pin torch's threads (when given); returns the start time and the command line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return time.perf_counter(), shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: run the benchmark, write the reports, print the tables. Returns the exit status."""
     parser = build_parser()
@@ -552,11 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = output_folder_problem(args.out) or options_problem(args.options, args.recipes, args.bits, skipped)
     if problem:
         parser.error(problem)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    command = shlex.join(["python", "bench/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    started, command = begin_run("bench/quality.py", args.threads, argv)
     try:
         if args.pipeline is not None:
             model, name = load_pipeline_transformer(args.pipeline), args.pipeline.resolve().name

@@ -19,7 +19,7 @@ import types
 # public name -> the module of this package that defines it
 _PUBLIC = {"clq_backend": "backend", "calibrating": "calibration", "load": "deploy", "release_weights": "deploy",
            "save": "deploy", "explain": "explain", "explain_artifact": "explain", "graphs": "explain",
-           "memory_report": "explain", "Options": "options", "parse_options": "options"}
+           "memory_report": "explain", "search_report": "explain", "Options": "options", "parse_options": "options"}
 
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

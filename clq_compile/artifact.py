@@ -14,7 +14,9 @@ JSON (sorted keys, no spaces, without that field), which covers the tensors' has
 edit of the manifest or of a tensor is refused. Version 1 artifacts (no manifest hash) still load.
 Since version 3 a layer names its number formats ("w_format": "int4", "a_format": "int8"); versions
 1 and 2, which gave bit counts, are read into that form (manifest_schema.py). Version 4 added
-low-rank branches, version 5 the twin-log weight formats.
+low-rank branches, version 5 the twin-log weight formats, version 6 layers quantized per timestep
+bucket (a layer's entry is its first bucket's, plus "timestep_edges" and every bucket's entry
+under "buckets"; its tensors are stored as "<layer>.b<bucket>.<argument>").
 
 A hash stops accidents, not a forger who recomputes it, so nothing read is trusted: the manifest is
 checked against its schema and for consistency with itself and its tensors (manifest_schema.py),
@@ -29,6 +31,7 @@ with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,14 +50,14 @@ from clq_compile.kernels.formats import get_format
 from clq_compile.kernels.packing import PackedWeight
 from clq_compile.passes.configs import QuantizerConfig
 from clq_compile.passes.folding import FoldDecision
-from clq_compile.passes.layer import ActivationTransform, LowRank, QuantizedLinear
+from clq_compile.passes.layer import ActivationTransform, LowRank, QuantizedLinear, TimestepBuckets
 from clq_compile.passes.policy import Decision
 
 from .manifest_schema import ManifestError, check_manifest, check_tensors, dtype_name
 
 FORMAT = "clq-compile artifact"
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MANIFEST_KEY = "clq_manifest"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -159,16 +162,28 @@ def layer_tensors(layers: Mapping[str, QuantizedLinear]) -> tuple[dict[str, torc
     stored: dict[str, torch.Tensor] = {}
     by_identity: dict[int, str] = {}
     names: dict[str, dict[str, str]] = {}
-    for path in sorted(layers):
-        names[path] = {}
-        for arg, t in layers[path].saved_tensors().items():
+
+    def store(key: str, layer: QuantizedLinear) -> dict[str, str]:
+        found = {}
+        for arg, t in layer.saved_tensors().items():
             if t is None:
                 continue
-            key = by_identity.get(id(t))
-            if key is None:
-                key = by_identity[id(t)] = f"{path}.{arg}"
-                stored[key] = t.detach().to("cpu").contiguous()
-            names[path][arg] = key
+            name = by_identity.get(id(t))
+            if name is None:
+                name = by_identity[id(t)] = f"{key}.{arg}"
+                stored[name] = t.detach().to("cpu").contiguous()
+            found[arg] = name
+        return found
+
+    for path in sorted(layers):
+        layer = layers[path]
+        if layer.buckets is None:
+            names[path] = store(path, layer)
+        else:
+            # A layer with timestep buckets: one name map per bucket, under "<path>#<bucket>".
+            for b, bucket in enumerate(layer.buckets.layers):
+                names[f"{path}#{b}"] = store(f"{path}.b{b}", bucket)
+            names[path] = names[f"{path}#0"]
     return stored, names
 
 
@@ -180,13 +195,27 @@ def ordered_decisions(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {p: decisions[p] for p in [*order, *decisions]}
 
 
-def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str]) -> dict[str, Any]:
+def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str],
+                   bucket_names: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """A layer's manifest entry; `tensor_names` {argument: stored name} (`layer_tensors`). A layer
+    with timestep buckets is its first bucket's entry plus "timestep_edges" and "buckets" (every
+    bucket's entry; `bucket_names` their tensors' names)."""
     w = layer.weight
-    return {"w_format": w.format.name, "in_features": w.in_features, "w_group": w.group,
-            "a_format": layer.a_format.name,
-            "a_group": layer.a_group, "method": layer.method, "notes": list(layer.notes),
-            "details": to_json({**layer.details, **({"fold": layer.fold.to_json()} if layer.fold else {})}),
-            "tensors": tensor_names}
+    entry = {"w_format": w.format.name, "in_features": w.in_features, "w_group": w.group,
+             "a_format": layer.a_format.name,
+             "a_group": layer.a_group, "method": layer.method, "notes": list(layer.notes),
+             "details": to_json({**layer.details, **({"fold": layer.fold.to_json()} if layer.fold else {})}),
+             "tensors": tensor_names}
+    if layer.buckets is not None:
+        names = bucket_names or [{} for _ in layer.buckets.layers]
+        entry["timestep_edges"] = list(layer.buckets.edges)
+        entry["buckets"] = [layer_manifest(b, n) for b, n in zip(layer.buckets.layers, names)]
+    return entry
+
+
+def bucket_names(names: dict[str, dict[str, str]], path: str, layer: QuantizedLinear) -> list[dict[str, str]] | None:
+    """The per-bucket tensor names `layer_tensors` gave a layer with timestep buckets, else None."""
+    return None if layer.buckets is None else [names[f"{path}#{b}"] for b in range(len(layer.buckets.layers))]
 
 
 def _umask() -> int:
@@ -270,17 +299,26 @@ class Artifact:
         if self.tensors is None:
             raise RuntimeError("read the artifact with tensors=True to build its layers")
         moved = {k: t.to(device) if device is not None else t for k, t in self.tensors.items()}
-        layers = {}
-        for path, entry in self.manifest["layers"].items():
+
+        def build(entry: dict[str, Any]) -> QuantizedLinear:
             t = {arg: moved[name] for arg, name in entry["tensors"].items()}
             weight = PackedWeight(t["qweight"], t["w_scale"], t.get("w_zero"), get_format(entry["w_format"]),
                                   entry["in_features"], entry["w_group"])
             fold = entry.get("details", {}).get("fold")
             online = ActivationTransform(t.get("act_mul"), t.get("act_perm"), t.get("act_rotation"))
             lowrank = LowRank(t["lr_down"], t["lr_up"]) if "lr_down" in t else None
-            layers[path] = QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], online,
-                                           t.get("bias"), entry["method"], list(entry["notes"]),
-                                           fold=FoldDecision.from_json(fold) if fold else None, lowrank=lowrank)
+            return QuantizedLinear(weight, get_format(entry["a_format"]), entry["a_group"], online,
+                                   t.get("bias"), entry["method"], list(entry["notes"]),
+                                   fold=FoldDecision.from_json(fold) if fold else None, lowrank=lowrank)
+
+        layers = {}
+        for path, entry in self.manifest["layers"].items():
+            layer = build(entry)
+            if "buckets" in entry:
+                buckets = TimestepBuckets(tuple(entry["timestep_edges"]), tuple(build(b) for b in entry["buckets"]))
+                layer = dataclasses.replace(buckets.layers[0], buckets=buckets, method=entry["method"],
+                                            notes=list(entry["notes"]))
+            layers[path] = layer
         return layers
 
 
@@ -445,18 +483,21 @@ def held(path: str | os.PathLike) -> Artifact | None:
 
 
 def loaded_decision(path: str, policy: Decision, artifact_path: str, layer: QuantizedLinear,
-                    quantizer: QuantizerConfig) -> Decision:
+                    quantizers: tuple[QuantizerConfig, ...]) -> Decision:
     """The decision for layer `path`, held by the artifact at `artifact_path`, given what the model's
-    own `policy` decides for it: an artifact may only hold layers the policy would quantize, in the
-    formats the options give the layer's role in this model (`quantizer`; conditioning_bits)."""
+    own `policy` decides for it: an artifact may only hold layers the policy would quantize, in
+    formats the options give the layer's role in this model (`quantizers`; conditioning_bits, and
+    adatsq's modes), every timestep bucket of it."""
     if not policy.quantize:
         raise ArtifactError(
             f"the artifact {artifact_path} holds a quantized {path}, but this model's policy keeps that "
             f"layer ({policy.reason}); refusing the artifact. Quantize the model again with this version.")
-    held_as = (layer.weight.format.slot.name, layer.a_format.name)
-    expected = (quantizer.weight.format.name, quantizer.activation.format.name)
-    if held_as != expected:
-        raise ArtifactError(
-            f"the artifact {artifact_path} holds {path} as {'/'.join(held_as)} weights/activations, but "
-            f"its options give that layer's role in this model {'/'.join(expected)}; refusing the artifact.")
+    expected = {(q.weight.format.name, q.activation.format.name) for q in quantizers}
+    for held in (layer.buckets.layers if layer.buckets is not None else (layer,)):
+        held_as = (held.weight.format.slot.name, held.a_format.name)
+        if held_as not in expected:
+            raise ArtifactError(
+                f"the artifact {artifact_path} holds {path} as {'/'.join(held_as)} weights/activations, but "
+                f"its options give that layer's role in this model {' or '.join('/'.join(e) for e in sorted(expected))}; "
+                f"refusing the artifact.")
     return Decision(True, "loaded from the artifact")

@@ -35,7 +35,7 @@ def calibrating(qt: torch.nn.Module) -> Iterator[None]:
     covers them all), leaving the block warns, saying why, and the model stays in full precision.
     """
     state = model_state(qt)
-    before = (state.layers, state.errors, state.calibrations)
+    before = (state.layers, state.errors, state.calibrations, state.reports)
     state.begin_calibration()
     try:
         yield
@@ -50,7 +50,7 @@ def calibrating(qt: torch.nn.Module) -> Iterator[None]:
         if state.layers is not before[0]:
             # The recipe got as far as replacing the layers: restore the previous ones, and let
             # every graph lower again from them when it is next called.
-            state.layers, state.errors, state.calibrations = before
+            state.layers, state.errors, state.calibrations, state.reports = before
             for graph in state.graphs:
                 graph.lowered = graph.run = None
         state.abort_calibration()

@@ -14,13 +14,20 @@ KERNELS = ("auto", "reference", "triton")
 CONDITIONING_BITS = (None, "w3a16", "w4a16", "w8a16")
 CONDITIONING_ROLES = ("conditioning", "adaln", "adaln_token")
 RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
-                "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "lrq-dit", "d2quant")
+                "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "lrq-dit", "d2quant",
+                "adatsq")
 # The recipes that give layers a 16-bit low-rank branch (option lowrank_rank).
 LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank")
 # The options only some recipes read: {option: the recipes}. Refused with the others, and not
 # recorded in their artifacts.
 # The recipes whose layers always take the mean correction after the recipe (D²Quant's DAC).
 MEAN_CORRECTED_RECIPES = ("d2quant",)
-RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": ("lrq-dit",), "lrq_weights": ("lrq-dit",)}
+RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": ("lrq-dit",), "lrq_weights": ("lrq-dit",),
+                  "avg_bits": ("adatsq",), "adatsq_modes": ("adatsq",), "adatsq_base": ("adatsq",)}
+# The base recipes adatsq may quantize its candidates with: those that decide each layer alone or
+# block by block, with no low-rank branch and no non-uniform weights.
+ADATSQ_BASES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq+gptq")
+# The recipes that quantize per timestep bucket by default (option timestep_buckets): {recipe: buckets}.
+RECIPE_BUCKETS: dict[str, int] = {"adatsq": 4}
 # DDIM steps of the digits sampler, the command line and the quality benchmark unless told otherwise.
 DEFAULT_SAMPLING_STEPS = 25

@@ -39,7 +39,9 @@ def _granularity(group: int | None, unit: str) -> str:
 def _cells(row: LayerRow) -> tuple[str, ...]:
     if row.layer is not None:
         info = row.layer
-        bits = mode_name(get_format(info["w_format"]), get_format(info["a_format"]))
+        # A layer with timestep buckets: each bucket's mode, in bucket order ("w4a4/w8a8").
+        units = info.get("buckets", [info])
+        bits = "/".join(dict.fromkeys(mode_name(get_format(u["w_format"]), get_format(u["a_format"])) for u in units))
         activations = (f"a:{_granularity(info['a_group'], 'token')}" if get_format(info["a_format"]).quantizes
                        else "a:16 bit")
         gran = f"w:{_granularity(info['w_group'], 'channel')} {activations}"
@@ -214,3 +216,10 @@ def memory_report(qt) -> dict:
 def graphs(qt) -> list[fx.GraphModule]:
     """The graphs of `qt` as they run now: rewritten after quantization, as captured before."""
     return [g.lowered if g.lowered is not None else g.gm for g in model_state(qt).graphs]
+
+
+def search_report(qt) -> dict:
+    """What the recipe's search explored when `qt` was last quantized, by recipe name: for adatsq
+    the bit allocation's Pareto front, the candidates measured end to end and the choice per layer
+    (passes/adatsq.py); {} for recipes without one, and for models loaded from an artifact."""
+    return model_state(qt).reports

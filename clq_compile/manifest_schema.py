@@ -19,6 +19,9 @@ The model itself is checked in deploy.py (each layer is an nn.Linear of that sha
 graph is captured (the model's own policy would quantize it). Every failure is a `ManifestError`
 with the JSON path of the offending value, e.g. manifest["layers"]["blocks.0.proj"]["w_format"].
 
+Format version 6 may quantize a layer per timestep bucket: its entry (its first bucket's) adds
+"timestep_edges" (finite, strictly ascending) and "buckets" (one layer entry per bucket, one more
+than the edges, without low-rank branches), each bucket checked like a layer (`_units`).
 Format version 5 may name the twin-log weight formats tlq3 / tlq4 (recipe lrq-dit; per-row
 parameters w_scale float32 [N, 4], no zero points, no groups); version 4 did not.
 Format version 4 may give a layer a low-rank branch (tensors lr_down, lr_up); version 3 did not.
@@ -30,6 +33,7 @@ versions 1 and 2 gave bit counts ("w_bits": 4, "a_bits": 8, 16 for unquantized a
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import fields
 from typing import Any, Callable, Mapping
@@ -194,6 +198,38 @@ _SCHEMAS = {1: _record(_LEGACY, _ORDER), 2: _record({**_LEGACY, "manifest_sha256
             3: _record({**_FIELDS, "layers": _map_of(_V3_LAYER), "manifest_sha256": _sha256}, _ORDER),
             4: _record({**_FIELDS, "manifest_sha256": _sha256}, _ORDER)}
 _SCHEMAS[5] = _SCHEMAS[4]  # version 5 adds the twin-log weight formats (checked in check_manifest)
+# Version 6: a layer quantized per timestep bucket adds its bucket edges and every bucket's entry.
+_BUCKETED_LAYER = _record({**_layer_fields(_OP_TENSORS + LOWRANK_ARGS), **_FORMAT_FIELDS},
+                          {"timestep_edges": _list_of(_number), "buckets": _list_of(_LAYER)})
+_SCHEMAS[6] = _record({**_FIELDS, "layers": _map_of(_BUCKETED_LAYER), "manifest_sha256": _sha256}, _ORDER)
+# What a layer's first bucket must repeat at the top of its entry.
+_BUCKET_SHARED = ("w_format", "a_format", "in_features", "w_group", "a_group", "tensors")
+
+
+def _units(path: str, layer: Mapping[str, Any]) -> list[tuple[tuple, Mapping[str, Any]]]:
+    """(keys, entry) of what runs for a layer: the layer itself, or each of its timestep buckets.
+    Raises ManifestError when the buckets and their edges disagree."""
+    keys = ("layers", path)
+    if "buckets" not in layer and "timestep_edges" not in layer:
+        return [(keys, layer)]
+    if "buckets" not in layer or "timestep_edges" not in layer:
+        raise ManifestError(keys, "gives timestep buckets without their edges, or edges without buckets")
+    edges, buckets = layer["timestep_edges"], layer["buckets"]
+    if len(buckets) != len(edges) + 1 or len(edges) < 1:
+        raise ManifestError(keys + ("buckets",), f"holds {len(buckets)} buckets for {len(edges)} edges; a "
+                                                 f"layer needs one bucket more than edges, and at least one edge")
+    if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ManifestError(keys + ("timestep_edges",), f"are {edges!r:.200}: not finite and strictly ascending")
+    for k in _BUCKET_SHARED:
+        if layer[k] != buckets[0][k]:
+            raise ManifestError(keys + (k,), f"is {layer[k]!r:.200} but the layer's first bucket has {buckets[0][k]!r:.200}")
+    for b, bucket in enumerate(buckets):
+        if bucket["in_features"] != layer["in_features"]:
+            raise ManifestError(keys + ("buckets", b, "in_features"), f"is {bucket['in_features']}, not the layer's "
+                                                                      f"{layer['in_features']}")
+        if any(a in bucket["tensors"] for a in LOWRANK_ARGS):
+            raise ManifestError(keys + ("buckets", b, "tensors"), "names a low-rank branch, which buckets do not keep")
+    return [(keys + ("buckets", b), bucket) for b, bucket in enumerate(buckets)]
 
 
 def _current_form(manifest: dict[str, Any], version: int) -> dict[str, Any]:
@@ -236,31 +272,47 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
         if decision is None or not decision["quantize"] or decision["in_features"] != layer["in_features"]:
             raise ManifestError(keys, f"is not a layer the artifact decided to quantize with in_features "
                                       f"{layer['in_features']} (its decision: {decision!r:.200})")
-        fmt = get_format(layer["w_format"])
-        if not fmt.uniform and (version < 5 or options.recipe not in NON_UNIFORM_RECIPES):
-            raise ManifestError(keys + ("w_format",), f"is {fmt.name!r}, which only recipe "
-                                f"{', '.join(NON_UNIFORM_RECIPES)} writes, from format version 5 (this is "
-                                f"version {version}, recipe {options.recipe!r})")
-        # A layer's formats follow from the options and its role (conditioning_bits).
-        quantizer = policy.layer_quantizer(decision["role"])
-        expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
-                    "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
-        held = {**layer, "w_format": fmt.slot.name}  # tlq4 takes int4's place
-        for k, v in expected.items():
-            if held[k] != v:
-                raise ManifestError(keys + (k,), f"is {layer[k]!r} but the artifact's options give {v!r}")
-        if ("w_zero" in layer["tensors"]) == options.weight_symmetric:
-            raise ManifestError(keys + ("tensors",), "has a w_zero only when weights are asymmetric "
-                                                     f"(weight_symmetric={options.weight_symmetric})")
         weight = manifest["fingerprint"].get(f"{path}.weight")
         shape = [decision["out_features"], layer["in_features"]]
         if weight is None or weight["shape"] != shape:
             raise ManifestError(keys, f"names no linear weight {shape} of the model: the model's "
                                       f"{path}.weight is {weight['shape'] if weight else 'absent'}")
-        for arg, name in layer["tensors"].items():
-            if name not in manifest["tensor_sha256"]:
-                raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which is not stored")
+        units = _units(path, layer)
+        if len(units) > 1 and options.buckets == 1:
+            raise ManifestError(keys + ("buckets",), "holds timestep buckets, but the artifact's options "
+                                                     "quantize with one (timestep_buckets)")
+        for unit_keys, unit in units:
+            _check_unit(unit_keys, unit, decision["role"], options, policy, version, manifest["tensor_sha256"])
     return manifest
+
+
+def _check_unit(keys: tuple, layer: Mapping[str, Any], role: str, options, policy, version: int,
+                stored: Mapping[str, str]) -> None:
+    """Refuse a layer (or one of its timestep buckets) whose formats the options do not give, or
+    whose tensors are not stored."""
+    fmt = get_format(layer["w_format"])
+    if not fmt.uniform and (version < 5 or options.recipe not in NON_UNIFORM_RECIPES):
+        raise ManifestError(keys + ("w_format",), f"is {fmt.name!r}, which only recipe "
+                            f"{', '.join(NON_UNIFORM_RECIPES)} writes, from format version 5 (this is "
+                            f"version {version}, recipe {options.recipe!r})")
+    # A layer's formats follow from the options and its role (conditioning_bits; adatsq's modes).
+    held = {**layer, "w_format": fmt.slot.name}  # tlq4 takes int4's place
+    mismatches = []
+    for quantizer in policy.layer_quantizers(role):
+        expected = {"w_format": quantizer.weight.format.name, "a_format": quantizer.activation.format.name,
+                    "w_group": quantizer.weight.group, "a_group": quantizer.activation.group}
+        mismatches.append(next(((k, v) for k, v in expected.items() if held[k] != v), None))
+        if mismatches[-1] is None:
+            break
+    else:
+        k, v = mismatches[0]
+        raise ManifestError(keys + (k,), f"is {layer[k]!r} but the artifact's options give {v!r}")
+    if ("w_zero" in layer["tensors"]) == options.weight_symmetric:
+        raise ManifestError(keys + ("tensors",), "has a w_zero only when weights are asymmetric "
+                                                 f"(weight_symmetric={options.weight_symmetric})")
+    for arg, name in layer["tensors"].items():
+        if name not in stored:
+            raise ManifestError(keys + ("tensors", arg), f"names {name!r}, which is not stored")
 
 
 def _expected_tensors(layer: Mapping[str, Any], n: int) -> dict[str, tuple[tuple[torch.dtype, ...], tuple]]:
@@ -287,9 +339,10 @@ def _free_shape(arg: str, t: torch.Tensor, k: int, n: int, rank: int) -> tuple[b
 def check_tensors(manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse layers whose tensors are not what their scalars say (step 3)."""
     used: set[str] = set()
-    for path, layer in manifest["layers"].items():
-        keys = ("layers", path)
-        k, n = layer["in_features"], manifest["decisions"][path]["out_features"]
+    units = [(keys, layer, manifest["decisions"][path]["out_features"])
+             for path, entry in manifest["layers"].items() for keys, layer in _units(path, entry)]
+    for keys, layer, n in units:
+        k = layer["in_features"]
         fmt = get_format(layer["w_format"])
         problem = fmt.width_problem(k)
         if problem:

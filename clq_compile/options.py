@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import (BITS, CONDITIONING_BITS, KERNELS, MEAN_CORRECTED_RECIPES, RECIPE_NAMES,
-                                 RECIPE_OPTIONS)
+from clq_compile.choices import (ADATSQ_BASES, BITS, CONDITIONING_BITS, KERNELS, LOWRANK_RECIPES, MEAN_CORRECTED_RECIPES,
+                                 RECIPE_BUCKETS, RECIPE_NAMES, RECIPE_OPTIONS)
 from clq_compile.kernels.formats import MODES, NumberFormat
-from clq_compile.passes.configs import (ActivationConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
+from clq_compile.passes.configs import (ActivationConfig, AdaTSQConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
                                         LowRankConfig, LRQConfig, MethodConfigs, OBSConfig, PolicyConfig, QuantizerConfig,
                                         SmoothQuantConfig, WeightQuantizerConfig)
 
@@ -26,6 +26,7 @@ CLPS_TARGETS = ("peak-error", "max-variance")
 CLPS_NORMS = ("l2", "l1")
 LRQ_WEIGHTS = ("twin-log", "uniform")
 CALIBRATION_WEIGHTINGS = ("uniform", "fisher")
+MAX_TIMESTEP_BUCKETS = 16
 # Options that change how the model runs or calibrates, not what its quantized layers hold: free
 # to differ from an artifact's.
 RUNTIME_KEYS = ("kernels", "inductor", "load", "offload")
@@ -96,6 +97,20 @@ class Options:
                       temporal Fisher: each row by the output's sensitivity to its layer's output,
                       pooled over rows of similar timestep; passes/fisher.py). Weighs GPTQ's
                       Hessians, the rows the searches judge candidates on, and CLPS's objective
+    avg_bits:         recipe adatsq: the budget on the average bit-width, (weight bits + activation
+                      bits) / 2 averaged over every quantized layer and timestep bucket weighted by
+                      multiply-accumulates (W4A8 is 6). None (the default): the `bits` mode's own
+                      (adatsq at bits="w4a8" mixes modes at W4A8's cost)
+    adatsq_modes:     recipe adatsq: the bit-width pairs a layer may take in a timestep bucket (modes
+                      with quantized activations; `bits` among them), default w4a4, w4a8, w8a8
+    adatsq_base:      recipe adatsq: the recipe that quantizes each candidate (default clq+gptq, the
+                      best recipe without a low-rank branch on the digits DiT at W4A8)
+    timestep_buckets: how many timestep buckets each layer is quantized for (1 to 16): the recorded
+                      rows are cut by timestep into that many buckets of equal share, the recipe
+                      runs on each bucket's rows, and the compiled graph picks each layer's bucket
+                      from its `timestep` input at run time (passes/timesteps.py). None (the
+                      default): the recipe's choice, 1 (one quantization for every step) except
+                      for adatsq
     conditioning_bits: None (conditioning GEMMs and adaLN modulations stay in 16 bit) or a
                       weight-only mode, "w3a16", "w4a16" or "w8a16", for those layers: their
                       weights round to nearest (weight_symmetric, weight_group as for the rest),
@@ -132,6 +147,10 @@ class Options:
     lrq_weights: str = "twin-log"
     mean_correction: bool | None = None
     calibration_weighting: str = "uniform"
+    avg_bits: float | None = None
+    adatsq_modes: tuple[str, ...] = ("w4a4", "w4a8", "w8a8")
+    adatsq_base: str = "clq+gptq"
+    timestep_buckets: int | None = None
     conditioning_bits: str | None = None
     load: str | None = None
 
@@ -153,14 +172,24 @@ class Options:
         return self.mean_correction
 
     @property
+    def buckets(self) -> int:
+        """How many timestep buckets the layers are quantized for (`timestep_buckets`, or the recipe's choice)."""
+        if self.timestep_buckets is None:
+            return RECIPE_BUCKETS.get(self.recipe, 1)
+        return self.timestep_buckets
+
+    @property
     def quantizes(self) -> bool:
         """False for w16a16, where the graph runs unchanged."""
         return self.w_format is not None
 
     def policy(self) -> PolicyConfig:
         """What the policy reads of these options (passes/configs.py)."""
+        alternatives = (tuple(self._quantizer(m) for m in self.adatsq_modes if m != self.bits)
+                        if self.recipe == "adatsq" else ())
         return PolicyConfig(self.bits, self._quantizer(self.bits), self.conditioning_bits,
-                            self._quantizer(self.conditioning_bits), self.skip, self.quantize_cross_kv)
+                            self._quantizer(self.conditioning_bits), self.skip, self.quantize_cross_kv,
+                            alternatives)
 
     def _quantizer(self, mode: str | None) -> QuantizerConfig | None:
         weights, activations = MODES[mode] if mode else (None, None)
@@ -181,7 +210,15 @@ class Options:
             cbc=CBCConfig(self.cbc_prefix),
             lowrank=LowRankConfig(self.lowrank_rank),
             lrq=LRQConfig(self.ars_threshold, self.lrq_weights),
-            calibration_weighting=self.calibration_weighting)
+            calibration_weighting=self.calibration_weighting,
+            adatsq=self._adatsq() if self.recipe == "adatsq" else None)
+
+    def _adatsq(self) -> AdaTSQConfig:
+        # `bits` first: the mode of a run without calibration data.
+        modes = (self.bits, *(m for m in self.adatsq_modes if m != self.bits))
+        quantizers = tuple(self._quantizer(m) for m in modes)
+        budget = self.avg_bits if self.avg_bits is not None else quantizers[0].mean_bits
+        return AdaTSQConfig(modes, quantizers, budget, self.adatsq_base, self.buckets)
 
     def execution(self) -> Execution:
         """The run-time knobs the recipes' searches need: kernels and offload."""
@@ -284,11 +321,64 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
         _boolean(key, values[key])
     if values["mean_correction"] is not None:
         _boolean("mean_correction", values["mean_correction"])
+    _timestep_buckets_allow(values)
+    _adatsq_allow(values)
     values["skip"] = _patterns(values["skip"])
     _formats_allow(values)
     if "load" in given:
         return _with_artifact({k: values[k] for k in given})
     return Options(**values)
+
+
+def _adatsq_allow(values: dict[str, Any]) -> None:
+    """Refuse adatsq options that cannot make a search: unknown or unquantized modes, `bits` not
+    among them, a budget outside what the modes can spend, an unsupported base recipe."""
+    modes = values["adatsq_modes"]
+    if isinstance(modes, str) or not isinstance(modes, (list, tuple)):
+        raise ValueError(f"options['adatsq_modes'] must be a list of bits modes, e.g. ['w4a4', 'w8a8']; got {modes!r}")
+    modes = values["adatsq_modes"] = tuple(modes)
+    usable = tuple(b for b in BITS if MODES[b][1] is not None and MODES[b][1].quantizes)
+    for mode in modes:
+        _allowed("adatsq_modes", mode, usable)
+    if len(set(modes)) < 2:
+        raise ValueError(f"options['adatsq_modes'] must name at least two different modes; got {list(modes)}")
+    _allowed("adatsq_base", values["adatsq_base"], ADATSQ_BASES)
+    if values["recipe"] != "adatsq":
+        return
+    if values["bits"] not in modes:
+        raise ValueError(f"recipe 'adatsq' with bits={values['bits']!r}: bits must be one of adatsq_modes "
+                         f"({', '.join(modes)}); it is the mode of a run without calibration data")
+    for mode in modes:
+        _formats_allow({**values, "bits": mode, "recipe": values["adatsq_base"]})
+    budget = values["avg_bits"]
+    spent = [QuantizerConfig(WeightQuantizerConfig(MODES[m][0], True, None), ActivationConfig(MODES[m][1], None)).mean_bits
+             for m in modes]
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not min(spent) <= budget <= max(spent):
+            raise ValueError(f"options['avg_bits'] must be a number from {min(spent):g} (every layer at the "
+                             f"cheapest mode) to {max(spent):g} (at the dearest); got {budget!r}")
+        values["avg_bits"] = float(budget)
+
+
+def _timestep_buckets_allow(values: dict[str, Any]) -> None:
+    """Refuse a bad bucket count, and the options one quantization per bucket cannot combine with."""
+    buckets = values["timestep_buckets"]
+    if buckets is not None and (type(buckets) is not int or not 1 <= buckets <= MAX_TIMESTEP_BUCKETS):
+        raise ValueError(f"options['timestep_buckets'] must be an integer from 1 to {MAX_TIMESTEP_BUCKETS} "
+                         f"(or None, the recipe's choice); got {buckets!r}")
+    if (RECIPE_BUCKETS.get(values["recipe"], 1) if buckets is None else buckets) == 1:
+        return
+    why = None
+    if values["fold"]:
+        why = "options['fold']=True folds one transform into neighbouring layers, which a per-bucket transform cannot share"
+    elif values["recipe"] in LOWRANK_RECIPES:
+        why = f"recipe {values['recipe']!r} adds a low-rank branch, which is not kept per bucket"
+    elif (values["mean_correction"] if values["mean_correction"] is not None
+          else values["recipe"] in MEAN_CORRECTED_RECIPES):
+        why = "the mean correction moves one bias per layer, not one per bucket"
+    if why:
+        raise ValueError(f"options['timestep_buckets']: several timestep buckets do not combine here: {why}. "
+                         f"Use timestep_buckets=1, or drop the other option")
 
 
 def _formats_allow(values: dict[str, Any]) -> None:

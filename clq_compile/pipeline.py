@@ -34,6 +34,7 @@ from clq_compile.passes.observers import GraphCalibration, layer_errors
 from clq_compile.passes.policy import Decision, decide
 from clq_compile.passes.recipes import run_recipe
 from clq_compile.passes.structure import GraphContext
+from clq_compile.passes.timesteps import per_bucket
 from clq_compile.passes.weight_quantization import rtn
 
 from .artifact import Artifact, loaded_decision
@@ -66,7 +67,7 @@ def decide_layers(sites: Iterable[LinearSite], options: Options,
             decisions[site.node] = decide(site, policy)
         elif site.path in loaded:
             decisions[site.node] = loaded_decision(site.path, decide(site, policy), options.load,
-                                                   loaded[site.path], policy.layer_quantizer(site.role))
+                                                   loaded[site.path], policy.layer_quantizers(site.role))
         else:
             saved = artifact.manifest["decisions"].get(site.path)
             decisions[site.node] = Decision(False, saved["reason"] if saved else "not in the artifact: kept in 16 bit")
@@ -75,25 +76,34 @@ def decide_layers(sites: Iterable[LinearSite], options: Options,
 
 def quantize_layers(weights: dict[str, torch.Tensor], roles: dict[str, str], options: Options,
                     calibration: list[GraphCalibration] | None, note: str | None = None,
-                    ) -> tuple[dict[str, QuantizedLinear], dict[str, float]]:
+                    reports: dict | None = None) -> tuple[dict[str, QuantizedLinear], dict[str, float]]:
     """3. Recipe: one frozen QuantizedLinear per path of `weights` ({module path: weight}), and
     each layer's relative output error on the recorded calls ({} without calibration).
 
     roles: {module path: role} from stage 1. The layers in `options.bits` go to the recipe
     (passes/recipes.py) with the methods' configs built from `options` in one place; those the
-    policy puts in `conditioning_bits` round to nearest, weight-only; with the mean correction
+    policy puts in `conditioning_bits` round to nearest, weight-only; with `timestep_buckets`
+    B > 1 the recipe runs once per timestep bucket of the recorded rows, and each layer keeps one
+    record per bucket (passes/timesteps.py); with the mean correction
     (option `mean_correction`; by default after recipe d2quant, whose DAC it is), each layer's
     bias then takes its output mean deviation (passes/mean_correction.py). `note` is added to
-    every record (why it was quantized where it was). Raises ValueError for NaN / Inf or meta
-    weights.
+    every record (why it was quantized where it was); `reports` receives what the recipe's
+    search explored (by recipe name; adatsq). Raises ValueError for NaN / Inf or meta weights.
     """
     check_weights(weights)
     policy = options.policy()
     by_recipe = {p: w for p, w in weights.items() if policy.layer_mode(roles.get(p)) == policy.bits}
     layers = {}
     if by_recipe or not weights:
-        layers = run_recipe(options.recipe, by_recipe, options.method_configs(), calibration,
-                            options.execution())
+        def recipe(chosen, configs):
+            return run_recipe(options.recipe, chosen, configs, calibration, execution)
+
+        execution = dataclasses.replace(options.execution(), reports=reports)
+
+        # adatsq cuts the timestep buckets itself (passes/adatsq.py).
+        buckets = 1 if options.recipe == "adatsq" else options.buckets
+        layers, bucket_note = per_bucket(recipe, by_recipe, options.method_configs(), calibration, buckets)
+        note = "; ".join(filter(None, [note, bucket_note]))
     for path, weight in weights.items():
         if path not in by_recipe:
             layers[path] = dataclasses.replace(rtn(weight, policy.layer_quantizer(roles[path])),

@@ -141,6 +141,8 @@ class ModelState:
     root: the user's module (weakly held) that layer paths are relative to: the first module the
         state was found for — the compiled module, or the frame Dynamo traced first — so that a
         graph traced in a submodule's frame after a graph break still names model-absolute paths
+    reports: what the recipe's search explored at the last quantization, by recipe name (adatsq's
+        bit allocation; clq_compile.search_report)
     replaced_by: the state a later load() of the same module and options made (`loaded_state`);
         graphs of this one then bind to that one at their next call (backend.BoundGraphs)
     """
@@ -155,6 +157,7 @@ class ModelState:
         self._graphs: list[weakref.ref[CompiledGraph]] = []
         self.layers: dict[str, QuantizedLinear] = {}
         self.errors: dict[str, float] = {}
+        self.reports: dict = {}
         self.calibrations = 0
         self._warned_data_free = False
         self.artifact = artifact
@@ -373,14 +376,15 @@ class ModelState:
                 path = g.analysis.site(node).path
                 weights.setdefault(path, g.weight(path))
         calibration = [g.calibration for g in self.graphs if g.calibration.calls] if calibrated else None
-        layers, errors = quantize_layers(weights, self.roles(), self.options, calibration)
+        reports: dict = {}
+        layers, errors = quantize_layers(weights, self.roles(), self.options, calibration, reports=reports)
         if not calibrated and not self._warned_data_free:
             self._warned_data_free = True
             warnings.warn(
                 "clq: quantizing without calibration data (weights round-to-nearest, activations "
                 "dynamic). Run a few inputs inside `with clq_compile.calibrating(qt):` first for "
                 "better quality.", stacklevel=3)
-        self.layers, self.errors, self.watched = layers, errors, {}
+        self.layers, self.errors, self.watched, self.reports = layers, errors, {}, reports
         if self.artifact is None:
             self.fingerprint = None  # taken again from the weights quantized now, when saved
         if calibration:

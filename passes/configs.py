@@ -40,6 +40,12 @@ class QuantizerConfig:
     weight: WeightQuantizerConfig
     activation: ActivationConfig
 
+    @property
+    def mean_bits(self) -> float:
+        """(weight bits + activation bits) / 2, activations left in 16 bit counting 16: W4A8 -> 6."""
+        a = self.activation.format
+        return (self.weight.format.bits + (a.bits if a.quantizes else 16)) / 2
+
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -121,6 +127,32 @@ class LRQConfig:
 
 
 @dataclass(frozen=True)
+class TimestepRows:
+    """Calibrate on one timestep bucket's rows only (option timestep_buckets, passes/timesteps.py):
+    the rows whose timestep t has `bucket` = the number of `edges` at or below t."""
+
+    edges: tuple[float, ...]
+    bucket: int
+
+
+@dataclass(frozen=True)
+class AdaTSQConfig:
+    """Recipe adatsq (passes/adatsq.py): modes: the bit-width pairs a (layer, timestep bucket) may
+    take, with their quantizers (same order); avg_bits: the budget on the mean of (weight bits +
+    activation bits) / 2 over every layer and bucket, weighted by multiply-accumulates; base: the
+    recipe that quantizes each candidate; buckets: the timestep buckets; beam: the beam width;
+    rerank: how many of the best candidates are measured end to end."""
+
+    modes: tuple[str, ...]
+    quantizers: tuple[QuantizerConfig, ...]
+    avg_bits: float
+    base: str
+    buckets: int
+    beam: int = 4
+    rerank: int = 4
+
+
+@dataclass(frozen=True)
 class MethodConfigs:
     """Every method's config, built from the user's options in one place."""
 
@@ -135,6 +167,9 @@ class MethodConfigs:
     quarot: QuaRotConfig = QuaRotConfig()
     # How calibration rows are weighted: "uniform", or "fisher" (passes/fisher.py).
     calibration_weighting: str = "uniform"
+    # Which rows are calibrated on: all (None), or one timestep bucket's (passes/timesteps.py).
+    rows: TimestepRows | None = None
+    adatsq: AdaTSQConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +188,12 @@ class PolicyConfig:
     conditioning: QuantizerConfig | None
     skip: tuple[str, ...]
     quantize_cross_kv: bool
+    # The other quantizers a recipe's layer may hold (adatsq's modes), beside `quantizer`.
+    alternatives: tuple[QuantizerConfig, ...] = ()
+
+    def layer_quantizers(self, role: str | None) -> tuple[QuantizerConfig, ...]:
+        """Every quantizer a layer of `role` may hold (the first: `layer_quantizer`'s)."""
+        return (self.layer_quantizer(role),) if self._conditioning(role) else (self.quantizer, *self.alternatives)
 
     def layer_mode(self, role: str | None) -> str:
         """The mode a layer of `role` is quantized in, if the policy quantizes it."""
@@ -169,7 +210,10 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class Execution:
     """How a search runs, not what it decides: kernels: the op's kernels for the search's forward
-    passes; offload: activations and recordings wait in CPU memory between runs."""
+    passes; offload: activations and recordings wait in CPU memory between runs; reports: where a
+    recipe leaves what its search explored, by recipe name, for the user to look at
+    (clq_compile.search_report), or None."""
 
     kernels: str
     offload: bool
+    reports: dict | None = None

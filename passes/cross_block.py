@@ -46,7 +46,7 @@ from .observers import GraphCalibration, check_finite_input
 from .orthogonal_smoothing import Smoothing, orthogonal_smoothing
 from .rotation import rotate_hessian, rotate_weight
 from .segments import SegmentedGraph, fp_linear
-from .fisher import fisher_weights
+from .fisher import row_weights
 from .statistics import LayerStats
 
 
@@ -170,8 +170,8 @@ class _GraphQuantizer:
         self.seg = SegmentedGraph(cal.gm, cal.analysis)
         # Row weights of the statistics (GPTQ's Hessians, OBS's samples): calibration_weighting.
         # Every linear of the graph, not only those quantized: any may be CLPS's target.
-        self.row_weights = (fisher_weights([cal], {x.path for x in cal.analysis.sites})
-                            if configs.calibration_weighting == "fisher" else None)
+        self.row_weights = row_weights([cal], {x.path for x in cal.analysis.sites},
+                                       configs.calibration_weighting, configs.rows)
         self.cal, self.configs, self.parts, self.kernels = cal, configs, parts, execution.kernels
         self.envs = [self.seg.start_env(args) for args in cal.arguments(home=not execution.offload)]
         # Under CBC the calls are also carried through the full-precision prefix when CLPS's
@@ -252,7 +252,7 @@ class _GraphQuantizer:
         def observe(site, x, w, b, call, into):
             if site.node in into:
                 check_finite_input(site, x, call)
-                into[site.node].add(x, None if self.row_weights is None else self.row_weights.get(0, site.path, call))
+                into[site.node].add(x, None if self.row_weights is None else self.row_weights.get(0, site.path, call, x.shape[0]))
             return fp_linear(site, x, w, b)
 
         passes = [(self.fp_envs, scores)] if self.fp_scores else []
@@ -271,7 +271,7 @@ class _GraphQuantizer:
 
         calls = self.search_calls
         clps = self.configs.clps
-        weights = None if self.row_weights is None else (lambda c, path: self.row_weights.get(0, path, c))
+        weights = None if self.row_weights is None else (lambda c, path, rows: self.row_weights.get(0, path, c, rows))
         search = WindowSearch(seg, lo, hi, self.envs[:calls], self.fp_envs[:calls] if self.fp_model else None,
                               stand_in, self.kernels, self.device, clps.target, clps.norm, weights)
         for site in todo:

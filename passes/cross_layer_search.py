@@ -66,13 +66,13 @@ def search_clip(objective: Callable[[tuple[float, float]], float],
 
 
 def relative_errors(outputs: list[dict], references: list[dict], nodes, norm: str,
-                    weights: Callable[[int, fx.Node], torch.Tensor | None] | None = None) -> dict:
+                    weights: Callable[[int, fx.Node, int], torch.Tensor | None] | None = None) -> dict:
     """||Y - Ŷ|| / ||Y|| (in `norm`, "l2" or "l1") at each node over all search calls; `weights(call,
-    node)` weighs each call's rows (calibration_weighting "fisher"), None: uniform."""
+    node, rows)` weighs each call's rows (calibration_weighting "fisher", a timestep bucket), None: uniform."""
     meter = RelativeError(norm)
     for c, (out, reference) in enumerate(zip(outputs, references)):
         for n in nodes:
-            meter.add(n, reference[n], out[n], None if weights is None else weights(c, n))
+            meter.add(n, reference[n], out[n], None if weights is None else weights(c, n, reference[n].shape[0]))
     return meter.result()
 
 
@@ -97,16 +97,17 @@ class WindowSearch:
     "fp-model"); stand_in: the full-precision linear of every layer in the window's coordinates;
     kernels / device: how the candidate layer runs and where the runs compute; target / norm:
     CLPSConfig's (how the target is picked, the norm candidates are scored in); row_weights(call,
-    path): the weights of a search call's rows at the layer `path` (calibration_weighting), or None.
+    path, rows): the weights of a search call's `rows` rows at the layer `path` (calibration_weighting,
+    a timestep bucket), or None.
     """
 
     def __init__(self, seg: SegmentedGraph, lo: int, hi: int, envs: list[dict[fx.Node, Any]],
                  reference_envs: list[dict[fx.Node, Any]] | None, stand_in: LinearFn, kernels: str,
                  device: torch.device | None, target: str, norm: str,
-                 row_weights: Callable[[int, str], torch.Tensor | None] | None = None):
+                 row_weights: Callable[[int, str, int], torch.Tensor | None] | None = None):
         self.seg, self.hi, self.stand_in, self.kernels, self.device = seg, hi, stand_in, kernels, device
         self.target, self.norm = target, norm
-        self.weights = None if row_weights is None else (lambda c, n: row_weights(c, seg.sites[n.name].path))
+        self.weights = None if row_weights is None else (lambda c, n, rows: row_weights(c, seg.sites[n.name].path, rows))
         window = seg.nodes[lo:hi]
         self.runs, self.references = [], []
         for c, env in enumerate(envs):

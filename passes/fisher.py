@@ -27,7 +27,9 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from .capture import LinearSite
+from .configs import TimestepRows
 from .observers import GraphCalibration
+from .timesteps import TimestepSelection, call_timesteps
 
 PROBES = 4
 TIMESTEP_BUCKETS = 8
@@ -96,24 +98,6 @@ def row_sensitivities(cal: GraphCalibration, paths: Iterable[str], probes: int =
     return {p: torch.stack(v) for p, v in per_call.items() if v and len({t.shape for t in v}) == 1}
 
 
-def call_timesteps(cal: GraphCalibration) -> list[torch.Tensor] | None:
-    """Each recorded call's timestep per batch row (float64 [B]), from the graph input the user
-    passed as `timestep`; None when the graph has none."""
-    positions = cal.analysis.input_indices
-    index = next((positions.index(p.index) for p in cal.analysis.placeholders
-                  if p.kind == "input" and p.source == "timestep" and p.index in positions), None)
-    if index is None:
-        return None
-    out = []
-    for call in cal.calls:
-        t = call[index]
-        t = getattr(t, "tensor", t)  # an Offloaded recording
-        if not isinstance(t, torch.Tensor):
-            return None
-        out.append(t.detach().double().reshape(-1).cpu())
-    return out
-
-
 def bucket_means(values: torch.Tensor, keys: torch.Tensor, buckets: int) -> torch.Tensor:
     """Each entry of `values` replaced by the mean of those whose `keys` fall in the same of
     `buckets` quantile buckets of the keys (values, keys: float64 [n])."""
@@ -125,14 +109,36 @@ def bucket_means(values: torch.Tensor, keys: torch.Tensor, buckets: int) -> torc
 
 
 class RowWeights:
-    """Per graph, layer and recorded call: the weight of each row ([rows] float32), or None."""
+    """Per graph, layer and recorded call: the weight of each row ([rows] float32), or None (all 1).
 
-    def __init__(self, weights: dict[tuple[int, str], torch.Tensor]):
+    weights: {(graph, path): float32 [calls, rows]} (Fisher); selection: the rows of one timestep
+    bucket (passes/timesteps.py), whose mask multiplies the weights (rows outside it weigh 0).
+    """
+
+    def __init__(self, weights: dict[tuple[int, str], torch.Tensor], selection: TimestepSelection | None = None):
         self._weights = weights
+        self.selection = selection
 
-    def get(self, graph: int, path: str, call: int) -> torch.Tensor | None:
+    def get(self, graph: int, path: str, call: int, rows: int | None = None) -> torch.Tensor | None:
+        """The weights of call `call`'s rows at layer `path`; `rows`: how many the layer's input has
+        (weights for another row count are None)."""
         w = self._weights.get((graph, path))
-        return None if w is None else w[call]
+        w = None if w is None or (rows is not None and w.shape[1] != rows) else w[call]
+        if self.selection is not None:
+            mask = self.selection.mask(graph, call, rows if rows is not None or w is None else len(w))
+            if mask is not None:
+                w = mask if w is None else w * mask
+        return w
+
+
+def row_weights(calibrations: list[GraphCalibration], paths: Iterable[str], weighting: str,
+                rows: TimestepRows | None) -> RowWeights | None:
+    """How each calibration row counts at each layer of `paths`: by its Fisher sensitivity
+    (`weighting` "fisher"), within one timestep bucket (`rows`), both, or uniformly (None)."""
+    if weighting != "fisher" and rows is None:
+        return None
+    fisher = fisher_weights(calibrations, paths)._weights if weighting == "fisher" else {}
+    return RowWeights(fisher, None if rows is None else TimestepSelection(calibrations, rows))
 
 
 def fisher_weights(calibrations: list[GraphCalibration], paths: Iterable[str], probes: int = PROBES,

@@ -7,6 +7,7 @@ them); the lowering pass turns each into a `clq::quant_linear` call, and the obs
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -72,6 +73,10 @@ class LowRank:
     up: torch.Tensor
 
     def __post_init__(self):
+        # Dense, as an artifact stores them: a transposed view (an SVD factor) multiplies through
+        # another BLAS path and rounds differently, so a loaded branch would not compute bit for bit.
+        object.__setattr__(self, "down", self.down.contiguous())
+        object.__setattr__(self, "up", self.up.contiguous())
         r, k = self.down.shape
         if self.up.dim() != 2 or self.up.shape[1] != r or r < 1:
             raise ValueError(f"a low-rank branch needs down [r, K] and up [N, r]; got {list(self.down.shape)} "
@@ -89,6 +94,36 @@ class LowRank:
         """x [..., K] -> [..., N] in x's dtype."""
         f = torch.nn.functional.linear
         return f(f(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+@dataclass(frozen=True)
+class TimestepBuckets:
+    """A layer quantized per timestep bucket: `layers[b]` serves the timesteps t with
+    edges[b - 1] <= t < edges[b] (bucket 0 everything below edges[0], the last everything from
+    edges[-1] on). edges: ascending finite floats, one fewer than the layers; the layers: records
+    of one shape, without buckets, low-rank branches or folded transforms of their own."""
+
+    edges: tuple[float, ...]
+    layers: tuple["QuantizedLinear", ...]
+
+    def __post_init__(self):
+        edges = tuple(float(e) for e in self.edges)
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if len(self.layers) != len(edges) + 1 or len(edges) < 1:
+            raise ValueError(f"timestep buckets need one layer more than edges, and at least one edge; got "
+                             f"{len(self.layers)} layers and {len(edges)} edges")
+        if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"timestep bucket edges must be finite and strictly ascending; got {list(edges)}")
+        shapes = {(layer.weight.qweight.shape[0], layer.weight.in_features) for layer in self.layers}
+        if len(shapes) != 1:
+            raise ValueError(f"the buckets of one layer must share its shape; got {sorted(shapes)}")
+        if any(layer.buckets is not None or layer.lowrank is not None or layer.fold is not None
+               for layer in self.layers):
+            raise ValueError("a bucket's layer cannot itself have buckets, a low-rank branch or a folded transform")
+
+    def edges_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.edges, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -111,6 +146,10 @@ class QuantizedLinear:
         measure the layer on its own, not saved.
     lowrank: a 16-bit low-rank branch added to the op's output (SVDQuant), else None; the
         packed weight then holds the residual W - up · down
+    buckets: the layer quantized per timestep bucket (option timestep_buckets, recipe adatsq;
+        passes/timesteps.py), else None. The record's own fields are then its first bucket's, for
+        what every bucket shares (shapes, role); what runs is each bucket's own record, chosen by
+        the call's timestep (`forward`, `clq::quant_linear_bucketed`)
     """
 
     weight: PackedWeight
@@ -125,6 +164,7 @@ class QuantizedLinear:
     fold_in: ActivationTransform | None = None
     fold_out: ActivationTransform | None = None
     lowrank: LowRank | None = None
+    buckets: TimestepBuckets | None = None
 
     def __post_init__(self):
         # Built once, never edited: the notes as a tuple, the details as a read-only view of a copy.
@@ -157,7 +197,12 @@ class QuantizedLinear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the weight as stored: the packed codes and scales, and the low-rank branch."""
+        """Bytes of the weight as stored: the packed codes and scales, and the low-rank branch
+        (every bucket's, a tensor that buckets share counted once)."""
+        if self.buckets is not None:
+            unique = {id(t): t for layer in self.buckets.layers
+                      for t in (layer.weight.qweight, layer.weight.scale, layer.weight.zero) if t is not None}
+            return sum(t.numel() * t.element_size() for t in unique.values())
         return self.weight.nbytes + (0 if self.lowrank is None else self.lowrank.nbytes)
 
     def scalars(self, kernels: str) -> tuple:
@@ -165,8 +210,24 @@ class QuantizedLinear:
         w = self.weight
         return (w.in_features, w.format.name, self.a_format.name, w.group or 0, self.a_group or 0, kernels)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kernels: str) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features], through the op; `bias` is the graph's."""
+    def bucketed_args(self, kernels: str) -> tuple:
+        """The arguments of `clq::quant_linear_bucketed` after (x, bucket, bias), for a layer with buckets."""
+        layers = self.buckets.layers
+        lists = [[layer.tensors()[name] for layer in layers] for name in TENSOR_ARGS]
+        scalars = [layer.scalars(kernels) for layer in layers]
+        return (*lists, self.weight.in_features, ",".join(s[1] for s in scalars), ",".join(s[2] for s in scalars),
+                [s[3] for s in scalars], [s[4] for s in scalars], kernels)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, kernels: str,
+                timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features], through the op; `bias` is the graph's.
+        A layer with buckets needs the call's `timesteps` (one per sample, or one for all)."""
+        if self.buckets is not None:
+            if timesteps is None:
+                raise ValueError("a layer quantized per timestep bucket needs the call's timesteps")
+            bucket = torch.ops.clq.timestep_bucket(timesteps, self.buckets.edges_tensor())
+            qweight, w_scale, w_zero, own_bias, *rest = self.bucketed_args(kernels)
+            return torch.ops.clq.quant_linear_bucketed(x, bucket, bias, qweight, w_scale, w_zero, own_bias, *rest)
         t = self.tensors()
         if t["bias"] is None:
             t["bias"] = bias

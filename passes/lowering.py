@@ -13,6 +13,11 @@ With `merge` (passes/merging.py), the layers of each merge group become one call
 input, named after all of them ("transformer_blocks_0_attn1_to_q_to_k_to_v"), whose output each
 member's users read as a slice of the last axis; the members' outputs are unchanged bit for bit.
 The plan is kept in the new graph's `meta["clq_merges"]` for explain().
+
+A layer quantized per timestep bucket becomes one `clq::quant_linear_bucketed` call holding every
+bucket's tensors ("<layer>_b0_qweight", ...) and reading the bucket index that one
+`clq::timestep_bucket` node computes from the graph's `timestep` input and the bucket edges
+("clq_timestep_edges_0"); such layers are not merged.
 """
 
 from __future__ import annotations
@@ -92,6 +97,35 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
             return constant(f"{prefix}_bias", layer.bias, linear)
         return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
 
+    buckets: dict[tuple[float, ...], fx.Node] = {}
+
+    def bucket_index(linear: fx.Node, path: str, edges: tuple[float, ...]) -> fx.Node:
+        """The graph's bucket index node for `edges`, made once, right after the graph's inputs."""
+        if edges not in buckets:
+            timestep = next((p for p in analysis.placeholders if p.kind == "input" and p.source == "timestep"), None)
+            if timestep is None:
+                raise ValueError(
+                    f"layer {path} is quantized per timestep bucket, but this graph has no `timestep` input to "
+                    f"choose the bucket from (a graph Dynamo traced after a graph break?); compile the model "
+                    f"with fullgraph=True, or quantize with timestep_buckets=1")
+            last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(last_input):
+                attr = graph.get_attr(f"clq_timestep_edges_{len(buckets)}")
+                attributes[attr.target] = torch.tensor(edges, dtype=torch.float64)
+            with graph.inserting_after(attr):
+                buckets[edges] = graph.create_node("call_function", torch.ops.clq.timestep_bucket.default,
+                                                   (copies[timestep.name], attr), name=f"clq_timestep_bucket_{len(buckets)}")
+        return buckets[edges]
+
+    def quant_linear_bucketed(linear: fx.Node, layer: QuantizedLinear, prefix: str) -> fx.Node:
+        qweight, w_scale, w_zero, own, mul, perm, rotation, *scalars = layer.bucketed_args(kernels)
+        lists = [[None if t is None else constant(f"{prefix}_b{b}_{name}", t, linear) for b, t in enumerate(ts)]
+                 for name, ts in zip(TENSOR_ARGS, (qweight, w_scale, w_zero, own, mul, perm, rotation))]
+        index = bucket_index(linear, prefix, layer.buckets.edges)
+        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        return graph.create_node("call_function", torch.ops.clq.quant_linear_bucketed.default,
+                                 (linear.args[0], index, bias, *lists, *scalars), name=prefix)
+
     merged = {node for m in plan.merges for node in m.nodes}
     for site in analysis.sites:
         if site.node not in quantize or site.node in merged:
@@ -100,7 +134,8 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
         prefix = _attr_prefix(site.path)
         layer = layers[site.path]
         with graph.inserting_before(linear):
-            call = quant_linear(linear, layer, prefix, own_bias(linear, layer, prefix))
+            call = (quant_linear_bucketed(linear, layer, prefix) if layer.buckets is not None else
+                    quant_linear(linear, layer, prefix, own_bias(linear, layer, prefix)))
             call.meta = dict(linear.meta)
             out = with_lowrank(call, linear, layer, prefix)
         out.meta = dict(linear.meta)

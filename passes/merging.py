@@ -68,6 +68,8 @@ def difference(a: QuantizedLinear, b: QuantizedLinear) -> str | None:
     they can."""
     if not (a.a_format.quantizes and b.a_format.quantizes):
         return "weight-only layers (16-bit activations) are not merged"
+    if a.buckets is not None or b.buckets is not None:
+        return "layers quantized per timestep bucket are not merged"
     checks = (
         (a.a_format == b.a_format, f"their activation formats differ ({a.a_format.name} vs {b.a_format.name})"),
         (a.a_group == b.a_group, f"their activation groups differ ({a.a_group or 'per token'} vs "

@@ -53,6 +53,28 @@ class GraphCalibration:
                 args[i] = value
             yield args
 
+    def timestep_position(self) -> int | None:
+        """The position of the graph input the user passed as `timestep` among a recorded call's
+        values, or None when the graph has none."""
+        positions = self.analysis.input_indices
+        return next((positions.index(p.index) for p in self.analysis.placeholders
+                     if p.kind == "input" and p.source == "timestep" and p.index in positions), None)
+
+    def timesteps(self) -> list[torch.Tensor] | None:
+        """Each recorded call's timestep per sample (float64 [B], or [1] for one timestep for all),
+        in CPU memory; None when the graph has no `timestep` input or a call passed no tensor."""
+        index = self.timestep_position()
+        if index is None:
+            return None
+        out = []
+        for call in self.calls:
+            t = call[index]
+            t = t.tensor if isinstance(t, Offloaded) else t
+            if not isinstance(t, torch.Tensor):
+                return None
+            out.append(t.detach().double().reshape(-1).cpu())
+        return out
+
 
 @dataclass(frozen=True)
 class Offloaded:
@@ -157,17 +179,24 @@ def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, Quantiz
     """Relative L2 error ||Y - Ŷ|| / ||Y|| of each quantized layer's own output, per module path.
 
     Y is the full-precision layer on its full-precision input; Ŷ the quantized layer on the
-    same input, so each number isolates one layer (a layer with a transform folded across its
+    same input (a layer with timestep buckets: each row on its timestep's bucket), so each number isolates one layer (a layer with a transform folded across its
     neighbours gets its input, and is compared with its output, in the transformed coordinates).
     """
     meter = RelativeError()
+    timesteps = [cal.timesteps() for cal in calibrations]
+    where = [0, 0]
+
+    def at(graph, call):
+        where[:] = graph, call
 
     def folded(t, transform):
         return t if transform is None else transform.apply(t)
 
     def measure(site, x, weight, bias, y):
         layer = layers[site.path]
-        meter.add(site.path, folded(y, layer.fold_out), layer.forward(folded(x, layer.fold_in), bias, kernels))
+        steps = timesteps[where[0]]
+        out = layer.forward(folded(x, layer.fold_in), bias, kernels, None if steps is None else steps[where[1]])
+        meter.add(site.path, folded(y, layer.fold_out), out)
 
-    observe(calibrations, set(layers), measure, desc="measuring layer errors")
+    observe(calibrations, set(layers), measure, desc="measuring layer errors", on_call=at)
     return meter.result()

@@ -19,6 +19,7 @@ Recipes are data in `RECIPES`, so the same graph gives every method's result for
 | clq+lowrank / clq+gptq+lowrank | CLQ (with GPTQ weights) and a 16-bit low-rank branch split off each weight |
 | lrq-dit | LRQ-DiT: smoothing α = 0.5, adaptive rotation (Hadamard or outlier-aware, by J), twin-log weights |
 | d2quant | D²Quant: GPTQ weights, the feed-forward down projections dual-scaled first; then the mean correction |
+| adatsq | AdaTSQ: a bit-width pair per layer and timestep bucket, beam-searched under an average-bits budget |
 
 Recipes that need data quantize round-to-nearest when called without calibration, and say so.
 """
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .configs import Execution, MethodConfigs, QuantizerConfig
 from .cross_block import Components, clq_quantize
-from .fisher import fisher_weights
+from .fisher import row_weights
 from .layer import IDENTITY, ActivationTransform, QuantizedLinear
 from .observers import GraphCalibration, observe
 from .statistics import LayerStats
@@ -45,20 +46,21 @@ Recipe = Callable[[dict[str, torch.Tensor], MethodConfigs, "list[GraphCalibratio
 
 
 def _statistics(weights: dict[str, torch.Tensor], calibration: list[GraphCalibration] | None,
-                hessian: bool, weighting: str = "uniform") -> dict[str, LayerStats] | None:
+                hessian: bool, configs: MethodConfigs) -> dict[str, LayerStats] | None:
     """Input statistics of every layer on the full-precision model's recorded calls; with
-    weighting "fisher", each row weighted by its sensitivity (passes/fisher.py)."""
+    calibration_weighting "fisher", each row weighted by its sensitivity, and with `configs.rows`
+    only one timestep bucket's rows (passes/fisher.py `row_weights`)."""
     if not calibration:
         return None
     stats = {p: LayerStats(w.shape[1], hessian=hessian) for p, w in weights.items()}
-    row_weights = fisher_weights(calibration, set(weights)) if weighting == "fisher" else None
+    weighting = row_weights(calibration, set(weights), configs.calibration_weighting, configs.rows)
     where = [0, 0]
 
     def at(graph, call):
         where[:] = graph, call
 
     def record(site, x, weight, bias, y):
-        stats[site.path].add(x, None if row_weights is None else row_weights.get(where[0], site.path, where[1]))
+        stats[site.path].add(x, None if weighting is None else weighting.get(where[0], site.path, where[1], x.shape[0]))
 
     observe(calibration, set(weights), record, desc="calibration statistics", on_call=at)
     return stats
@@ -82,7 +84,7 @@ def _smoothquant_recipe(weights, configs, calibration, execution):
     from .smoothquant import smoothquant_layer
 
     quantizer = configs.quantizer
-    stats = _statistics(weights, calibration, False, configs.calibration_weighting)
+    stats = _statistics(weights, calibration, False, configs)
     if stats is None:
         return _per_layer(weights, "smoothquant", lambda p, w: _data_free(w, quantizer))
     layers = _folded_smoothquant(weights, quantizer, calibration, stats) if configs.smoothquant.fold else {}
@@ -132,7 +134,7 @@ def _svdquant_recipe(weights, configs, calibration, execution):
     from .smoothquant import smoothquant_layer
 
     quantizer, rank = configs.quantizer, configs.lowrank.rank
-    stats = _statistics(weights, calibration, False, configs.calibration_weighting)
+    stats = _statistics(weights, calibration, False, configs)
 
     def one(path, w):
         r = lowrank_rank(*w.shape, rank)
@@ -150,7 +152,7 @@ def _lrq_dit_recipe(weights, configs, calibration, execution):
     """LRQ-DiT per layer (passes/lrq_dit.py); data-free: Hadamard and twin-log weights only."""
     from .lrq_dit import lrq_dit_layer
 
-    stats = _statistics(weights, calibration, False, configs.calibration_weighting)
+    stats = _statistics(weights, calibration, False, configs)
     return _per_layer(weights, "lrq-dit", lambda p, w: lrq_dit_layer(
         w, None if stats is None else stats[p].samples, None if stats is None else stats[p].absmax,
         configs.quantizer, configs.lrq))
@@ -170,7 +172,7 @@ def _d2quant_recipe(weights, configs, calibration, execution):
     from .rotation import rotate_weight
 
     quantizer, gptq = configs.quantizer, configs.gptq
-    stats = _statistics(weights, calibration, True, configs.calibration_weighting)
+    stats = _statistics(weights, calibration, True, configs)
     if stats is None:
         return _per_layer(weights, "d2quant", lambda p, w: _data_free(w, quantizer))
     roles = {site.path: site.role for cal in calibration for site in cal.analysis.sites}
@@ -201,7 +203,7 @@ def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False)
         return _per_layer(weights, "quarot", lambda p, w: quarot_layer(w, quantizer, configs.quarot))
     from .gptq import gptq_layer
 
-    stats = _statistics(weights, calibration, True, configs.calibration_weighting)
+    stats = _statistics(weights, calibration, True, configs)
 
     def one(path, w):
         layer = quarot_layer(w, quantizer, configs.quarot)
@@ -218,7 +220,7 @@ def _quarot_recipe(weights, configs, calibration, execution, gptq: bool = False)
 def _gptq_recipe(weights, configs, calibration, execution):
     from .gptq import gptq_layer
 
-    stats = _statistics(weights, calibration, True, configs.calibration_weighting)
+    stats = _statistics(weights, calibration, True, configs)
     if stats is None:
         return _per_layer(weights, "gptq", lambda p, w: _data_free(w, configs.quantizer))
     return _per_layer(weights, "gptq", lambda p, w: gptq_layer(w, stats[p].hessian, configs.quantizer, configs.gptq))
@@ -226,6 +228,16 @@ def _gptq_recipe(weights, configs, calibration, execution):
 
 def _clq_recipe(weights, configs, calibration, execution, parts: Components):
     return clq_quantize(weights, configs, calibration, parts, execution)
+
+
+def _adatsq_recipe(weights, configs, calibration, execution):
+    """AdaTSQ (passes/adatsq.py): each candidate by the base recipe, then the bit allocation."""
+    from .adatsq import adatsq
+
+    def base(chosen, candidate_configs):
+        return RECIPES[configs.adatsq.base](chosen, candidate_configs, calibration, execution)
+
+    return adatsq(weights, configs, calibration, execution, base)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -244,6 +256,7 @@ RECIPES: dict[str, Recipe] = {
     "clq+gptq+lowrank": partial(_clq_recipe, parts=Components(gptq=True, lowrank=True)),
     "lrq-dit": _lrq_dit_recipe,
     "d2quant": _d2quant_recipe,
+    "adatsq": _adatsq_recipe,
 }
 
 

@@ -18,7 +18,8 @@ class LayerStats:
     A call's rows may carry weights (`add(x, weights)`, one per entry of x's first dimension:
     passes/fisher.py): the Hessian is then the weighted mean 2 · Σ w·x xᵀ / Σ w, and a call's
     sampled rows are drawn with probabilities proportional to their weights. The range (absmax)
-    stays unweighted: every row must fit it.
+    stays unweighted, every row must fit it, except rows of weight 0: those (another timestep
+    bucket's, passes/timesteps.py) are left out of every statistic.
     """
 
     def __init__(self, in_features: int, hessian: bool = False, max_rows: int = 2048, seed: int = 0):
@@ -40,6 +41,13 @@ class LayerStats:
             if weights.shape != x.shape[:1] or (weights < 0).any() or not torch.isfinite(weights).all():
                 raise ValueError(f"row weights must be [{x.shape[0]}], finite and >= 0; got {tuple(weights.shape)}")
             w = weights.detach().double().cpu().repeat_interleave(x2.shape[0] // max(x.shape[0], 1))
+            # Rows of weight 0 (another timestep bucket's) are not part of the data at all; rows of
+            # weight 1 are as if unweighted (the same sums, in the same order).
+            x2, w = x2[w > 0], w[w > 0]
+            if bool((w == 1).all()):
+                w = None
+        if not x2.shape[0]:
+            return
         self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
         if self._hessian is not None:
             xd = x2.double()
@@ -48,10 +56,11 @@ class LayerStats:
         self._weight += x2.shape[0] if w is None else float(w.sum())
         # Keep a fixed share of every call so the sample spans all calls (timesteps, prompts).
         take = min(x2.shape[0], max(1, self.max_rows // 8))
-        if w is None or not float(w.sum()) > 0:
+        if w is None:
             index = torch.randperm(x2.shape[0], generator=self._generator)[:take]
         else:
-            index = torch.multinomial(w + 1e-12 * float(w.max()), take, replacement=False, generator=self._generator)
+            index = torch.multinomial(w + 1e-12 * float(w.max()) * (w > 0), take, replacement=False,
+                                      generator=self._generator)
         self._samples.append(x2[index])
         total = sum(s.shape[0] for s in self._samples)
         if total > 2 * self.max_rows:
@@ -67,6 +76,8 @@ class LayerStats:
     @property
     def samples(self) -> torch.Tensor:
         """Up to max_rows input rows drawn across all calls (float32 [rows, K])."""
+        if not self._samples:
+            return self.absmax.new_zeros(0, self.absmax.shape[0])
         rows = torch.cat(self._samples)
         if rows.shape[0] <= self.max_rows:
             return rows

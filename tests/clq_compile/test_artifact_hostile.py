@@ -177,7 +177,7 @@ def test_a_flipped_byte_in_the_manifest_is_refused_or_harmless(saved, tmp_path_f
 
 def test_manifest_hash_is_recorded_and_artifacts_stay_byte_identical(saved, tmp_path):
     manifest = read_manifest(saved["file"])
-    assert manifest["format_version"] == artifact.FORMAT_VERSION == 5
+    assert manifest["format_version"] == artifact.FORMAT_VERSION == 6
     assert manifest["manifest_sha256"] == artifact.seal(manifest)["manifest_sha256"]
     assert read_manifest(saved["dir"]) == manifest
 

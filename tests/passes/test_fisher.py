@@ -184,7 +184,7 @@ def test_fisher_weighting_weighs_the_clps_objective(monkeypatch):
     measure = cross_layer_search.relative_errors
 
     def spy(outputs, references, nodes, norm, weights=None):
-        seen.append(weights is not None and all(weights(c, n) is not None for c in range(len(outputs))
+        seen.append(weights is not None and all(weights(c, n, references[c][n].shape[0]) is not None for c in range(len(outputs))
                                                 for n in nodes))
         return measure(outputs, references, nodes, norm, weights)
 

@@ -180,7 +180,7 @@ def memory_report(qt) -> dict:
     fp_bytes: the user's weights of those layers at their dtype; bf16_bytes: the same weights in
     bf16; quantized_bytes: packed integers, scales and zero points, 16-bit low-rank branches, plus
     every online transform tensor (permutations, rotation blocks) and folded bias counted once
-    however many layers share it;
+    however many layers (or timestep buckets) share it;
     resident_fp_bytes: the bytes the user's weights of those layers still hold in memory (fp_bytes
     until `release_weights`, next to nothing after; a loaded model's, until its first call has
     checked the artifact); released: whether they were released.
@@ -202,9 +202,10 @@ def memory_report(qt) -> dict:
         packed += layer.nbytes
         storage = weight.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-        for t in (layer.act_mul, layer.act_perm, layer.act_rotation, layer.bias):
-            if t is not None:
-                shared[id(t)] = t.numel() * t.element_size()
+        for record in (layer,) if layer.buckets is None else layer.buckets.layers:
+            for t in (record.act_mul, record.act_perm, record.act_rotation, record.bias):
+                if t is not None:
+                    shared[id(t)] = t.numel() * t.element_size()
     for _, values in state.withheld.values():  # released, but kept until the artifact is trusted
         storage = values.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()

@@ -186,6 +186,20 @@ def test_clq_bucketed_round_trips_through_an_artifact(tmp_path):
     assert "per timestep bucket (2)" in clq_compile.explain_artifact(path)
 
 
+def test_the_memory_report_counts_every_buckets_tensors_once():
+    _, qt = calibrated("clq")
+    tensors = {}
+    for layer in model_state(qt).layers.values():
+        for record in layer.buckets.layers:
+            for t in (record.weight.qweight, record.weight.scale, record.weight.zero, record.act_mul,
+                      record.act_perm, record.act_rotation, record.bias):
+                if t is not None:
+                    tensors[id(t)] = t
+    assert len(tensors) > 2 * len(model_state(qt).layers)  # the buckets' own records
+    assert clq_compile.memory_report(qt)["quantized_bytes"] == sum(t.numel() * t.element_size()
+                                                                   for t in tensors.values())
+
+
 @pytest.fixture(scope="module")
 def saved_buckets(tmp_path_factory):
     _, qt = calibrated("gptq")

@@ -9,11 +9,14 @@ bench/quality.py, with the same sampler, calibration and scores) this runs
 - the static recipes at W4A4 / W4A8 / W8A8 (4, 6 and 8 average bits): clq, and adatsq's base
   recipe (clq+gptq by default, `--base`);
 - recipe adatsq at every `--budgets` average bit-width (its four timestep buckets), and once at 6
-  bits with one bucket (`timestep_buckets` 1: a bit-width per layer only, the same for every step).
+  bits with one bucket (`timestep_buckets` 1: a bit-width per layer only, the same for every step);
+- the base recipe at W4A8 with four timestep buckets (`timestep_buckets` 4: adatsq's uniform
+  W4A8 state, the time-aware parameters without the mixed bit-widths).
 
 Each cell's PSNR / SSIM / class accuracy against the full-precision samples goes into
 ``adatsq.json`` (quality.json's rows: "bits" holds the average bit-width, "mode" the static mode
-where there is one; "search" the cell's adatsq report summary). The search run at the largest
+where there is one; "weight_bytes" the quantized layers' packed bytes, `memory_report`; "search"
+the cell's adatsq report summary). The search run at the largest
 budget explores every average bit-width from 4 up: its predicted front (the objective adatsq
 minimizes: the first-order, Fisher-weighted relative squared error of the model output), the
 uniform assignments and every budget's end-to-end measured candidates go into ``pareto.json``
@@ -66,6 +69,8 @@ def cells(budgets: list[float], base: str) -> list[tuple[str, str, dict[str, Any
             for b in budgets]
     out.append(("adatsq (1 timestep bucket)", "6", {"recipe": "adatsq", "bits": "w4a8", "avg_bits": 6.0,
                                                      "adatsq_base": base, "timestep_buckets": 1}, None))
+    out.append((f"{base} (4 timestep buckets)", "6", {"recipe": base, "bits": "w4a8", "timestep_buckets": 4},
+                "w4a8"))
     return out
 
 
@@ -164,7 +169,12 @@ def pareto_figure(fronts: dict[str, dict], rows: list[dict], base: str) -> Image
                 draw.line(pts, fill=colour, width=2)
             for p in pts:
                 _mark(draw, p, colour)
+        for r in cells:  # the one-bucket ablation and the bucketed base: squares of their colour
+            if r["recipe"] == "adatsq (1 timestep bucket)" or r["recipe"] == f"{base} (4 timestep buckets)":
+                _mark(draw, at(float(r["bits"]), r["psnr"]), COLOURS["adatsq" if r["recipe"].startswith("adatsq")
+                                                                      else "base"], 5, square=True)
         draw.text((630, top + 46), f"red: adatsq; blue: clq; green: {base} (static modes)", fill=0, font=font)
+        draw.text((630, top + 62), "squares: adatsq with 1 bucket, green: 4 buckets at W4A8", fill=0, font=font)
     return image
 
 
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               options.pop("bits"), args.steps, options)
                     report = clq_compile.search_report(qt).get("adatsq", {})
                     row.update(score(task, images, reference), quantize_seconds=round(seconds, 2),
-                               search=summary(report))
+                               weight_bytes=clq_compile.memory_report(qt)["quantized_bytes"], search=summary(report))
                     if report and label == "adatsq":
                         measured_all += report["measured"]
                         if float(bits) == max(args.budgets):

@@ -25,13 +25,15 @@ def test_tiny_run_writes_the_documented_outputs(bench, tmp_path):
     rows = json.loads((out / "adatsq.json").read_text())
     assert [(r["recipe"], r["bits"]) for r in rows] == [
         ("fp", "fp32"), ("clq", "4"), ("clq", "6"), ("clq", "8"), ("rtn", "4"), ("rtn", "6"), ("rtn", "8"),
-        ("adatsq", "5"), ("adatsq (1 timestep bucket)", "6")]
+        ("adatsq", "5"), ("adatsq (1 timestep bucket)", "6"), ("rtn (4 timestep buckets)", "6")]
     assert all(r.get("error") is None and r["psnr"] is not None for r in rows)
     adatsq = rows[7]
     assert adatsq["search"]["chosen"]["avg_bits"] <= 5 + 1e-9
     assert sum(adatsq["search"]["modes_chosen"].values()) == adatsq["search"]["units"]
     assert len(adatsq["search"]["timestep_edges"]) == 3  # four buckets: the 4 recorded timesteps
     assert rows[8]["search"]["timestep_edges"] == []
+    assert rows[9]["search"] is None and rows[9]["mode"] == "w4a8"
+    assert all(r["weight_bytes"] > 0 for r in rows[1:])
     front = json.loads((out / "pareto.json").read_text())["tiny-dit"]
     assert {"pareto", "uniform", "measured_all", "objective"} <= set(front)
     assert (out / "pareto.png").stat().st_size > 0

@@ -1,6 +1,6 @@
 """AdaTSQ's bit allocation on the digits DiT: quality against average bits, and the Pareto front.
 
-    python bench/adatsq.py --threads 1                      # the defaults below, about 12 minutes
+    python bench/adatsq.py --threads 1                      # the defaults below, about 10 minutes
     python bench/adatsq.py --budgets 5,6 --samples-per-class 2 --steps 10 --out /tmp/a
 
 For each model variant (the bundled digits DiT and its copy with injected outlier channels, as in

@@ -18,8 +18,9 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        # The vector ISA torch's CPU kernels (and BLAS) dispatch on: float32 sums differ between them,
-        # so results reproduce to the last digit only on the same capability.
+        # The vector ISA torch's CPU kernels (and BLAS) dispatch on, and the CPU model: float32 sums
+        # differ between ISAs and between vendors' kernels for one ISA (an Intel and an AMD CPU with
+        # AVX-512 gave other quantized cells), so results reproduce to the last digit only on the same model.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_model": _cpu_model(),
         "torch_threads": torch.get_num_threads(),

@@ -241,8 +241,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   verify: bool = False) -> Path:
     """Write `tensors` and `manifest` (to which the tensors' hashes are added) to `path`.
+
+    verify: first check the manifest and tensors as loading will (`check_manifest`, `check_tensors`),
+    and write nothing when they fail: `save` never writes an artifact that its own load refuses.
 
     A path ending in ".safetensors" becomes one file; any other path a directory with
     manifest.json and tensors.safetensors (it may exist empty; an existing artifact directory keeps
@@ -252,6 +256,13 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
     path = Path(path)
     manifest = seal({**manifest, "tensor_sha256": {k: tensor_sha256(t) for k, t in sorted(tensors.items())}})
     text = json.dumps(manifest, sort_keys=True, indent=1)
+    if verify:
+        try:
+            check_tensors(check_manifest(json.loads(text), manifest["format_version"]), tensors)
+        except ManifestError as error:
+            raise RuntimeError(f"clq: nothing was written to {path}: the artifact would not load back ({error}). "
+                               f"This is a defect of clq-compile; please report it with the model and options."
+                               ) from error
     if path.suffix == ".safetensors":
         if path.is_dir():
             raise ArtifactError(f"{path} is a directory; pass a file path ending in .safetensors or a "

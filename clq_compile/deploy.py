@@ -96,7 +96,7 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
                    for p in sorted(state.layers)},
         "errors": {p: float(e) for p, e in sorted(state.errors.items())},
     }
-    return write_artifact(path, manifest, tensors)
+    return write_artifact(path, manifest, tensors, verify=True)
 
 
 def load(model: torch.nn.Module, path: str | os.PathLike, *, options: Mapping[str, Any] | None = None,

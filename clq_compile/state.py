@@ -120,6 +120,7 @@ class CompiledGraph:
                                     for site in map(self.analysis.site, self.quantized_sites)
                                     for kind, index in (("weight", site.weight_index), ("bias", site.bias_index))
                                     if index is not None})
+        state.site_decisions()  # remembered: the artifact needs them after Dynamo drops this graph
         # Data-free or loaded models meet the graphs after a break only now.
         warn_graph_breaks(state)
 
@@ -143,6 +144,8 @@ class ModelState:
         graph traced in a submodule's frame after a graph break still names model-absolute paths
     reports: what the recipe's search explored at the last quantization, by recipe name (adatsq's
         bit allocation; clq_compile.search_report)
+    decisions: {layer path: decision} of every linear site of the graphs captured so far, kept
+        when Dynamo drops a graph (site_decisions)
     replaced_by: the state a later load() of the same module and options made (`loaded_state`);
         graphs of this one then bind to that one at their next call (backend.BoundGraphs)
     """
@@ -158,6 +161,7 @@ class ModelState:
         self.layers: dict[str, QuantizedLinear] = {}
         self.errors: dict[str, float] = {}
         self.reports: dict = {}
+        self.decisions: dict[str, dict] = {}
         self.calibrations = 0
         self._warned_data_free = False
         self.artifact = artifact
@@ -291,16 +295,17 @@ class ModelState:
 
     def site_decisions(self) -> dict[str, dict]:
         """{layer path: role, out_features, in_features, quantize, reason} of every linear layer
-        the state knows: those of its captured graphs, and the artifact's when loaded."""
+        the state knows: those of its captured graphs (also of graphs Dynamo has since dropped,
+        e.g. by torch._dynamo.reset(): kept in `decisions`), and the artifact's when loaded."""
         # Graph order first; a loaded layer keeps the decision it was saved with.
         saved = self.artifact.manifest["decisions"] if self.artifact is not None else {}
-        known: dict[str, dict] = {}
         for graph in self.graphs:
             for site in graph.analysis.sites:
                 decision = graph.decisions[site.node]
-                known.setdefault(site.path, saved.get(site.path) or {
+                self.decisions.setdefault(site.path, saved.get(site.path) or {
                     "role": site.role, "out_features": site.out_features, "in_features": site.in_features,
                     "quantize": decision.quantize, "reason": decision.reason})
+        known = dict(self.decisions)
         for path, d in (ordered_decisions(self.artifact.manifest) if self.artifact is not None else {}).items():
             known.setdefault(path, d)
         return known

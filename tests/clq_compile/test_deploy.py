@@ -46,6 +46,27 @@ def test_loaded_model_gives_identical_outputs_without_calibrating(tmp_path, fami
     assert "loaded from" in clq_compile.explain(loaded)
 
 
+def test_saving_after_dynamo_dropped_the_graphs_keeps_every_decision(tmp_path):
+    """torch._dynamo.reset() drops the captured graphs; the quantized layers stay, and so must the
+    decisions the artifact records for them (a save once wrote none, and its own load refused it)."""
+    qt = calibrated("pixart", tiny_models.build("pixart", seed=3), recipe="rtn")
+    expected = run(qt, "pixart")
+    decisions = model_state(qt).site_decisions()
+    torch._dynamo.reset()
+    path = clq_compile.save(qt, tmp_path / "after-reset.safetensors")
+    assert read_manifest(path)["decisions"] == decisions
+    loaded = clq_compile.load(tiny_models.build("pixart", seed=3), path)
+    assert torch.equal(run(loaded, "pixart"), expected)
+
+
+def test_save_never_writes_an_artifact_its_load_would_refuse(tmp_path, monkeypatch):
+    qt = calibrated("pixart", tiny_models.build("pixart", seed=3), recipe="rtn")
+    monkeypatch.setattr(type(model_state(qt)), "site_decisions", lambda self: {})
+    with pytest.raises(RuntimeError, match="nothing was written .* would not load back"):
+        clq_compile.save(qt, tmp_path / "broken.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 def test_same_inputs_give_a_byte_identical_artifact(tmp_path):
     blobs = []
     for i in range(2):

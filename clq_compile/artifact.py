@@ -324,12 +324,13 @@ class Artifact:
 
         layers = {}
         for path, entry in self.manifest["layers"].items():
-            layer = build(entry)
             if "buckets" in entry:
+                # The entry's own fields are its first bucket's (manifest_schema checks it).
                 buckets = TimestepBuckets(tuple(entry["timestep_edges"]), tuple(build(b) for b in entry["buckets"]))
-                layer = dataclasses.replace(buckets.layers[0], buckets=buckets, method=entry["method"],
-                                            notes=list(entry["notes"]))
-            layers[path] = layer
+                layers[path] = dataclasses.replace(buckets.layers[0], buckets=buckets, method=entry["method"],
+                                                   notes=list(entry["notes"]))
+            else:
+                layers[path] = build(entry)
         return layers
 
 

@@ -120,7 +120,7 @@ class CompiledGraph:
                                     for site in map(self.analysis.site, self.quantized_sites)
                                     for kind, index in (("weight", site.weight_index), ("bias", site.bias_index))
                                     if index is not None})
-        state.site_decisions()  # remembered: the artifact needs them after Dynamo drops this graph
+        state.remember_decisions(self)  # the artifact needs them after Dynamo drops this graph
         # Data-free or loaded models meet the graphs after a break only now.
         warn_graph_breaks(state)
 
@@ -298,17 +298,21 @@ class ModelState:
         the state knows: those of its captured graphs (also of graphs Dynamo has since dropped,
         e.g. by torch._dynamo.reset(): kept in `decisions`), and the artifact's when loaded."""
         # Graph order first; a loaded layer keeps the decision it was saved with.
-        saved = self.artifact.manifest["decisions"] if self.artifact is not None else {}
         for graph in self.graphs:
-            for site in graph.analysis.sites:
-                decision = graph.decisions[site.node]
-                self.decisions.setdefault(site.path, saved.get(site.path) or {
-                    "role": site.role, "out_features": site.out_features, "in_features": site.in_features,
-                    "quantize": decision.quantize, "reason": decision.reason})
+            self.remember_decisions(graph)
         known = dict(self.decisions)
         for path, d in (ordered_decisions(self.artifact.manifest) if self.artifact is not None else {}).items():
             known.setdefault(path, d)
         return known
+
+    def remember_decisions(self, graph: CompiledGraph) -> None:
+        """Keep the decision of every linear site of `graph` in `decisions` (first seen wins)."""
+        saved = self.artifact.manifest["decisions"] if self.artifact is not None else {}
+        for site in graph.analysis.sites:
+            decision = graph.decisions[site.node]
+            self.decisions.setdefault(site.path, saved.get(site.path) or {
+                "role": site.role, "out_features": site.out_features, "in_features": site.in_features,
+                "quantize": decision.quantize, "reason": decision.reason})
 
     def check_parameters(self, params: dict[str, torch.Tensor], path: str, complete: bool = False) -> None:
         """Refuse parameters that differ from the artifact's model (loaded states only).

@@ -47,7 +47,7 @@ from .configs import Execution, MethodConfigs, TimestepRows
 from .fisher import PROBES, row_sensitivities
 from .layer import QuantizedLinear
 from .lowering import lower
-from .observers import GraphCalibration, observe
+from .observers import GraphCalibration, ReplayPosition, observe
 from .timesteps import bucket_of, bucketable, bucketed, calibration_edges
 
 # A recipe run: (weights, configs) -> layers.
@@ -173,23 +173,13 @@ def adatsq(weights: dict[str, torch.Tensor], configs: MethodConfigs, calibration
                 bar.update()
             candidates.append(per_bucket)
     split = bucketable(calibration, set(weights)) if edges else set()
-
-    def record(m: int, path: str) -> QuantizedLinear:
-        """Mode m's layer at `path`: one record per bucket where the layer's rows have timesteps."""
-        if path in split:
-            return bucketed(edges, [candidates[m][b][path] for b in range(count)])
-        return candidates[m][0][path]
-
-    per_mode = [{p: record(m, p) for p in weights} for m in range(len(modes))]
     shares = _bucket_shares(calibration, edges)
     units = [Unit(p, b, weights[p].numel() * (1.0 if b is None else shares[b])) for p in sorted(weights)
              for b in (range(count) if p in split else [None])]
     index = {(u.path, u.bucket): i for i, u in enumerate(units)}
-    table, energy = _error_table(calibration, per_mode, index, edges, split, execution.kernels)
-    errors = [[table[i][m] / energy for m in range(len(modes))] for i in range(len(units))]
-    result = beam_search(errors, [u.cost for u in units], bits, config.avg_bits, config.beam)
 
     def assemble(state: tuple[int, ...]) -> dict[str, QuantizedLinear]:
+        """The layers of an assignment: one record per bucket where the layer's rows have timesteps."""
         layers = {}
         for path in weights:
             if path in split:
@@ -198,6 +188,11 @@ def adatsq(weights: dict[str, torch.Tensor], configs: MethodConfigs, calibration
             else:
                 layers[path] = candidates[state[index[(path, None)]]][0][path]
         return layers
+
+    per_mode = [assemble((m,) * len(units)) for m in range(len(modes))]
+    table, energy = _error_table(calibration, per_mode, index, edges, split, execution.kernels)
+    errors = [[table[i][m] / energy for m in range(len(modes))] for i in range(len(units))]
+    result = beam_search(errors, [u.cost for u in units], bits, config.avg_bits, config.beam)
 
     measured_states = list(dict.fromkeys(
         [*result.ranked[:config.rerank],
@@ -258,13 +253,10 @@ def _error_table(calibration: list[GraphCalibration], per_mode: list[dict[str, Q
     energy = 0.0
     steps = [cal.timesteps() for cal in calibration]
     sensitivities = [row_sensitivities(cal, paths, PROBES) for cal in calibration]
-    where = [0, 0]
-
-    def at(graph, call):
-        where[:] = graph, call
+    where = ReplayPosition()
 
     def measure(site, x, weight, bias, y):
-        g, c = where
+        g, c = where.graph, where.call
         t = None if steps[g] is None else steps[g][c]
         s = sensitivities[g].get(site.path)
         rows = y.shape[0]
@@ -275,14 +267,14 @@ def _error_table(calibration: list[GraphCalibration], per_mode: list[dict[str, Q
             ids = bucket_of(t.expand(rows) if t.numel() == 1 else t, edges).tolist()
         else:
             ids = [None] * rows
+        masks = {b: torch.tensor([i == b for i in ids]) for b in set(ids)}  # the rows of each unit
         for m, layers in enumerate(per_mode):
             out = layers[site.path].forward(x, bias, kernels, t)
             err = (out.double() - y.double()).reshape(rows, -1).square().sum(dim=1) * sens
-            for b in set(ids):
-                mask = torch.tensor([i == b for i in ids])
+            for b, mask in masks.items():
                 table[index[(site.path, b)]][m] += float(err[mask].sum())
 
-    observe(calibration, paths, measure, desc="adatsq errors", on_call=at)
+    observe(calibration, paths, measure, desc="adatsq errors", position=where)
     for cal in calibration:
         with torch.no_grad():
             for args in cal.arguments():

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import LinearSite
 from .configs import TimestepRows
 from .observers import GraphCalibration
-from .timesteps import TimestepSelection, call_timesteps
+from .timesteps import TimestepSelection
 
 PROBES = 4
 TIMESTEP_BUCKETS = 8
@@ -137,8 +137,9 @@ def row_weights(calibrations: list[GraphCalibration], paths: Iterable[str], weig
     (`weighting` "fisher"), within one timestep bucket (`rows`), both, or uniformly (None)."""
     if weighting != "fisher" and rows is None:
         return None
-    fisher = fisher_weights(calibrations, paths)._weights if weighting == "fisher" else {}
-    return RowWeights(fisher, None if rows is None else TimestepSelection(calibrations, rows))
+    weights = fisher_weights(calibrations, paths) if weighting == "fisher" else RowWeights({})
+    weights.selection = None if rows is None else TimestepSelection(calibrations, rows)
+    return weights
 
 
 def fisher_weights(calibrations: list[GraphCalibration], paths: Iterable[str], probes: int = PROBES,
@@ -147,7 +148,7 @@ def fisher_weights(calibrations: list[GraphCalibration], paths: Iterable[str], p
     paths = set(paths)
     weights: dict[tuple[int, str], torch.Tensor] = {}
     for g, cal in enumerate(calibrations):
-        timesteps = call_timesteps(cal)
+        timesteps = cal.timesteps()
         for path, s in row_sensitivities(cal, paths, probes).items():
             flat = s.reshape(-1)
             if timesteps is not None and all(t.numel() in (1, s.shape[1]) for t in timesteps):

@@ -34,7 +34,7 @@ from clq_compile.kernels.packing import PackedWeight
 
 from .capture import GraphAnalysis
 from .folding import check_folds
-from .layer import LOWRANK_ARGS, TENSOR_ARGS, QuantizedLinear
+from .layer import LOWRANK_ARGS, TENSOR_ARGS, QuantizedLinear, TimestepBuckets
 from .merging import Merge, MergePlan, merged_weight, plan_merges
 
 
@@ -92,15 +92,19 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
         branch = graph.call_function(f, (graph.call_function(f, (x, down)), up))
         return graph.call_function(torch.add, (out, branch))
 
+    def graph_bias(linear: fx.Node) -> fx.Node | None:
+        return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+
     def own_bias(linear: fx.Node, layer: QuantizedLinear, prefix: str) -> fx.Node | None:
         if layer.bias is not None:
             return constant(f"{prefix}_bias", layer.bias, linear)
-        return linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        return graph_bias(linear)
 
     buckets: dict[tuple[float, ...], fx.Node] = {}
 
-    def bucket_index(linear: fx.Node, path: str, edges: tuple[float, ...]) -> fx.Node:
-        """The graph's bucket index node for `edges`, made once, right after the graph's inputs."""
+    def bucket_index(path: str, layer_buckets: TimestepBuckets) -> fx.Node:
+        """The graph's bucket index node for the buckets' edges, made once, right after the graph's inputs."""
+        edges = layer_buckets.edges
         if edges not in buckets:
             timestep = next((p for p in analysis.placeholders if p.kind == "input" and p.source == "timestep"), None)
             if timestep is None:
@@ -111,7 +115,7 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
             last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
             with graph.inserting_after(last_input):
                 attr = graph.get_attr(f"clq_timestep_edges_{len(buckets)}")
-                attributes[attr.target] = torch.tensor(edges, dtype=torch.float64)
+                attributes[attr.target] = layer_buckets.edges_tensor()
             with graph.inserting_after(attr):
                 buckets[edges] = graph.create_node("call_function", torch.ops.clq.timestep_bucket.default,
                                                    (copies[timestep.name], attr), name=f"clq_timestep_bucket_{len(buckets)}")
@@ -121,10 +125,9 @@ def lower(gm: fx.GraphModule, analysis: GraphAnalysis, layers: dict[str, Quantiz
         qweight, w_scale, w_zero, own, mul, perm, rotation, *scalars = layer.bucketed_args(kernels)
         lists = [[None if t is None else constant(f"{prefix}_b{b}_{name}", t, linear) for b, t in enumerate(ts)]
                  for name, ts in zip(TENSOR_ARGS, (qweight, w_scale, w_zero, own, mul, perm, rotation))]
-        index = bucket_index(linear, prefix, layer.buckets.edges)
-        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        index = bucket_index(prefix, layer.buckets)
         return graph.create_node("call_function", torch.ops.clq.quant_linear_bucketed.default,
-                                 (linear.args[0], index, bias, *lists, *scalars), name=prefix)
+                                 (linear.args[0], index, graph_bias(linear), *lists, *scalars), name=prefix)
 
     merged = {node for m in plan.merges for node in m.nodes}
     for site in analysis.sites:

@@ -121,10 +121,18 @@ class _Watcher(fx.Interpreter):
         return out
 
 
+@dataclass
+class ReplayPosition:
+    """Where `observe` is: `graph`, the position in its calibrations, and `call`, among their calls."""
+
+    graph: int = 0
+    call: int = 0
+
+
 def observe(calibrations: list[GraphCalibration], paths: set[str], callback: LinearCallback,
-            desc: str = "observing", on_call: Callable[[int, int], None] | None = None) -> None:
+            desc: str = "observing", position: ReplayPosition | None = None) -> None:
     """Replay every recorded call in full precision, calling `callback` at each linear in `paths`
-    (and `on_call(graph, call)`, the positions in `calibrations` and its calls, before each call).
+    (and keeping `position` at the graph and call being replayed).
 
     Raises NonFiniteActivation, naming the layer and the call, at the first watched layer whose
     input holds NaN or Inf.
@@ -136,8 +144,8 @@ def observe(calibrations: list[GraphCalibration], paths: set[str], callback: Lin
             watcher = _Watcher(cal.gm, sites, callback)
             for call, args in enumerate(cal.arguments()):
                 watcher.call = call
-                if on_call is not None:
-                    on_call(g, call)
+                if position is not None:
+                    position.graph, position.call = g, call
                 watcher.run(*args)
                 bar.update()
 
@@ -184,19 +192,16 @@ def layer_errors(calibrations: list[GraphCalibration], layers: dict[str, Quantiz
     """
     meter = RelativeError()
     timesteps = [cal.timesteps() for cal in calibrations]
-    where = [0, 0]
-
-    def at(graph, call):
-        where[:] = graph, call
+    where = ReplayPosition()
 
     def folded(t, transform):
         return t if transform is None else transform.apply(t)
 
     def measure(site, x, weight, bias, y):
         layer = layers[site.path]
-        steps = timesteps[where[0]]
-        out = layer.forward(folded(x, layer.fold_in), bias, kernels, None if steps is None else steps[where[1]])
+        steps = timesteps[where.graph]
+        out = layer.forward(folded(x, layer.fold_in), bias, kernels, None if steps is None else steps[where.call])
         meter.add(site.path, folded(y, layer.fold_out), out)
 
-    observe(calibrations, set(layers), measure, desc="measuring layer errors", on_call=at)
+    observe(calibrations, set(layers), measure, desc="measuring layer errors", position=where)
     return meter.result()

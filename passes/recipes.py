@@ -37,7 +37,7 @@ from .configs import Execution, MethodConfigs, QuantizerConfig
 from .cross_block import Components, clq_quantize
 from .fisher import row_weights
 from .layer import IDENTITY, ActivationTransform, QuantizedLinear
-from .observers import GraphCalibration, observe
+from .observers import GraphCalibration, ReplayPosition, observe
 from .statistics import LayerStats
 from .weight_quantization import rtn
 
@@ -54,15 +54,13 @@ def _statistics(weights: dict[str, torch.Tensor], calibration: list[GraphCalibra
         return None
     stats = {p: LayerStats(w.shape[1], hessian=hessian) for p, w in weights.items()}
     weighting = row_weights(calibration, set(weights), configs.calibration_weighting, configs.rows)
-    where = [0, 0]
-
-    def at(graph, call):
-        where[:] = graph, call
+    where = ReplayPosition()
 
     def record(site, x, weight, bias, y):
-        stats[site.path].add(x, None if weighting is None else weighting.get(where[0], site.path, where[1], x.shape[0]))
+        stats[site.path].add(x, None if weighting is None else weighting.get(where.graph, site.path, where.call,
+                                                                              x.shape[0]))
 
-    observe(calibration, set(weights), record, desc="calibration statistics", on_call=at)
+    observe(calibration, set(weights), record, desc="calibration statistics", position=where)
     return stats
 
 

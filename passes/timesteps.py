@@ -27,12 +27,7 @@ from tqdm.auto import tqdm
 
 from .configs import TimestepRows
 from .layer import QuantizedLinear, TimestepBuckets
-from .observers import GraphCalibration, observe
-
-
-def call_timesteps(cal: GraphCalibration) -> list[torch.Tensor] | None:
-    """Each recorded call's timestep per batch row (float64 [B]), or None (GraphCalibration.timesteps)."""
-    return cal.timesteps()
+from .observers import GraphCalibration, ReplayPosition, observe
 
 
 def bucket_edges(timesteps: torch.Tensor, buckets: int) -> tuple[float, ...]:
@@ -52,7 +47,7 @@ def bucket_edges(timesteps: torch.Tensor, buckets: int) -> tuple[float, ...]:
 def calibration_edges(calibrations: list[GraphCalibration], buckets: int) -> tuple[float, ...]:
     """The bucket edges of every recorded row's timestep (() when no graph has a timestep input,
     or all rows share one)."""
-    found = [t for cal in calibrations for t in (call_timesteps(cal) or [])]
+    found = [t for cal in calibrations for t in (cal.timesteps() or [])]
     return bucket_edges(torch.cat(found), buckets) if found and buckets > 1 else ()
 
 
@@ -68,7 +63,7 @@ class TimestepSelection:
 
     def __init__(self, calibrations: list[GraphCalibration], rows: TimestepRows):
         self.rows = rows
-        self.buckets = [None if (t := call_timesteps(cal)) is None else [bucket_of(s, rows.edges) for s in t]
+        self.buckets = [None if (t := cal.timesteps()) is None else [bucket_of(s, rows.edges) for s in t]
                         for cal in calibrations]
 
     def mask(self, graph: int, call: int, rows: int | None) -> torch.Tensor | None:
@@ -88,7 +83,7 @@ def bucketable(calibrations: list[GraphCalibration], paths: set[str]) -> set[str
     """The layers of `paths` every recorded call tells each row's timestep of (module docstring):
     one replay of the calls in full precision."""
     ok = set(paths)
-    steps = [call_timesteps(cal) for cal in calibrations]
+    steps = [cal.timesteps() for cal in calibrations]
     for cal, t in zip(calibrations, steps):
         uses: dict[str, int] = {}
         for s in cal.analysis.sites:
@@ -96,19 +91,16 @@ def bucketable(calibrations: list[GraphCalibration], paths: set[str]) -> set[str
         if t is None:
             ok -= {s.path for s in cal.analysis.sites}
         ok -= {p for p, n in uses.items() if n > 1}
-    where = [0, 0]
-
-    def at(graph, call):
-        where[:] = graph, call
+    where = ReplayPosition()
 
     def check(site, x, weight, bias, y):
-        t = steps[where[0]]
-        if t is not None and site.path in ok and t[where[1]].numel() != 1 and (
-                x.dim() < 2 or x.shape[0] != t[where[1]].numel()):
+        t = steps[where.graph]
+        if t is not None and site.path in ok and t[where.call].numel() != 1 and (
+                x.dim() < 2 or x.shape[0] != t[where.call].numel()):
             ok.discard(site.path)
 
     if ok:
-        observe(calibrations, ok, check, desc="timestep buckets", on_call=at)
+        observe(calibrations, ok, check, desc="timestep buckets", position=where)
     return ok
 
 

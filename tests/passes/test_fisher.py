@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten
 
 from clq_compile import tiny_models
-from clq_compile.passes.fisher import (bucket_means, call_timesteps, fisher_weights, probe_value,
+from clq_compile.passes.fisher import (bucket_means, fisher_weights, probe_value,
                                        row_sensitivities)
 from clq_compile.passes.observers import GraphCalibration
 from clq_compile.passes.statistics import LayerStats
@@ -96,7 +96,7 @@ def test_weights_average_one_and_rows_of_one_bucket_share_a_weight(calibration):
     weights = fisher_weights([calibration], [site.path], probes=2, buckets=2)
     w = torch.stack([weights.get(0, site.path, c) for c in range(len(calibration.calls))])
     assert w.shape == (3, 2) and float(w.double().mean()) == pytest.approx(1.0, rel=1e-6)
-    t = torch.stack(call_timesteps(calibration))
+    t = torch.stack(calibration.timesteps())
     edges = torch.quantile(t.reshape(-1), torch.tensor([0.5], dtype=torch.float64)).unique()
     ids = torch.bucketize(t.reshape(-1), edges)
     for b in ids.unique():

@@ -7,11 +7,14 @@ CPU implementation too) multiplies the codes with float32 accumulation and appli
 as the reference does (kernels/reference.py).
 
 Where _scaled_mm cannot compute a layer exactly as the reference would (CUDA before sm_89, widths
-that are not multiples of 16, a 16-bit output other than bfloat16 on CUDA), the reference
-computes it: slower, never different.
+that are not multiples of 16, a 16-bit output other than bfloat16 on CUDA, a CPU build without
+rowwise scales: torch 2.11's takes per-tensor scales only), the reference computes it: slower,
+never different.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -22,12 +25,26 @@ from .triton_gemm import _capability
 
 
 def _scaled_mm_fits(x: torch.Tensor, n: int) -> bool:
-    """Whether _scaled_mm takes this layer as it is: always on CPU; on CUDA (cuBLASLt) sm_89+,
-    K and N multiples of 16 and a bfloat16 model (rowwise scales give a bfloat16 output there)."""
+    """Whether _scaled_mm takes this layer as it is: on CPU where this torch build takes rowwise
+    scales there; on CUDA (cuBLASLt) sm_89+, K and N multiples of 16 and a bfloat16 model (rowwise
+    scales give a bfloat16 output there)."""
     if not x.is_cuda:
-        return True
+        return _cpu_takes_rowwise_scales()
     return (_capability(x.device) >= 89 and x.shape[1] % 16 == 0 and n % 16 == 0
             and x.dtype == torch.bfloat16)
+
+
+@functools.cache
+def _cpu_takes_rowwise_scales() -> bool:
+    """Whether this torch build's CPU _scaled_mm accepts scales [M, 1] and [1, N] (2.13 does; 2.11
+    raises, taking one scale per tensor only). Asked once, on a 16 x 16 product."""
+    codes = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(codes, codes.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def float8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

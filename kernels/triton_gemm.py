@@ -116,21 +116,23 @@ def _accumulate_tile(prod, rowsum, a_ptr, w_ptr, rows, cols, stride_am, stride_w
     Exact in int32. rowsum: int32 [len(rows), 16], every column the row sum, updated only when
     HAS_ZERO (it serves the zero-point correction): a product with ones runs on the tensor cores,
     where summing each tile's rows costs shuffles (2.6x the main loop's instructions on sm_90).
+    `out_dtype` is spelled out: Triton 3.6 checks an int8 dot's accumulator against it (float32
+    unless given), where 3.9 takes the accumulator's own type.
     """
     if (A_BITS == 8 and W_BITS == 8) or BLOCK_K < 2 * _MIN_DOT_K:
         a = _load_tile(a_ptr, rows, stride_am, k0, K, A_BITS, BLOCK_K, MASK_K)
         w = _load_tile(w_ptr, cols, stride_wn, k0, K, W_BITS, BLOCK_K, MASK_K)
-        prod = tl.dot(a, tl.trans(w), prod)
+        prod = tl.dot(a, tl.trans(w), prod, out_dtype=tl.int32)
         if HAS_ZERO:
-            rowsum = tl.dot(a, tl.full([BLOCK_K, 16], 1, tl.int8), rowsum)
+            rowsum = tl.dot(a, tl.full([BLOCK_K, 16], 1, tl.int8), rowsum, out_dtype=tl.int32)
     else:
         a_even, a_odd = _load_halves(a_ptr, rows, stride_am, k0, K, A_BITS, BLOCK_K, MASK_K)
         w_even, w_odd = _load_halves(w_ptr, cols, stride_wn, k0, K, W_BITS, BLOCK_K, MASK_K)
-        prod = tl.dot(a_even, tl.trans(w_even), prod)
-        prod = tl.dot(a_odd, tl.trans(w_odd), prod)
+        prod = tl.dot(a_even, tl.trans(w_even), prod, out_dtype=tl.int32)
+        prod = tl.dot(a_odd, tl.trans(w_odd), prod, out_dtype=tl.int32)
         if HAS_ZERO:
             ones = tl.full([BLOCK_K // 2, 16], 1, tl.int8)
-            rowsum = tl.dot(a_odd, ones, tl.dot(a_even, ones, rowsum))
+            rowsum = tl.dot(a_odd, ones, tl.dot(a_even, ones, rowsum, out_dtype=tl.int32), out_dtype=tl.int32)
     return prod, rowsum
 
 

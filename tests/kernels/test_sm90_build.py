@@ -6,21 +6,18 @@ block may claim; the W4A4 main loop may take at most twice the instructions per 
 nibble unpack is to cost little next to the MMAs); the activation quantize kernel divides once per
 row, not per element, and rotates on tensor cores or with a butterfly, not with an FFMA dot.
 
-The compiles run in a subprocess (`bench/kernel_model.py --json`) without TRITON_INTERPRET: this test
-session's Triton is the interpreter's, which cannot compile.
+The compiles run in a subprocess (`bench/kernel_model.py --json`, tests/kernels/offline_builds.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.bench.bench_scripts import BENCH, import_bench
+from tests.bench.bench_scripts import import_bench
+from tests.kernels.offline_builds import run_build
 
 (offline_compile,) = import_bench("offline_compile")
 
@@ -34,13 +31,8 @@ ROTATION_BLOCK = 128
 @pytest.fixture(scope="module")
 def binaries(tmp_path_factory) -> list[dict]:
     path = tmp_path_factory.mktemp("sm90") / "build.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(BENCH / "kernel_model.py"), "--targets", "sm_90", "--shapes", SHAPE,
-                           "--variants", "w4a4,w8a8,a4_rot128", "--json", str(path)], env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.fail(f"bench/kernel_model.py failed:\n{done.stderr[-4000:]}")
-    return json.loads(path.read_text())["binaries"]
+    return run_build("kernel_model.py", path, "--targets", "sm_90", "--shapes", SHAPE, "--variants",
+                     "w4a4,w8a8,a4_rot128")["binaries"]
 
 
 def _gemms(binaries: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from hypothesis import assume, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from clq_compile.kernels import ops, triton_gemm, triton_linear, triton_quantize  # noqa: E402
+from clq_compile.kernels import float8_linear, ops, triton_gemm, triton_linear, triton_quantize  # noqa: E402
 from clq_compile.kernels.formats import E4M3  # noqa: E402
 from clq_compile.kernels.hadamard import hadamard, normalized_hadamard  # noqa: E402
 from clq_compile.kernels.packing import pack_int4, pack_weight, unpack_int4, unpack_weight  # noqa: E402
@@ -271,6 +271,28 @@ def test_float8_layers_on_scaled_mm_match_the_reference(m, n, k, bias, rotate, d
     xt = quantize_activation(transform_activation(x.float(), act_rotation=rotation), E4M3).dequantize()
     magnitude = xt.double().abs() @ weight.dequantize().double().abs().t()
     assert ((out - ref).abs() <= ulp * ref.abs() + 1e-5 * magnitude + 1e-30).all()
+
+
+def test_float8_layers_fall_back_where_cpu_scaled_mm_takes_no_rowwise_scales(monkeypatch, request):
+    """torch 2.11's CPU _scaled_mm raises an internal assertion on rowwise scales: the layer must
+    then compute through the reference, not raise it."""
+    real = torch._scaled_mm
+
+    def per_tensor_only(a, b, scale_a, scale_b, **kwargs):
+        if scale_a.numel() != 1 or scale_b.numel() != 1:
+            raise RuntimeError("(scale_a.numel() == 1 && scale_b.numel() == 1) INTERNAL ASSERT FAILED")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    probe = getattr(float8_linear, "_cpu_takes_rowwise_scales", None)
+    if probe is not None:  # asked afresh here, and again by the next test
+        probe.cache_clear()
+        request.addfinalizer(probe.cache_clear)
+    g = _generator(0)
+    x = torch.randn(5, 32, generator=g)
+    stored = pack_weight(quantize(torch.randn(7, 32, generator=g) / 32**0.5, E4M3))
+    args = (x, stored.qweight, stored.scale, None, None, None, None, None, 32, "e4m3", "e4m3", 0, 0)
+    assert torch.equal(triton_linear.quant_linear_triton(*args), quant_linear_reference(*args))
 
 
 def test_empty_batch_gives_an_empty_output():

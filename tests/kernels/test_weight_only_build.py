@@ -5,20 +5,15 @@ at M = 32 and M = 4096, K = N = 1152, bf16 x) must spill nothing, fit the shared
 claim and stay within the module's own estimate of it (the pruning relies on the estimate), and run
 its 16-bit dots on tensor cores in the main loop: HGMMA (wgmma) or HMMA (mma.sync) on bf16, not FFMA.
 
-The compiles run in a subprocess (`bench/weight_only_build.py --json`) without TRITON_INTERPRET: this
-test session's Triton is the interpreter's, which cannot compile.
+The compiles run in a subprocess (`bench/weight_only_build.py --json`, tests/kernels/offline_builds.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.bench.bench_scripts import BENCH, import_bench
+from tests.bench.bench_scripts import import_bench
+from tests.kernels.offline_builds import run_build
 
 (offline_compile,) = import_bench("offline_compile")
 
@@ -34,16 +29,11 @@ TOKENS = "32,4096"
 
 @pytest.fixture(scope="module")
 def binaries(tmp_path_factory) -> list[dict]:
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     rows = []
     for target, variants in BUILDS:
         path = tmp_path_factory.mktemp("weight_only") / f"{target}.json"
-        done = subprocess.run([sys.executable, str(BENCH / "weight_only_build.py"), "--targets", target,
-                               "--variants", variants, "--tokens", TOKENS, "--json", str(path)],
-                              env=env, capture_output=True, text=True)
-        if done.returncode:
-            pytest.fail(f"bench/weight_only_build.py failed:\n{done.stderr[-4000:]}")
-        rows += json.loads(path.read_text())["binaries"]
+        rows += run_build("weight_only_build.py", path, "--targets", target, "--variants", variants, "--tokens",
+                          TOKENS)["binaries"]
     assert {r["target"] for r in rows} == {"sm_90", "sm_80"}
     return rows
 

@@ -76,15 +76,17 @@ def int_matmul_launch(case: dict[str, Any], target: str) -> tuple[Any, dict[str,
 
 
 def quantize_cases() -> Iterator[dict[str, Any]]:
-    """Bits x grouping x fused rotation on bf16 x; then each other input: a multiplier and a channel
-    permutation (CLQ's smoothing and swap), float16 and float32 x, strided x."""
+    """Bits x grouping x fused rotation on bf16 x; then each other input: a channel permutation
+    (CLQ's swap, online on every CLQ layer), a multiplier (smoothing a producer could not absorb) and
+    both, float16 and float32 x, strided x."""
     for bits in (4, 8):
         for grouped in (False, True):
             for rotation in (None, 128):
                 yield dict(bits=bits, grouped=grouped, rotation=rotation, mul=False, perm=False, x="bf16",
                            contiguous=True)
     for rotation in (None, 128):
-        yield dict(bits=4, grouped=False, rotation=rotation, mul=True, perm=True, x="bf16", contiguous=True)
+        for mul, perm in ((False, True), (True, False), (True, True)):
+            yield dict(bits=4, grouped=False, rotation=rotation, mul=mul, perm=perm, x="bf16", contiguous=True)
         for x in ("fp16", "fp32"):
             yield dict(bits=4, grouped=False, rotation=rotation, mul=False, perm=False, x=x, contiguous=True)
     yield dict(bits=4, grouped=False, rotation=None, mul=False, perm=False, x="bf16", contiguous=False)

@@ -1,15 +1,17 @@
-"""Compile every specialization of the integer kernels for one GPU target, offline, and say which build.
+"""Compile the specializations of the integer kernels for one GPU target, offline, and say which build.
 
     python bench/specializations.py [--targets sm_90] [--json PATH]
 
 A Triton kernel is compiled once per specialization: each combination of its constexpr arguments
 (bit widths, groups, zero points, bias, output and input dtypes, the activation transform) is its
 own program, and a front end that refuses one of them does so only when that layer first runs.
-`bench/kernel_model.py` builds the plain per-token launches for the model; this script builds all
-the others the backend can launch, each with the first config the kernel module ships for it (an
-autotuner's list after its own pruning, or the quantize launch plan's tiling), at K = N = 1152 and
-M = 4096. Run it with another Triton first on PYTHONPATH to check that version
-(tests/kernels/test_device_triton_build.py does, with the lent GPU's). Rows: kernel, the
+`bench/kernel_model.py` builds the plain per-token launches for the model; this script builds a
+covering set of the others the backend can launch (every constexpr value with each bit width, the
+combinations that change the same code together, not the whole product), each with the first
+config the kernel module ships for it (an autotuner's list after its own pruning, or the quantize
+launch plan's tiling), at K = N = 1152 and M = 4096. Run it with another Triton first on
+PYTHONPATH to check that version (tests/kernels/test_specializations.py does, with the lent GPU's).
+Rows: kernel, the
 specialization, and either the binary's MMA instruction, registers and spills or the error.
 Nothing here runs a kernel or needs a GPU.
 """
@@ -17,7 +19,10 @@ Nothing here runs a kernel or needs a GPU.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -35,14 +40,15 @@ _DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
 def gemm_cases() -> Iterator[dict[str, Any]]:
-    """Every (bits, grouping, zero point, bias) in bf16 out, and the other output dtypes plainly."""
+    """Per bit widths: grouping x zero point (each changes the main loop), a bias (the epilogue);
+    the other output dtypes once."""
     for a_bits, w_bits in ((4, 4), (8, 4), (8, 8)):
         for grouped in (False, True):
             for zero in (False, True):
-                for bias in (False, True):
-                    yield dict(a_bits=a_bits, w_bits=w_bits, grouped=grouped, zero=zero, bias=bias, out="bf16")
-        for out in ("fp16", "fp32"):
-            yield dict(a_bits=a_bits, w_bits=w_bits, grouped=False, zero=False, bias=False, out=out)
+                yield dict(a_bits=a_bits, w_bits=w_bits, grouped=grouped, zero=zero, bias=False, out="bf16")
+        yield dict(a_bits=a_bits, w_bits=w_bits, grouped=True, zero=True, bias=True, out="bf16")
+    for out in ("fp16", "fp32"):
+        yield dict(a_bits=4, w_bits=4, grouped=False, zero=False, bias=True, out=out)
 
 
 def gemm_launch(case: dict[str, Any], target: str) -> tuple[Any, dict[str, Any], triton.Config]:
@@ -115,20 +121,28 @@ KERNELS = {"gemm": (gemm_cases, gemm_launch), "int_matmul": (int_matmul_cases, i
            "quantize": (quantize_cases, quantize_launch)}
 
 
-def build(target: str) -> Iterator[dict[str, Any]]:
-    """One row per specialization: built (MMA, registers, spills, shared memory) or its error."""
-    for kernel, (cases, launch) in KERNELS.items():
-        for case in cases():
-            row: dict[str, Any] = {"kernel": kernel, "case": case}
-            try:
-                fn, args, cfg = launch(case, target)
-                binary = compile_kernel(fn, args, target, cfg)
-            except Exception as error:  # every failure is the row's result, not the script's end
-                row.update(ok=False, error=f"{type(error).__name__}: {str(error)[-1500:]}")
-            else:
-                row.update(ok=True, config=str(cfg), mma=binary.sass.mma, registers=binary.registers,
-                           spill_bytes=binary.spill_bytes, shared_bytes=binary.shared_bytes)
-            yield row
+def _build_one(kernel: str, case: dict[str, Any], target: str) -> dict[str, Any]:
+    """One specialization's row: built (MMA, registers, spills, shared memory) or its error."""
+    row: dict[str, Any] = {"kernel": kernel, "case": case}
+    try:
+        fn, args, cfg = KERNELS[kernel][1](case, target)
+        binary = compile_kernel(fn, args, target, cfg)
+    except Exception as error:  # every failure is the row's result, not the script's end
+        row.update(ok=False, error=f"{type(error).__name__}: {str(error)[-1500:]}")
+    else:
+        row.update(ok=True, config=str(cfg), mma=binary.sass.mma, registers=binary.registers,
+                   spill_bytes=binary.spill_bytes, shared_bytes=binary.shared_bytes)
+    return row
+
+
+def build(target: str, workers: int) -> list[dict[str, Any]]:
+    """Every specialization's row, in order, compiled by `workers` processes (ptxas and Triton's
+    compiler each use one core)."""
+    jobs = [(kernel, case, target) for kernel, (cases, _) in KERNELS.items() for case in cases()]
+    if workers <= 1:
+        return [_build_one(*job) for job in jobs]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_build_one, *zip(*jobs)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="sm_90", choices=sorted(TARGETS), help="one target (the name its "
                         "sibling scripts use)")
     parser.add_argument("--json", help="write the rows here as JSON instead of printing them")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                        help="compiling processes (default: the cores, up to 4)")
     args = parser.parse_args(argv)
     if not have_toolchain():
         print("this Triton wheel has no ptxas / cuobjdump: nothing can be compiled", file=sys.stderr)
         return 2
-    rows = list(build(args.targets))
+    rows = build(args.targets, args.workers)
     result = {"triton": triton.__version__, "target": args.targets, "shape": [M, N, K], "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

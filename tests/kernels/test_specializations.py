@@ -1,10 +1,10 @@
 """Every specialization of the integer kernels builds for sm_90, with this machine's Triton and with
 the lent GPU's, and runs its products on tensor cores.
 
-`bench/specializations.py` compiles each combination of constexpr arguments the backend can launch
-(bit widths, groups, zero points, bias, output dtype; for the quantize kernel also the multiplier,
-the channel permutation, the fused rotation, the input dtype and strides), each with the first
-config the kernel module ships for it. A combination that only one layer kind reaches would
+`bench/specializations.py` compiles a covering set of the constexpr combinations the backend can
+launch (bit widths, groups, zero points, bias, output dtype; for the quantize kernel also the
+multiplier, the channel permutation, the fused rotation, the input dtype and strides), each with
+the first config the kernel module ships for it. A combination that only one layer kind reaches would
 otherwise first be compiled on a GPU, inside a lease. Spills are reported in the rows, not held
 here: the GEMM rows are each launch's first config, which the autotuner may pass over, and where a
 quantize build spills is in bench/kernel-notes.md.

@@ -253,6 +253,8 @@ def _error_table(calibration: list[GraphCalibration], per_mode: list[dict[str, Q
     energy = 0.0
     steps = [cal.timesteps() for cal in calibration]
     sensitivities = [row_sensitivities(cal, paths, PROBES) for cal in calibration]
+    # Where a layer's rows are not the probed rows: the graph's mean sensitivity (1 without probes).
+    fallback = [float(torch.cat([v.reshape(-1) for v in s.values()]).mean()) if s else 1.0 for s in sensitivities]
     where = ReplayPosition()
 
     def measure(site, x, weight, bias, y):
@@ -261,8 +263,7 @@ def _error_table(calibration: list[GraphCalibration], per_mode: list[dict[str, Q
         s = sensitivities[g].get(site.path)
         rows = y.shape[0]
         sens = (s[c].to(torch.float64) if s is not None and s.shape[1] == rows else
-                torch.full((rows,), float(torch.cat([v.reshape(-1) for v in sensitivities[g].values()]).mean())
-                           if sensitivities[g] else 1.0, dtype=torch.float64))
+                torch.full((rows,), fallback[g], dtype=torch.float64))
         if site.path in split:
             ids = bucket_of(t.expand(rows) if t.numel() == 1 else t, edges).tolist()
         else:

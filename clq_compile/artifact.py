@@ -41,7 +41,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import safetensors.torch
 import torch
@@ -153,15 +153,17 @@ def to_json(value: Any) -> Any:
     return value
 
 
-def layer_tensors(layers: Mapping[str, QuantizedLinear]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, str]]]:
-    """Every layer's tensors under a stored name, and per layer {argument: stored name}.
+def layer_tensors(layers: Mapping[str, QuantizedLinear]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[dict[str, str], ...]]]:
+    """Every layer's tensors under a stored name, and per layer one {argument: stored name} per
+    timestep bucket (one in all for a layer without buckets), as `layer_manifest` takes them.
 
     A tensor object shared by several layers is stored once, under the name of the first layer
     (in path order) that uses it.
     """
     stored: dict[str, torch.Tensor] = {}
     by_identity: dict[int, str] = {}
-    names: dict[str, dict[str, str]] = {}
+    names: dict[str, tuple[dict[str, str], ...]] = {}
 
     def store(key: str, layer: QuantizedLinear) -> dict[str, str]:
         found = {}
@@ -178,12 +180,9 @@ def layer_tensors(layers: Mapping[str, QuantizedLinear]) -> tuple[dict[str, torc
     for path in sorted(layers):
         layer = layers[path]
         if layer.buckets is None:
-            names[path] = store(path, layer)
+            names[path] = (store(path, layer),)
         else:
-            # A layer with timestep buckets: one name map per bucket, under "<path>#<bucket>".
-            for b, bucket in enumerate(layer.buckets.layers):
-                names[f"{path}#{b}"] = store(f"{path}.b{b}", bucket)
-            names[path] = names[f"{path}#0"]
+            names[path] = tuple(store(f"{path}.b{b}", bucket) for b, bucket in enumerate(layer.buckets.layers))
     return stored, names
 
 
@@ -195,27 +194,21 @@ def ordered_decisions(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {p: decisions[p] for p in [*order, *decisions]}
 
 
-def layer_manifest(layer: QuantizedLinear, tensor_names: dict[str, str],
-                   bucket_names: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """A layer's manifest entry; `tensor_names` {argument: stored name} (`layer_tensors`). A layer
-    with timestep buckets is its first bucket's entry plus "timestep_edges" and "buckets" (every
-    bucket's entry; `bucket_names` their tensors' names)."""
+def layer_manifest(layer: QuantizedLinear, tensor_names: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
+    """A layer's manifest entry; `tensor_names`: per timestep bucket {argument: stored name}, as
+    `layer_tensors` gives them (none: an entry without tensors, for explain). A layer with timestep
+    buckets is its first bucket's entry plus "timestep_edges" and "buckets" (every bucket's entry)."""
+    names = list(tensor_names) or [{} for _ in (layer.buckets.layers if layer.buckets is not None else (layer,))]
     w = layer.weight
     entry = {"w_format": w.format.name, "in_features": w.in_features, "w_group": w.group,
              "a_format": layer.a_format.name,
              "a_group": layer.a_group, "method": layer.method, "notes": list(layer.notes),
              "details": to_json({**layer.details, **({"fold": layer.fold.to_json()} if layer.fold else {})}),
-             "tensors": tensor_names}
+             "tensors": names[0]}
     if layer.buckets is not None:
-        names = bucket_names or [{} for _ in layer.buckets.layers]
         entry["timestep_edges"] = list(layer.buckets.edges)
-        entry["buckets"] = [layer_manifest(b, n) for b, n in zip(layer.buckets.layers, names)]
+        entry["buckets"] = [layer_manifest(b, (n,)) for b, n in zip(layer.buckets.layers, names)]
     return entry
-
-
-def bucket_names(names: dict[str, dict[str, str]], path: str, layer: QuantizedLinear) -> list[dict[str, str]] | None:
-    """The per-bucket tensor names `layer_tensors` gave a layer with timestep buckets, else None."""
-    return None if layer.buckets is None else [names[f"{path}#{b}"] for b in range(len(layer.buckets.layers))]
 
 
 def _umask() -> int:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from .artifact import (FORMAT, FORMAT_VERSION, ArtifactError, to_json, fingerprint, fingerprint_differences,
-                       bucket_names, hold, layer_manifest, layer_tensors, read_artifact, refuse_other_model, write_artifact)
+                       hold, layer_manifest, layer_tensors, read_artifact, refuse_other_model, write_artifact)
 from .calibration import model_state
 from .checks import nothing_selected
 from .options import parse_options
@@ -92,7 +92,7 @@ def save(qt: torch.nn.Module, path: str | os.PathLike) -> Path:
         "decisions": decisions,
         # The JSON keeps its keys sorted; `explain_artifact` lists the layers in this, the model's, order.
         "layer_order": list(decisions),
-        "layers": {p: layer_manifest(state.layers[p], names[p], bucket_names(names, p, state.layers[p]))
+        "layers": {p: layer_manifest(state.layers[p], names[p])
                    for p in sorted(state.layers)},
         "errors": {p: float(e) for p, e in sorted(state.errors.items())},
     }

@@ -131,7 +131,7 @@ def explain(qt, columns: int | None = None) -> str:
     options = state.options
     merges = merge_notes(g.lowered.meta["clq_merges"] for g in state.graphs if g.lowered is not None)
     rows = {path: LayerRow(path, **d, error=state.errors.get(path), merge=merges.get(path, ""),
-                           layer=layer_manifest(state.layers[path], {}) if path in state.layers else None)
+                           layer=layer_manifest(state.layers[path]) if path in state.layers else None)
             for path, d in state.site_decisions().items()}
     quantized = sum(1 for r in rows.values() if r.layer is not None)
     source = f" loaded from {options.load}" if options.load else ""

@@ -207,3 +207,16 @@ def test_a_module_called_twice_keeps_uniform_weights(calibration):
     cal = GraphCalibration(calibration.gm, analysis, calibration.state, calibration.calls)
     weights = fisher_weights([cal], [site.path], probes=1)
     assert weights.get(0, site.path, 0) is None
+
+
+def test_sensitivities_of_calls_recorded_under_inference_mode(calibration):
+    """Calibrating under torch.inference_mode() records inference tensors, and enable_grad alone
+    does not lift inference mode: the probes must still see the gradients (not zeros)."""
+    paths = [s.path for s in calibration.analysis.sites]
+    expected = row_sensitivities(calibration, paths, probes=2)
+    with torch.inference_mode():
+        calls = [[a.clone() for a in call] for call in calibration.calls]
+        recorded = GraphCalibration(calibration.gm, calibration.analysis, calibration.state, calls)
+        got = row_sensitivities(recorded, paths, probes=2)
+    assert got.keys() == expected.keys() and all(float(v.abs().max()) > 0 for v in got.values())
+    assert all(torch.equal(got[p], expected[p]) for p in expected)

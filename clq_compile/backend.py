@@ -24,7 +24,7 @@ from clq_compile.passes.structure import GraphContext
 from .checks import refuse_mode
 from .options import Options, parse_options
 from .pipeline import capture_graph
-from .state import CompiledGraph, ModelState, state_for_graph, state_for_module
+from .state import CompiledGraph, ModelState, registered_state, state_for_graph, state_for_module
 
 log = logging.getLogger("clq_compile")
 
@@ -74,9 +74,11 @@ class BoundGraphs:
 
     Dynamo lifts parameters to graph inputs and guards on their shapes, not their identity, so a
     graph traced in a block's frame (after a graph break inside the block) serves every block of
-    the same shape. Each set of parameters is its own set of layers, with its own paths and
-    quantized weights; the first call with a new set binds it (`rebind`). A graph whose state a
-    later load() replaced binds again, to the new state, at its next call.
+    the same shape, and a graph traced for one model serves every other model of the same class
+    and shapes compiled with the same options. Each set of parameters is its own set of layers,
+    with its own paths and quantized weights, in the state of the model it belongs to; the first
+    call with a new set binds it (`rebind`). A graph whose state a later load() replaced binds
+    again, to the new state, at its next call.
     """
 
     def __init__(self, graph: CompiledGraph):
@@ -91,12 +93,23 @@ class BoundGraphs:
         graph = self.bound.get(self._key(args))
         if graph is None or graph.state.replaced_by is not None:
             first = self.first
-            state = first.state.latest()
+            state = self._state_of(args)
             graph = new_graph(state, first.gm,
                               rebind(first.gm, first.analysis, list(args), state.parameter_names()),
                               list(args))
             self.bound[self._key(args)] = graph
         return graph(*args)
+
+    def _state_of(self, args) -> ModelState:
+        """The state of the model whose parameters `args` holds: the one they are registered to
+        (the first graph's model, another block of it, a model calibrating() or explain() has
+        looked up), else that of the compiled module being called, else the first graph's."""
+        options = self.first.state.options
+        state = registered_state([args[i] for i in self.indices], options)
+        if state is not None:
+            return state
+        root, _, _ = compiled_call()
+        return state_for_module(root, options) if root is not None else self.first.state.latest()
 
 
 def compiled_call() -> tuple[torch.nn.Module | None, frozenset[int], int | None]:

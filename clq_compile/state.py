@@ -456,6 +456,13 @@ def _device(params: list[torch.Tensor]) -> torch.device | None:
     return params[0].device if params else None
 
 
+def registered_state(params: Iterable[torch.Tensor], options: Options) -> ModelState | None:
+    """The state these parameters were registered to under `options` (the latest, where load()
+    replaced one), or None."""
+    found = _states_of(params, options)
+    return found[0].latest() if found else None
+
+
 def state_for_graph(params: list[torch.Tensor], options: Options) -> ModelState:
     """The state a newly captured graph with these parameters belongs to (created if new)."""
     found = _states_of(params, options)

@@ -135,6 +135,25 @@ def test_data_free_quantization_warns_once():
     assert 0 < rel_error(out, run(model, "dit")) < 0.5
 
 
+def test_another_model_of_the_same_class_and_options_gets_its_own_state():
+    """Dynamo serves a second model of one class and shapes with the graph compiled for the first
+    (it guards on parameter shapes, not identity): the second must still quantize its own weights,
+    calibrate on its own calls and show its own layers, not run the first one's."""
+    first, second = tiny_models.build("pixart", seed=0), tiny_models.build("pixart", seed=1)
+    qa = compile_and_calibrate("pixart", first, "w8a8")
+    qb = torch.compile(second, backend="clq", options={"bits": "w8a8", "kernels": "reference"})
+    with pytest.warns(UserWarning, match="without calibration data"):
+        data_free = run(qb, "pixart", seed=1)
+    assert rel_error(data_free, run(second, "pixart", seed=1)) < 0.02
+    with torch.no_grad(), clq_compile.calibrating(qb):
+        for seed in range(3):
+            qb(**tiny_models.make_inputs("pixart", seed=100 + seed))
+    assert rel_error(run(qb, "pixart", seed=1), run(second, "pixart", seed=1)) < 0.02
+    assert model_state(qb) is not model_state(qa) and model_state(qb).calibrations == 1
+    assert "graphs=1" in clq_compile.explain(qb).splitlines()[0]
+    assert rel_error(run(qa, "pixart", seed=1), run(first, "pixart", seed=1)) < 0.02
+
+
 def test_skip_patterns_keep_layers():
     model = tiny_models.build("pixart")
     qt = compile_and_calibrate("pixart", model, "w8a8", skip=["*.attn2.*"], quantize_cross_kv=False)

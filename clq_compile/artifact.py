@@ -256,15 +256,10 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
             raise RuntimeError(f"clq: nothing was written to {path}: the artifact would not load back ({error}). "
                                f"This is a defect of clq-compile; please report it with the model and options."
                                ) from error
+    refuse_target(path)
     if path.suffix == ".safetensors":
-        if path.is_dir():
-            raise ArtifactError(f"{path} is a directory; pass a file path ending in .safetensors or a "
-                                f"directory path without that suffix")
         _atomic_write(path, safetensors.torch.save(tensors, metadata={MANIFEST_KEY: text}))
         return path
-    if path.exists() and not (path.is_dir() and ((path / MANIFEST_FILE).is_file() or not any(path.iterdir()))):
-        raise ArtifactError(f"{path} exists and is neither empty nor a clq-compile artifact directory; choose "
-                            f"another path (or end it in .safetensors to write a single file)")
     data = safetensors.torch.save(tensors)
     if path.is_dir():
         # The directory may hold the user's own files too (an evaluation beside the artifact):
@@ -284,6 +279,32 @@ def write_artifact(path: str | os.PathLike, manifest: dict[str, Any], tensors: d
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def refuse_target(path: Path) -> None:
+    """ArtifactError unless an artifact may be written at `path`: a new path, or an artifact written
+    before (a .safetensors file whose header holds a clq manifest; an empty directory, or one holding
+    manifest.json). Never the user's own files: a model's weights in .safetensors, say."""
+    if path.suffix == ".safetensors":
+        if path.is_dir():
+            raise ArtifactError(f"{path} is a directory; pass a file path ending in .safetensors or a "
+                                f"directory path without that suffix")
+        if path.exists() and not is_artifact_file(path):
+            raise ArtifactError(f"{path} exists and is not a clq-compile artifact (its header holds no clq "
+                                f"manifest: a model's own weights, say); choose another path")
+    elif path.exists() and not (path.is_dir() and ((path / MANIFEST_FILE).is_file() or not any(path.iterdir()))):
+        raise ArtifactError(f"{path} exists and is neither empty nor a clq-compile artifact directory; choose "
+                            f"another path (or end it in .safetensors to write a single file)")
+
+
+def is_artifact_file(path: Path) -> bool:
+    """Whether the file at `path` is a safetensors file whose metadata holds a clq manifest (only
+    the header is read)."""
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            return MANIFEST_KEY in (f.metadata() or {})
+    except Exception:  # noqa: BLE001  (not safetensors at all, unreadable, truncated: not an artifact)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,11 +135,17 @@ def _writable(path: Path, flag: str) -> None:
 def _artifact_target(path: Path) -> None:
     """An InputError unless `clq_compile.save` can write an artifact at `path`, checked before any work.
 
-    A name ending in .safetensors is one file; any other name is a folder holding manifest.json and
-    tensors.safetensors, which may replace an artifact folder written before but nothing else.
+    A name ending in .safetensors is one file, which may replace an artifact file written before but
+    nothing else; any other name is a folder holding manifest.json and tensors.safetensors, which
+    may replace an artifact folder written before but nothing else.
     """
     if path.suffix == ".safetensors":
         _writable(path, "--out")
+        from clq_compile.artifact import is_artifact_file
+
+        if path.is_file() and not is_artifact_file(path):
+            raise InputError(f"--out {path}: that file exists and is not a clq artifact (a model's own weights, "
+                             f"say); name a new file, or an artifact written before")
         return
     if path.is_file():
         raise InputError(f"--out {path}: that is a file, and a name without .safetensors is written as a "

@@ -483,6 +483,20 @@ def test_saving_again_keeps_other_files_in_the_directory(saved, tmp_path):
     assert read_manifest(target) == read_manifest(saved["dir"])
 
 
+def test_save_refuses_a_safetensors_file_that_is_not_an_artifact(saved, tmp_path):
+    # A model's own weights file given as the artifact path: refused, its bytes untouched.
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(weights))
+    before = weights.read_bytes()
+    qt = clq_compile.load(fresh_model(), saved["file"], release_weights=False)
+    with pytest.raises(ArtifactError, match="is not a clq-compile artifact"):
+        clq_compile.save(qt, weights)
+    assert weights.read_bytes() == before
+    clq_compile.save(qt, tmp_path / "again.safetensors")
+    clq_compile.save(qt, tmp_path / "again.safetensors")  # an artifact file may be replaced
+    assert read_manifest(tmp_path / "again.safetensors") == read_manifest(saved["file"])
+
+
 def test_an_existing_empty_folder_takes_a_directory_artifact(saved, tmp_path):
     # `clq quantize --out FOLDER` accepts an empty folder before the work; save() must too.
     target = tmp_path / "empty"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from clq_compile import choices, metrics, tiny_models, workloads
@@ -337,6 +338,10 @@ def _output_path(tmp_path, kind: str):
     if kind == "folder named as a file":
         (tmp_path / "a.safetensors").mkdir()
         return tmp_path / "a.safetensors", "that is a folder; give a file name"
+    if kind == "the model's own weights":  # a careless copy of the model folder's weights file path
+        weights = tmp_path / "diffusion_pytorch_model.safetensors"
+        safetensors.torch.save_file({"w": torch.ones(2)}, str(weights))
+        return weights, "that file exists and is not a clq artifact"
     return Path("/proc/clq-test.safetensors"), "cannot write in /proc"  # unwritable, even for root
 
 
@@ -360,15 +365,18 @@ def test_models_load_without_diffusers_warnings(capsys, tiny_dit, tmp_path, monk
 
 
 @pytest.mark.parametrize("kind", ["folder without an artifact", "file named as a folder", "folder named as a file",
-                                  "unwritable"])
+                                  "unwritable", "the model's own weights"])
 def test_quantize_checks_out_before_any_work(capsys, tiny_dit, tmp_path, no_model_loading, kind):
     out, expected = _output_path(tmp_path, kind)
+    before = out.read_bytes() if out.is_file() else None
     status, stdout, err = run(capsys, "quantize", "--model", str(tiny_dit), "--out", str(out), *FAST)
     assert status == 2 and stdout == ""
     line = error_line(err)
     assert line.startswith(f"clq quantize: error: --out {out}: ") and expected in line
     if kind == "folder without an artifact":
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    if before is not None:
+        assert out.read_bytes() == before
 
 
 def test_quantize_may_replace_an_artifact_folder(capsys, tiny_dit, tmp_path):

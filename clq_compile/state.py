@@ -368,6 +368,12 @@ class ModelState:
         calls = sum(len(g.calibration.calls) for g in self.graphs)
         if calls == 0:
             self.abort_calibration()
+            from .backend import recompile_limit_reached
+
+            reason = None if self.graphs or self.root is None or self.root() is None else \
+                recompile_limit_reached(self.root())
+            if reason is not None:
+                raise RuntimeError(f"calibrating() recorded no calls: {reason} The model stays as it was.")
             raise RuntimeError(
                 "calibrating() recorded no calls: run the compiled model on calibration inputs "
                 "inside the `with clq_compile.calibrating(qt):` block. The model stays as it was.")

@@ -154,6 +154,24 @@ def test_another_model_of_the_same_class_and_options_gets_its_own_state():
     assert rel_error(run(qa, "pixart", seed=1), run(first, "pixart", seed=1)) < 0.02
 
 
+def test_past_dynamos_recompile_limit_calibrating_says_the_model_is_not_compiled(monkeypatch):
+    """Each model of a class compiled with other options is one more compiled version of its
+    forward; past the limit Dynamo runs the model eagerly, and no clq graph sees the calls."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    for search_calls in (1, 2, 3):
+        model = tiny_models.build("dit", seed=search_calls)
+        qt = torch.compile(model, backend="clq", options={"bits": "w8a8", "recipe": "rtn", "search_calls": search_calls})
+        if search_calls < 3:
+            with torch.no_grad(), clq_compile.calibrating(qt):
+                qt(**tiny_models.make_inputs("dit"))
+    with pytest.raises(RuntimeError, match=r"recompile_limit = 2.*runs this model eagerly, in full precision"):
+        with torch.no_grad(), clq_compile.calibrating(qt):
+            qt(**tiny_models.make_inputs("dit"))
+    assert "not compiled: Dynamo holds 2 compiled versions" in clq_compile.explain(qt)
+    torch._dynamo.reset()
+
+
 def test_skip_patterns_keep_layers():
     model = tiny_models.build("pixart")
     qt = compile_and_calibrate("pixart", model, "w8a8", skip=["*.attn2.*"], quantize_cross_kv=False)

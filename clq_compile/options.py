@@ -309,8 +309,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
         raise ValueError(f"options['ars_threshold'] must be a positive finite number; got {threshold!r}")
     values["ars_threshold"] = float(threshold)
+    # With 'load' and no 'recipe', the recipe is the artifact's: its options are compared there.
+    recipe_known = "load" not in given or "recipe" in given
     for key, recipes in RECIPE_OPTIONS.items():
-        if key in given and values["recipe"] not in recipes:
+        if key in given and recipe_known and values["recipe"] not in recipes:
             raise ValueError(f"options[{key!r}] is for recipe{'s' if len(recipes) > 1 else ''} "
                              f"{', '.join(recipes)}; recipe {values['recipe']!r} does not read it. Drop it, "
                              f"or choose {'one of those recipes' if len(recipes) > 1 else 'that recipe'}")

@@ -125,6 +125,9 @@ def test_conflicting_options_are_refused_and_runtime_ones_accepted(dit_artifact)
         clq_compile.load(tiny_models.build("dit", seed=7), path, options={"bits": "w8a8"})
     with pytest.raises(ValueError, match="recipe"):
         clq_compile.load(tiny_models.build("dit", seed=7), path, options={"recipe": "clq"})
+    # An option of another recipe is compared with the artifact's recipe ('rtn'), not the default.
+    with pytest.raises(ValueError, match=r"avg_bits: 6 given, None in the artifact"):
+        clq_compile.load(tiny_models.build("dit", seed=7), path, options={"avg_bits": 6})
     torch._dynamo.reset()
     qt = clq_compile.load(tiny_models.build("dit", seed=7), path, options={"kernels": "reference", "bits": "w4a4"})
     assert torch.equal(run(qt, "dit"), expected)

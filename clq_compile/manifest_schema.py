@@ -278,9 +278,11 @@ def check_manifest(manifest: dict[str, Any], version: int) -> dict[str, Any]:
             raise ManifestError(keys, f"names no linear weight {shape} of the model: the model's "
                                       f"{path}.weight is {weight['shape'] if weight else 'absent'}")
         units = _units(path, layer)
-        if len(units) > 1 and options.buckets == 1:
-            raise ManifestError(keys + ("buckets",), "holds timestep buckets, but the artifact's options "
-                                                     "quantize with one (timestep_buckets)")
+        if len(units) > 1 and len(units) > options.buckets:
+            # Fewer are legal (calibration timesteps that fill fewer buckets, adatsq's unsplit layers).
+            raise ManifestError(keys + ("buckets",), f"holds {len(units)} timestep buckets, more than the "
+                                                     f"artifact's options quantize with ({options.buckets}: "
+                                                     f"timestep_buckets)")
         for unit_keys, unit in units:
             _check_unit(unit_keys, unit, decision["role"], options, policy, version, manifest["tensor_sha256"])
     return manifest

@@ -214,6 +214,9 @@ def saved_buckets(tmp_path_factory):
     (lambda e: e.update(timestep_edges=[float("inf")]), "finite"),
     (lambda e: e["buckets"][1].update(a_format="int8"), "a_format"),
     (lambda e: e.update(w_group=32), "first bucket"),
+    # A third bucket (self-consistent: its own edge, a copy of the second) where the options give two.
+    (lambda e: (e["buckets"].append(dict(e["buckets"][1])), e["timestep_edges"].append(e["timestep_edges"][-1] + 1)),
+     r"holds 3 timestep buckets, more than the artifact's options quantize with \(2"),
 ])
 def test_forged_buckets_are_refused(saved_buckets, tmp_path, edit, match):
     path = tmp_path / "a.safetensors"

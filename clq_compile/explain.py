@@ -6,6 +6,7 @@ import os
 import textwrap
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from clq_compile.kernels.formats import get_format, mode_name
@@ -120,6 +121,19 @@ def merge_notes(plans) -> dict[str, str]:
     return notes
 
 
+UNCAPTURED = ("not in a compiled graph: unused by the calls traced, or run by Dynamo outside the graphs, eagerly "
+              "and in full precision (after a graph break inside a loop it runs the rest of the frame uncompiled)")
+
+
+def _uncaptured(state, rows: dict[str, LayerRow]) -> dict[str, LayerRow]:
+    """Rows for the model's linear layers that no captured graph holds, once some graph is."""
+    root = state.root() if state.root is not None else None
+    if root is None or not state.graphs:
+        return {}
+    return {path: LayerRow(path, "uncaptured", m.out_features, m.in_features, False, UNCAPTURED, None, None)
+            for path, m in root.named_modules() if isinstance(m, torch.nn.Linear) and path not in rows}
+
+
 def explain(qt, columns: int | None = None) -> str:
     """One row per linear layer of `qt`: path, role, shape, bits, granularity, decision, error.
 
@@ -133,6 +147,7 @@ def explain(qt, columns: int | None = None) -> str:
     rows = {path: LayerRow(path, **d, error=state.errors.get(path), merge=merges.get(path, ""),
                            layer=layer_manifest(state.layers[path]) if path in state.layers else None)
             for path, d in state.site_decisions().items()}
+    rows.update(_uncaptured(state, rows))
     quantized = sum(1 for r in rows.values() if r.layer is not None)
     source = f" loaded from {options.load}" if options.load else ""
     title = (f"clq: bits={options.bits} recipe={options.recipe} state={state.phase}{source} "

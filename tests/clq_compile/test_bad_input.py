@@ -313,6 +313,46 @@ def test_graph_breaks_quantize_every_graph_and_warn_once_listing_them():
     assert all(g.lowered is not None for g in model_state(qt).graphs)
 
 
+class BreakingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return self.proj(x)
+
+
+class BreakInALoop(nn.Module):
+    """Blocks with a graph break inside, called in a loop (as a PixArt whose blocks break): Dynamo
+    compiles each block's frame but runs the rest of the model's frame (here `head`) uncompiled."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(BreakingBlock() for _ in range(2))
+        self.head = nn.Linear(32, 16)
+        self.unused = nn.Linear(32, 8)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_linear_layers_outside_every_graph_are_listed_as_such():
+    torch._dynamo.reset()
+    model = BreakInALoop().eval()
+    qt = compile_clq(model)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", UserWarning)
+        qt(torch.randn(1, 8, 32))
+    rows = {line.split()[0]: line for line in clq_compile.explain(qt).splitlines()[3:] if line.split()}
+    assert {"blocks.0.proj", "blocks.1.proj", "head", "unused"} <= set(rows)
+    assert " quantized" in rows["blocks.0.proj"] and " quantized" in rows["blocks.1.proj"]
+    for path in ("head", "unused"):
+        assert "uncaptured" in rows[path] and "not in a compiled graph" in rows[path]
+
+
 def test_graph_breaks_are_listed_without_calibration_too():
     torch._dynamo.reset()
     torch.manual_seed(0)

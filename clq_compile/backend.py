@@ -159,8 +159,9 @@ def traced_module(gm: fx.GraphModule) -> torch.nn.Module | None:
 def recompile_limit_reached(module: torch.nn.Module) -> str | None:
     """Why Dynamo runs `module` without the backend, when it holds its limit of compiled versions
     of the model's forward (it then runs it eagerly, in full precision); else None."""
-    limit = torch._dynamo.config.recompile_limit
     try:
+        # recompile_limit since torch 2.7; cache_size_limit before.
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
         versions = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(module).forward.__code__))
     except Exception:  # noqa: BLE001  (Dynamo internals moved: claim nothing)
         return None

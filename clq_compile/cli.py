@@ -344,6 +344,17 @@ def _non_negative(text: str) -> int:
     return value
 
 
+# Seeds reach numpy / scikit-learn (the digits judge), which take 0 to 2^32 - 1; `quantize` uses seed + 1.
+MAX_SEED = 2**32 - 2
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED}; got {value}")
+    return value
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="FOLDER",
                         help="a diffusers transformer folder (config.json + weights: DiT, PixArt, SD3, Flux) "
@@ -414,7 +425,7 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
                    help="calibration samples, drawn as one batch (default 10; digits: labels 0..9 cycling)")
     q.add_argument("--calib-steps", type=_non_negative, default=10, metavar="K",
                    help="sampling steps recorded per calibration sample, evenly spaced; 0 = all (default 10)")
-    q.add_argument("--seed", type=int, default=0, metavar="N",
+    q.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="calibration noise comes from seed + 1, so it differs from `eval --seed N`'s (default 0)")
     q.add_argument("--kernels", type=str.lower, choices=KERNELS, default="auto",
                    help="the quant_linear implementation: auto (Triton on CUDA, torch elsewhere), reference "
@@ -453,7 +464,7 @@ def build_parser(prog: str = "clq") -> argparse.ArgumentParser:
                    help="the artifact `quantize` wrote for this model")
     v.add_argument("--samples", type=positive_int, default=4, metavar="N",
                    help="digits model: samples of each of the 10 digits; other models: random inputs (default 4)")
-    v.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the evaluation noise (default 0)")
+    v.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of the evaluation noise (default 0)")
     v.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the numbers to this JSON file")
     v.set_defaults(run=evaluate)
     return parser

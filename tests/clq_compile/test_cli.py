@@ -291,6 +291,16 @@ def test_bad_option_values(capsys, tiny_dit, tmp_path, flag, value):
     assert line.endswith("see `clq quantize --help`")
 
 
+@pytest.mark.parametrize("subcommand, value", [("eval", "-1"), ("eval", str(2**32)), ("quantize", "-5")])
+def test_seeds_outside_what_the_judge_takes_stop_before_any_work(capsys, tiny_dit, rtn_artifact, tmp_path,
+                                                                 no_model_loading, subcommand, value):
+    where = ["--artifact", str(rtn_artifact)] if subcommand == "eval" else ["--out", str(tmp_path / "a")]
+    status, _, err = run(capsys, subcommand, "--model", str(tiny_dit), *where, "--seed", value)
+    assert status == 2
+    assert error_line(err).startswith(f"clq {subcommand}: error: argument --seed: must be from 0 to 4294967294; "
+                                      f"got {value}")
+
+
 @pytest.mark.parametrize("argv", [["quantise"], ["quantize"], ["eval", "--model", "m"], []])
 def test_usage_errors_are_one_line(capsys, argv):
     status, out, err = run(capsys, *argv)

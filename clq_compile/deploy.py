@@ -32,6 +32,8 @@ def _model_fingerprint(qt: torch.nn.Module, state: ModelState) -> dict[str, dict
 def _check_path(path: Any) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike naming the artifact; got {type(path).__name__}")
+    if not os.fspath(path):
+        raise ValueError("path is empty; give the path of the artifact (a .safetensors file or a directory)")
 
 
 def _check_linear_layers(module: torch.nn.Module, manifest: Mapping[str, Any], source: str) -> None:

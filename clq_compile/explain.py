@@ -72,10 +72,15 @@ LEGEND = (
 def table(title: str, rows: list[LayerRow], columns: int | None = None) -> str:
     """The title line, one aligned line per layer, then what the method column's terms mean.
 
-    columns: None prints one line per layer, every cell in full. A number keeps every line within
+    columns: None prints one line per layer, every cell in full. A number (at least 20) wraps to
     that many characters: each layer's short cells (path, role, shape, bits, granularity, error)
-    on one line, its method and decision wrapped on the lines below it, title and legend wrapped.
+    on one line, which is wider where a path is long, its method and decision wrapped on the
+    lines below it, title and legend wrapped.
     """
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int)):
+        raise TypeError(f"columns must be None or an int (characters per line); got {columns!r}")
+    if columns is not None and columns < 20:
+        raise ValueError(f"columns must be at least 20 characters; got {columns}")
     cells = [_cells(r) for r in rows]
     methods = [c[5] for c in cells]
     legend = [text for key, text in LEGEND if any(key in m for m in methods)]

@@ -415,6 +415,8 @@ def _with_artifact(values: dict[str, Any]) -> Options:
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"options['load'] must be the path of a saved artifact; got {path!r}")
     path = values["load"] = os.fspath(path)
+    if not path:
+        raise ValueError("options['load'] is an empty path; give the path of a saved artifact")
     # A loaded model's artifact was read once and is held; only a new one is read from disk.
     artifact = held(path)
     manifest = artifact.manifest if artifact is not None else read_manifest(path)

@@ -457,3 +457,19 @@ def test_empty_calibration_raises_and_the_model_can_still_be_calibrated():
             pass
     assert "state=captured" in clq_compile.explain(qt)
     assert_full_precision_and_usable(qt, model, "pixart")
+
+
+def test_explain_columns_and_an_empty_load_path_are_checked():
+    torch._dynamo.reset()
+    qt = compile_clq(TwoGraphs().eval())
+    for columns, error in (("80", TypeError), (True, TypeError), (80.5, TypeError), (0, ValueError), (19, ValueError)):
+        with pytest.raises(error, match="columns must be"):
+            clq_compile.explain(qt, columns=columns)
+    assert clq_compile.explain(qt, columns=20)
+    with pytest.raises(ValueError, match="path is empty"):
+        clq_compile.load(TwoGraphs(), "")
+    with pytest.raises(ValueError, match="path is empty"):
+        clq_compile.save(qt, "")
+    from clq_compile.options import parse_options
+    with pytest.raises(ValueError, match="options\\['load'\\] is an empty path"):
+        parse_options({"load": ""})

@@ -137,7 +137,7 @@ class ModelState:
         until every layer of the artifact has been checked against the model's policy (`release`)
     checked: paths of the artifact's layers that a captured graph's policy accepted (`decide_sites`)
     calibrating_thread: the thread that entered the last calibrating() block (threading.get_ident)
-    watched: {parameter path: (weak reference, version counter, data pointer, content checksum)} of
+    watched: {parameter path: (weak reference, version counter, data pointer, content checksum, dtype)} of
         the parameters the quantized layers were made from, as they were then (see `watch`)
     root: the user's module (weakly held) that layer paths are relative to: the first module the
         state was found for — the compiled module, or the frame Dynamo traced first — so that a
@@ -172,7 +172,7 @@ class ModelState:
         self.checked: set[str] = set()
         self.calibrating_thread: int | None = None
         self.root: weakref.ref[torch.nn.Module] | None = None
-        self.watched: dict[str, tuple[weakref.ref[torch.Tensor], int, int, tuple[int, ...] | None]] = {}
+        self.watched: dict[str, tuple[weakref.ref[torch.Tensor], int, int, tuple[int, ...] | None, torch.dtype]] = {}
         self.replaced_by: ModelState | None = None
         if options.load is not None:
             # The manifest the options were parsed against (held), else read now and held.
@@ -214,7 +214,7 @@ class ModelState:
         for path, p in params.items():
             if path not in self.watched:
                 checksum = None if path in self.released or p.is_meta else content_checksum(p)
-                self.watched[path] = (weakref.ref(p), p._version, p.data_ptr(), checksum)
+                self.watched[path] = (weakref.ref(p), p._version, p.data_ptr(), checksum, p.dtype)
         return list(params)
 
     def refuse_changed_weights(self, paths: Iterable[str] | None = None, contents: bool = True) -> None:
@@ -225,21 +225,36 @@ class ModelState:
         the values' checksums (save, explain, and a graph's first call after it was lowered or
         after a calibrating() block): two reads of the weights.
         """
-        changed = []
+        changed, casts = [], set()
         for path in self.watched if paths is None else paths:
             if path not in self.watched or path in self.released:
                 continue  # quantized again since (the graph lowers afresh), or dropped on purpose
-            ref, version, pointer, checksum = self.watched[path]
+            ref, version, pointer, checksum, dtype = self.watched[path]
             p = ref()
             if p is not None and ((p._version, p.data_ptr()) != (version, pointer) or (
                     contents and checksum is not None and content_checksum(p) != checksum)):
                 changed.append(path)
+                if p.dtype != dtype:
+                    casts.add((dtype, p.dtype))
         if changed:
             listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            todo = (f"Load {self.options.load} into the unchanged model, or quantize the changed one "
-                    f"afresh (torch.compile it without options['load'])" if self.artifact is not None else
-                    "Calibrate again (with clq_compile.calibrating(qt)) to quantize from the new weights, "
-                    "or torch.compile the changed model afresh")
+            if self.artifact is not None:
+                todo = (f"Load {self.options.load} into the unchanged model, or quantize the changed one "
+                        f"afresh (torch.compile it without options['load'])")
+            elif self.released:
+                todo = ("release_weights() dropped the full-precision weights, so this model cannot be calibrated "
+                        "again: torch.compile a freshly loaded model, or load() a saved artifact")
+            else:
+                todo = ("Calibrate again (with clq_compile.calibrating(qt)) to quantize from the new weights, "
+                        "or torch.compile the changed model afresh")
+            if casts:
+                what = ", ".join(f"{str(a).removeprefix('torch.')} to {str(b).removeprefix('torch.')}"
+                                 for a, b in sorted(casts, key=str))
+                raise RuntimeError(
+                    f"the model was cast ({what}: model.to(dtype), .half(), .bfloat16()) after quantization, "
+                    f"which made new tensors of {len(changed)} parameter(s) of quantized layers ({listed}); the "
+                    f"quantized layers were made from the {str(next(iter(casts))[0]).removeprefix('torch.')} "
+                    f"weights. Cast the model before torch.compile, or else {todo[0].lower()}{todo[1:]}.")
             raise RuntimeError(
                 f"{len(changed)} parameter(s) of quantized layers changed in place after quantization "
                 f"({listed}); the quantized layers still hold the old values. {todo}.")

@@ -161,3 +161,21 @@ def test_the_content_checksum_is_its_integer_definition_and_sees_any_one_value_c
     changed = t.clone()
     changed.view(as_int).view(-1)[seed % t.numel()] ^= 1 << (seed % 8)  # one bit of one value flipped
     assert content_checksum(changed) != content_checksum(t)
+
+
+@pytest.mark.filterwarnings("ignore:clq")
+def test_a_model_cast_after_quantization_is_named_as_a_cast():
+    model = tiny_models.build("dit")
+    qt = _compile(model)
+    _calibrate(qt)
+    model.half()
+    with pytest.raises(RuntimeError, match=r"the model was cast \(float32 to float16.*made from the float32 weights.*"
+                                           r"calibrate again"):
+        with torch.no_grad():
+            qt(**tiny_models.make_inputs("dit", seed=1, dtype=torch.float16))
+    model.float()
+    clq_compile.release_weights(qt)
+    model.bfloat16()
+    with pytest.raises(RuntimeError, match=r"cast \(float32 to bfloat16.*cannot be calibrated again"):
+        with torch.no_grad():
+            qt(**tiny_models.make_inputs("dit", seed=1, dtype=torch.bfloat16))

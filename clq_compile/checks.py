@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
 import torch
@@ -173,3 +174,24 @@ def warn_graph_breaks(state: ModelState) -> None:
         f"clq: the model was captured as {len(pieces)} graphs (Dynamo graph breaks) and each is "
         f"quantized on its own ({listed}). Layers in different graphs are calibrated separately; "
         f"torch._dynamo.explain(model)(*inputs) shows where the graph breaks.", stacklevel=3)
+
+
+# States whose skip patterns were already checked.
+_SKIP_CHECKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def warn_unmatched_skip(state: ModelState) -> None:
+    """Warn once per state for each `skip` pattern that matches none of its linear layers: a
+    pattern without wildcards ('attn2' for '*.attn2.*') keeps nothing, silently otherwise."""
+    if not state.options.skip or state in _SKIP_CHECKED:
+        return
+    _SKIP_CHECKED[state] = True
+    paths = {s.path for g in state.graphs for s in g.analysis.sites}
+    unmatched = [p for p in state.options.skip if not any(fnmatchcase(path, p) for path in paths)]
+    if unmatched:
+        example = next(iter(sorted(paths)), "transformer_blocks.0.attn2.to_q")
+        warnings.warn(
+            f"clq: skip pattern{'s' if len(unmatched) > 1 else ''} {', '.join(repr(p) for p in unmatched)} "
+            f"matched none of the {len(paths)} linear layers captured so far, so they keep nothing in 16 bit. "
+            f"Patterns are matched against whole module paths (fnmatch, e.g. {example!r}): "
+            f"write '*.attn2.*' rather than 'attn2'.", stacklevel=3)

@@ -33,7 +33,7 @@ from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.observers import GraphCalibration, Offloaded
 from clq_compile.passes.policy import Decision
 
-from .checks import check_recorded_call, skip_empty_call, warn_graph_breaks
+from .checks import check_recorded_call, skip_empty_call, warn_graph_breaks, warn_unmatched_skip
 from .options import Options
 from .pipeline import decide_layers, lower_graph, quantize_layers
 
@@ -425,6 +425,7 @@ class ModelState:
         log.info("quantized %d layers with recipe %r%s", len(self.layers), self.options.recipe,
                  " on calibration data" if calibrated else " data-free")
         warn_graph_breaks(self)
+        warn_unmatched_skip(self)
 
     def roles(self) -> dict[str, str]:
         """{module path: role} of the linear sites of every captured graph."""

@@ -180,6 +180,16 @@ def test_skip_patterns_keep_layers():
     assert "matches skip pattern '*.attn2.*'" in clq_compile.explain(qt)
 
 
+def test_a_skip_pattern_that_matches_no_layer_warns_once():
+    model = tiny_models.build("pixart")
+    with pytest.warns(UserWarning, match=r"skip pattern 'attn2' matched none of the \d+ linear layers") as record:
+        qt = compile_and_calibrate("pixart", model, "w8a8", skip=["attn2", "*.attn1.*"])
+        run(qt, "pixart", batch=2)  # a recompile quantizes nothing again, and does not warn again
+    assert sum("skip pattern" in str(w.message) for w in record) == 1
+    assert not any("'*.attn1.*'" in str(w.message) for w in record)
+    assert not any(".attn1." in p for p in model_state(qt).layers)
+
+
 def test_grouped_asymmetric_weights_run():
     model = tiny_models.build("sd3")
     qt = compile_and_calibrate("sd3", model, "w4a8", weight_group=32, act_group=32, weight_symmetric=False)

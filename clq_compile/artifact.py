@@ -115,7 +115,9 @@ def fingerprint_differences(expected: Mapping[str, Mapping[str, Any]],
     lines += [f"extra: {name} (in this model, not in the artifact's)" for name in sorted(set(found) - set(expected))]
     for name in sorted(set(expected) & set(found)):
         e, f = expected[name], found[name]
-        if e["shape"] != f["shape"] or e["dtype"] != f["dtype"]:
+        if e["shape"] == f["shape"] and e["dtype"] != f["dtype"]:
+            lines.append(f"dtype: {name} is {f['dtype']} here, {e['dtype']} in the artifact")
+        elif e["shape"] != f["shape"]:
             lines.append(f"shape/dtype: {name} is {f['dtype']}{f['shape']} here, "
                          f"{e['dtype']}{e['shape']} in the artifact")
         elif "sha256" in f and f["sha256"] != e["sha256"]:
@@ -127,6 +129,14 @@ def refuse_other_model(path: str | os.PathLike, differences: list[str], shown: i
     """Raise ArtifactError listing the parameters that differ, if any do."""
     if not differences:
         return
+    if all(line.startswith("dtype: ") for line in differences):
+        found = sorted({line.split(" is ")[1].split(" here")[0] for line in differences})
+        saved = sorted({line.split(", ")[-1].removesuffix(" in the artifact") for line in differences})
+        raise ArtifactError(
+            f"the artifact {os.fspath(path)} was quantized from a {'/'.join(saved)} model with these parameters' "
+            f"shapes, and this model is {'/'.join(found)} ({len(differences)} parameter(s), e.g. "
+            f"{differences[0].split(' ')[1]}). If it is the same model, run it in {'/'.join(saved)} (cast it back "
+            f"before loading), or quantize it again in {'/'.join(found)}.")
     more = f"\n  ... and {len(differences) - shown} more" if len(differences) > shown else ""
     raise ArtifactError(
         f"the artifact {os.fspath(path)} was made from a different model ({len(differences)} "

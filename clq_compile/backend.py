@@ -179,6 +179,16 @@ def compiled_options(qt: Any) -> Options:
     Raises TypeError for anything else, saying what to pass.
     """
     if not isinstance(qt, torch._dynamo.eval_frame.OptimizedModule):
+        if isinstance(qt, torch.nn.Module) and getattr(qt, "_compiled_call_impl", None) is not None:
+            raise TypeError(
+                f"this {type(qt).__name__} was compiled in place (model.compile(backend='clq')), which leaves no "
+                f"module to calibrate, explain or save: compile it with qt = torch.compile(model, backend='clq', "
+                f"options=...) and pass qt")
+        if callable(qt) and not isinstance(qt, torch.nn.Module):
+            raise TypeError(
+                f"expected the module returned by torch.compile(model, backend='clq', ...); got a "
+                f"{type(qt).__name__} (torch.compile(model.forward) gives a function, which calibrating, explain "
+                f"and save cannot work with: compile the module itself, qt = torch.compile(model, backend='clq'))")
         raise TypeError(
             f"expected the module returned by torch.compile(model, backend='clq', ...); got "
             f"{type(qt).__name__}. Pass the compiled module, not the original one.")

@@ -196,6 +196,8 @@ def test_fingerprint_differences_name_each_kind():
     assert any(line.startswith("values: x") for line in lines)
     assert any(line.startswith("shape/dtype: y") for line in lines)
     assert len(lines) == 4
+    half = artifact.fingerprint([("x", torch.zeros(2, dtype=torch.float16))])
+    assert artifact.fingerprint_differences({"x": a["x"]}, half) == ["dtype: x is float16 here, float32 in the artifact"]
     # A graph's view of the model: parameters it does not hold are not "missing".
     assert artifact.fingerprint_differences(a, {"x": a["x"]}, complete=False) == []
 

@@ -220,6 +220,14 @@ def test_calibrating_needs_a_clq_compiled_module():
     other = torch.compile(model, backend="eager")
     with pytest.raises(TypeError, match="other than 'clq'"):
         clq_compile.explain(other)
+    # The two other ways of compiling: each named, with the one that works.
+    with pytest.raises(TypeError, match=r"torch.compile\(model.forward\) gives a function"):
+        clq_compile.explain(torch.compile(model.forward, backend="clq"))
+    in_place = torch.nn.Linear(4, 4)
+    in_place.compile(backend="clq")
+    with pytest.raises(TypeError, match=r"compiled in place \(model.compile\(backend='clq'\)\)"):
+        with clq_compile.calibrating(in_place):
+            pass
 
 
 def test_model_without_linear_layers_warns_and_runs():

@@ -94,6 +94,10 @@ def test_loading_into_another_model_lists_what_differs(dit_artifact):
         clq_compile.load(wider, path)
     with pytest.raises(ArtifactError, match="was made from a different model"):
         clq_compile.load(tiny_models.build("pixart", seed=7), path)
+    # The same model cast to another dtype: named as a cast, not as another model.
+    with pytest.raises(ArtifactError, match=r"quantized from a float32 model with these parameters' shapes, and "
+                                            r"this model is bfloat16 .*run it in float32"):
+        clq_compile.load(tiny_models.build("dit", seed=7).to(torch.bfloat16), path)
 
 
 def test_compile_option_load_checks_the_captured_parameters(dit_artifact):

@@ -186,7 +186,7 @@ def compiled_options(qt: Any) -> Options:
                 f"options=...) and pass qt")
         if callable(qt) and not isinstance(qt, torch.nn.Module):
             raise TypeError(
-                f"expected the module returned by torch.compile(model, backend='clq', ...); got a "
+                f"expected the module returned by torch.compile(model, backend='clq', ...); got "
                 f"{type(qt).__name__} (torch.compile(model.forward) gives a function, which calibrating, explain "
                 f"and save cannot work with: compile the module itself, qt = torch.compile(model, backend='clq'))")
         raise TypeError(

@@ -61,11 +61,11 @@ def probe_value(cal: GraphCalibration, args: list, probe: int, sites: dict[str, 
     """(vᵀf, {node: ∂(vᵀf)/∂y}) on one call's arguments, v ~ N(0, I) from seed `probe`, f every
     floating output of the graph; y the outputs of `sites` (plus `perturb`)."""
     # Under torch.inference_mode() (where the user may calibrate) enable_grad alone records nothing:
-    # inference mode is lifted too, and tensors recorded under it are cloned into normal ones.
-    detached = [(a.clone() if a.is_inference() else a.detach()) if isinstance(a, torch.Tensor) else a
-                for a in args]
+    # inference mode is lifted too, and tensors recorded under it are cloned into normal ones there.
     interpreter = _Probe(cal.gm, sites, perturb or {})
     with torch.inference_mode(False), torch.enable_grad():
+        detached = [(a.clone() if a.is_inference() else a.detach()) if isinstance(a, torch.Tensor) else a
+                    for a in args]
         outputs, _ = tree_flatten(interpreter.run(*detached))
         generator = torch.Generator().manual_seed(probe)
         value = sum((torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) * o).sum()

@@ -156,23 +156,6 @@ def traced_module(gm: fx.GraphModule) -> torch.nn.Module | None:
     return value if isinstance(value, torch.nn.Module) else None
 
 
-def recompile_limit_reached(module: torch.nn.Module) -> str | None:
-    """Why Dynamo runs `module` without the backend, when it holds its limit of compiled versions
-    of the model's forward (it then runs it eagerly, in full precision); else None."""
-    try:
-        # recompile_limit since torch 2.7; cache_size_limit before.
-        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
-        versions = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(module).forward.__code__))
-    except Exception:  # noqa: BLE001  (Dynamo internals moved: claim nothing)
-        return None
-    if versions < limit:
-        return None
-    return (f"Dynamo holds {versions} compiled versions of {type(module).__name__}.forward, its limit "
-            f"(torch._dynamo.config.recompile_limit = {limit}; a model of this class compiled with other options, "
-            f"or called with other shapes, adds one), so it runs this model eagerly, in full precision, without "
-            f"the clq backend. Raise the limit, or call torch._dynamo.reset() before compiling more models.")
-
-
 def compiled_options(qt: Any) -> Options:
     """The options `qt` was compiled with, if `qt` is a module compiled with backend="clq".
 

@@ -195,3 +195,24 @@ def warn_unmatched_skip(state: ModelState) -> None:
             f"matched none of the {len(paths)} linear layers captured so far, so they keep nothing in 16 bit. "
             f"Patterns are matched against whole module paths (fnmatch, e.g. {example!r}): "
             f"write '*.attn2.*' rather than 'attn2'.", stacklevel=3)
+
+
+def not_compiled(state: ModelState) -> str | None:
+    """Why no graph of the state's model has reached the backend, when Dynamo holds its limit of
+    compiled versions of the model's forward (it then runs the model eagerly, in full precision);
+    else None (graphs were captured, or nothing says why not)."""
+    module = state.root() if state.root is not None else None
+    if state.graphs or module is None:
+        return None
+    try:
+        # recompile_limit since torch 2.7; cache_size_limit before.
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+        versions = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(type(module).forward.__code__))
+    except Exception:  # noqa: BLE001  (Dynamo internals moved: claim nothing)
+        return None
+    if versions < limit:
+        return None
+    return (f"Dynamo holds {versions} compiled versions of {type(module).__name__}.forward, its limit "
+            f"(torch._dynamo.config.recompile_limit = {limit}; a model of this class compiled with other options, "
+            f"or called with other shapes, adds one), so it runs this model eagerly, in full precision, without "
+            f"the clq backend. Raise the limit, or call torch._dynamo.reset() before compiling more models.")

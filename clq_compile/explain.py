@@ -13,6 +13,7 @@ from clq_compile.kernels.formats import get_format, mode_name
 
 from .artifact import layer_manifest, ordered_decisions, read_manifest
 from .calibration import model_state
+from .checks import not_compiled
 from .state import QUANTIZED
 
 HEADER = ("layer", "role", "out x in", "bits", "granularity", "method", "decision", "rel. error")
@@ -158,12 +159,9 @@ def explain(qt, columns: int | None = None) -> str:
     title = (f"clq: bits={options.bits} recipe={options.recipe} state={state.phase}{source} "
              f"graphs={len(state.graphs)} layers={len(rows)} quantized={quantized}")
     lines = [table(title, list(rows.values()), columns)]
-    if not state.graphs and state.root is not None and state.root() is not None:
-        from .backend import recompile_limit_reached
-
-        reason = recompile_limit_reached(state.root())
-        if reason is not None:
-            lines.append(f"not compiled: {reason}")
+    reason = not_compiled(state)
+    if reason is not None:
+        lines.append(f"not compiled: {reason}")
     if state.phase != QUANTIZED and options.quantizes:
         lines.append("(not quantized yet: call the model, or calibrate it with clq_compile.calibrating(qt))")
     elif options.quantizes:

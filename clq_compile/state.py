@@ -33,7 +33,7 @@ from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.observers import GraphCalibration, Offloaded
 from clq_compile.passes.policy import Decision
 
-from .checks import check_recorded_call, skip_empty_call, warn_graph_breaks, warn_unmatched_skip
+from .checks import check_recorded_call, not_compiled, skip_empty_call, warn_graph_breaks, warn_unmatched_skip
 from .options import Options
 from .pipeline import decide_layers, lower_graph, quantize_layers
 
@@ -383,10 +383,7 @@ class ModelState:
         calls = sum(len(g.calibration.calls) for g in self.graphs)
         if calls == 0:
             self.abort_calibration()
-            from .backend import recompile_limit_reached
-
-            reason = None if self.graphs or self.root is None or self.root() is None else \
-                recompile_limit_reached(self.root())
+            reason = not_compiled(self)
             if reason is not None:
                 raise RuntimeError(f"calibrating() recorded no calls: {reason} The model stays as it was.")
             raise RuntimeError(

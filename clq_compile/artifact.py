@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -100,6 +101,11 @@ def fingerprint(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> dict[st
     return {name: parameter_entry(p) for name, p in named_parameters}
 
 
+# A parameter whose dtype alone differs, as `fingerprint_differences` words it and `refuse_other_model` reads it.
+_DTYPE_LINE = "dtype: {name} is {here} here, {saved} in the artifact"
+_DTYPE_PATTERN = re.compile(r"dtype: (?P<name>\S+) is (?P<here>\S+) here, (?P<saved>\S+) in the artifact")
+
+
 def fingerprint_differences(expected: Mapping[str, Mapping[str, Any]],
                             found: Mapping[str, Mapping[str, Any]], complete: bool = True) -> list[str]:
     """One line per parameter that differs between the artifact's model and this one.
@@ -116,7 +122,7 @@ def fingerprint_differences(expected: Mapping[str, Mapping[str, Any]],
     for name in sorted(set(expected) & set(found)):
         e, f = expected[name], found[name]
         if e["shape"] == f["shape"] and e["dtype"] != f["dtype"]:
-            lines.append(f"dtype: {name} is {f['dtype']} here, {e['dtype']} in the artifact")
+            lines.append(_DTYPE_LINE.format(name=name, here=f["dtype"], saved=e["dtype"]))
         elif e["shape"] != f["shape"]:
             lines.append(f"shape/dtype: {name} is {f['dtype']}{f['shape']} here, "
                          f"{e['dtype']}{e['shape']} in the artifact")
@@ -129,14 +135,14 @@ def refuse_other_model(path: str | os.PathLike, differences: list[str], shown: i
     """Raise ArtifactError listing the parameters that differ, if any do."""
     if not differences:
         return
-    if all(line.startswith("dtype: ") for line in differences):
-        found = sorted({line.split(" is ")[1].split(" here")[0] for line in differences})
-        saved = sorted({line.split(", ")[-1].removesuffix(" in the artifact") for line in differences})
+    casts = [_DTYPE_PATTERN.fullmatch(line) for line in differences]
+    if all(casts):
+        found = "/".join(sorted({m["here"] for m in casts}))
+        saved = "/".join(sorted({m["saved"] for m in casts}))
         raise ArtifactError(
-            f"the artifact {os.fspath(path)} was quantized from a {'/'.join(saved)} model with these parameters' "
-            f"shapes, and this model is {'/'.join(found)} ({len(differences)} parameter(s), e.g. "
-            f"{differences[0].split(' ')[1]}). If it is the same model, run it in {'/'.join(saved)} (cast it back "
-            f"before loading), or quantize it again in {'/'.join(found)}.")
+            f"the artifact {os.fspath(path)} was quantized from a {saved} model with these parameters' "
+            f"shapes, and this model is {found} ({len(differences)} parameter(s), e.g. {casts[0]['name']}). If it "
+            f"is the same model, run it in {saved} (cast it back before loading), or quantize it again in {found}.")
     more = f"\n  ... and {len(differences) - shown} more" if len(differences) > shown else ""
     raise ArtifactError(
         f"the artifact {os.fspath(path)} was made from a different model ({len(differences)} "

@@ -35,8 +35,6 @@ from clq_compile.kernels import triton_gemm, triton_quantize
 
 M, N, K = 4096, 1152, 1152
 GROUP = 128
-# int8 / int4 storage and the dtypes a layer's output or input may have.
-_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
 def gemm_cases() -> Iterator[dict[str, Any]]:
@@ -58,7 +56,7 @@ def gemm_launch(case: dict[str, Any], target: str) -> tuple[Any, dict[str, Any],
     chunk, meta = triton_gemm._launch_meta(K, group, group, a_bits, w_bits, case["zero"], case["bias"], False)
     args = dict(a_ptr=Pointer("i8"), w_ptr=Pointer("i8"), a_scale_ptr=Pointer("fp32"), w_scale_ptr=Pointer("fp32"),
                 w_zero_ptr=Pointer("i8") if case["zero"] else None,
-                bias_ptr=Pointer(_DTYPE[case["out"]]) if case["bias"] else None, out_ptr=Pointer(_DTYPE[case["out"]]),
+                bias_ptr=Pointer(case["out"]) if case["bias"] else None, out_ptr=Pointer(case["out"]),
                 M=M, N=N, K=K, stride_am=K * a_bits // 8, stride_wn=K * w_bits // 8, stride_asm=K // group,
                 stride_wsn=K // group, stride_om=N, A_GROUP=group, W_GROUP=group, CHUNK=chunk,
                 M_BUCKET=triton_gemm.m_bucket(M), **meta)
@@ -108,7 +106,7 @@ def quantize_launch(case: dict[str, Any], target: str) -> tuple[Any, dict[str, A
                                                 case["contiguous"], split, 132)
     meta = dict(meta)
     cfg = triton.Config({}, num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
-    args = dict(x_ptr=Pointer(_DTYPE[case["x"]]), mul_ptr=Pointer("fp32") if case["mul"] else None,
+    args = dict(x_ptr=Pointer(case["x"]), mul_ptr=Pointer("fp32") if case["mul"] else None,
                 perm_ptr=Pointer("i64") if case["perm"] else None,
                 rot_ptr=Pointer("fp32") if rotation else None,
                 signs_ptr=Pointer("fp16" if case["x"] == "fp16" and split == 1 else "bf16") if rotation else None,

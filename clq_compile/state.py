@@ -248,13 +248,14 @@ class ModelState:
                 todo = ("Calibrate again (with clq_compile.calibrating(qt)) to quantize from the new weights, "
                         "or torch.compile the changed model afresh")
             if casts:
-                what = ", ".join(f"{str(a).removeprefix('torch.')} to {str(b).removeprefix('torch.')}"
-                                 for a, b in sorted(casts, key=str))
+                pairs = sorted((str(a).removeprefix("torch."), str(b).removeprefix("torch.")) for a, b in casts)
+                what = ", ".join(f"{a} to {b}" for a, b in pairs)
+                made = "/".join(dict.fromkeys(a for a, _ in pairs))
                 raise RuntimeError(
                     f"the model was cast ({what}: model.to(dtype), .half(), .bfloat16()) after quantization, "
                     f"which made new tensors of {len(changed)} parameter(s) of quantized layers ({listed}); the "
-                    f"quantized layers were made from the {str(next(iter(casts))[0]).removeprefix('torch.')} "
-                    f"weights. Cast the model before torch.compile, or else {todo[0].lower()}{todo[1:]}.")
+                    f"quantized layers were made from the {made} weights. Cast the model before torch.compile, "
+                    f"or else {todo[0].lower()}{todo[1:]}.")
             raise RuntimeError(
                 f"{len(changed)} parameter(s) of quantized layers changed in place after quantization "
                 f"({listed}); the quantized layers still hold the old values. {todo}.")

@@ -3,12 +3,24 @@
 #
 #   bash bench/gpu_lease.sh                      # kernels only, <= 8 minutes from a cold machine
 #   bash bench/gpu_lease.sh --with-end-to-end    # also bench/end_to_end.py --lease, same 8 minutes
+#   bash bench/gpu_lease.sh --dry-run            # on the CPU: each script walks its plan, no CUDA
 #
 # bench/README.md gives the exact `run` call (carry, timeout_s). Results are JSON lines under $OUT
 # (else bench/results/lease), written as they come, so a call cut short still returns them; the
 # log is $OUT/gpu_lease.log; the last lines printed are a short summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+    ""|--with-end-to-end) ;;
+    --dry-run)
+        # The plans the lease would run, with their compile counts and time estimates.
+        set -e
+        python3 bench/kernel_check.py --dry-run
+        python3 bench/kernels.py --lease --dry-run
+        python3 bench/end_to_end.py --lease --blocks 8 --dry-run --out "${TMPDIR:-/tmp}/gpu-lease-dry-run"
+        exit 0 ;;
+    *) echo "gpu_lease.sh: unknown argument '$1' (use --with-end-to-end or --dry-run)" >&2; exit 2 ;;
+esac
 OUT=${OUT:-bench/results/lease}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1

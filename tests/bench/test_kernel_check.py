@@ -27,7 +27,7 @@ def results(case, seed=0):
 @pytest.mark.parametrize("name", ["w4a4", "w4a4_g32", "w8a8", "w4a4_rot32", "w4a4_asym_g32"])
 def test_the_kernels_pass(name):
     found = results(kernel_check.Case(TINY[name], 7, 48, 64), seed=3)
-    for check in ("layer", "quantize", "integer"):
+    for check in ("layer", "quantize", "integer", "nan"):
         assert found[check]["ok"], found[check]
 
 

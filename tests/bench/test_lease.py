@@ -154,3 +154,12 @@ def test_a_kernels_row_runs_its_variants_and_its_check(modules, monkeypatch):
     # The CPU build of torch may lack FP8 products; everything else must have run.
     assert set(row["errors"]) <= {"fp8_rowwise"}, row["errors"]
     assert row["check"]["finite"] and row["check"]["rel_error"] <= 1e-2
+
+
+def test_gpu_lease_refuses_an_unknown_argument_before_any_work(tmp_path):
+    # A mistyped flag (say --dryrun) must not start a real lease run on the GPU.
+    done = subprocess.run(["bash", str(BENCH / "gpu_lease.sh"), "--dryrun"], capture_output=True, text=True,
+                          env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert done.returncode == 2
+    assert "unknown argument '--dryrun'" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no log, no rows: nothing ran

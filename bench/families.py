@@ -11,6 +11,8 @@ run it eagerly, then compiled with backend="clq":
 - `w8a8` and `w4a4` with recipes `rtn` and `clq`: calibrated on 2 inputs, relative error
   ||out - eager|| / ||eager|| on a third, fresh input;
 - how many linear layers are quantized and kept, with each kept layer's reason;
+- the linear layers in no compiled graph (Dynamo ran them eagerly, in full precision: after a
+  graph break inside a block's loop, say), counted and named;
 - how many graphs Dynamo handed the backend.
 
 Each family runs in its own process with a time limit, so a crash, a hang or an exception in
@@ -775,6 +777,9 @@ def measure(name: str, calls: int = 2, cells: tuple[tuple[str, str], ...] = CELL
             row["quantized"] = sum(d["quantize"] for d in decisions.values())
             row["kept"] = dict(Counter(d["reason"] for d in decisions.values() if not d["quantize"]))
             row["kept_layers"] = {p: d["reason"] for p, d in decisions.items() if not d["quantize"]}
+            # Linears no compiled graph holds: Dynamo ran them eagerly, in full precision.
+            row["uncaptured"] = sorted(p for p, m in model.named_modules()
+                                       if isinstance(m, torch.nn.Linear) and p not in decisions)
     return row
 
 
@@ -810,6 +815,13 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def _uncaptured(paths: list[str] | None, shown: int = 3) -> str:
+    if paths is None:
+        return "not recorded"
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"{len(paths)}" + (f": {', '.join(paths[:shown])}{more}" if paths else "")
+
+
 def markdown(rows: list[dict], skipped: dict[str, str], seconds: float, updates: list[dict] = ()) -> str:
     ok = [r for r in rows if "error" not in r]
     lines = [
@@ -822,17 +834,18 @@ def markdown(rows: list[dict], skipped: dict[str, str], seconds: float, updates:
         *(f"Rerun with `--update` on {u['date']} ({u['seconds']:.0f} s): {', '.join(u['families'])}."
           for u in updates),
         "",
-        "| family | eager | w16a16 identical | w8a8 rtn | w8a8 clq | w4a4 rtn | w4a4 clq | quantized | kept | graphs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| family | eager | w16a16 identical | w8a8 rtn | w8a8 clq | w4a4 rtn | w4a4 clq | quantized | kept | "
+        "uncaptured (run eagerly, full precision) | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | error: {r['error']} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['family']} | error: {r['error']} |  |  |  |  |  |  |  |  |  |")
             continue
         kept = "; ".join(f"{n} {reason}" for reason, n in r["kept"].items())
         lines.append("| " + " | ".join([r["family"], _fmt(r["eager"]), _fmt(r["w16a16_identical"]),
                                         *(_fmt(r[f"{b}_{m}"]) for b, m in CELLS), str(r["quantized"]),
-                                        kept, str(r["graphs"])]) + " |")
+                                        kept, _uncaptured(r.get("uncaptured")), str(r["graphs"])]) + " |")
     lines += ["", "## Skipped", "", "| class | why |", "|---|---|"]
     lines += [f"| {name} | {why} |" for name, why in sorted(skipped.items())]
     return "\n".join(lines) + "\n"

@@ -88,3 +88,19 @@ def test_variants_tables_compare_each_variant_with_the_base_on_the_seeds_both_me
     assert lines[-3:] == ["| earlier defaults | 25.00 |", "| x | 31.00 (1/1 vs 30.00) |", "| y | 25.00 (1/2 vs 25.00) |"]
     lines = tables.render(f"variants stress {results}").splitlines()
     assert lines[-2:] == ["| earlier defaults | 0.3000 |", "| x | 0.3000 (1/2 vs 0.3000) |"]
+
+
+def test_every_markdown_file_cited_is_in_the_repository():
+    # The project explains itself from its own files: a design note cited but not shipped is a dead end.
+    import re
+    import subprocess
+
+    from tests.bench.bench_scripts import BENCH
+
+    root = BENCH.parent
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    cited = re.compile(r"\b([A-Za-z0-9_.-]+\.md)\b")
+    missing = sorted({(f, m) for f in files if f.endswith((".py", ".md", ".sh", ".toml", ".txt"))
+                      for m in cited.findall((root / f).read_text(errors="replace")) if m not in names})
+    assert missing == []

@@ -141,7 +141,7 @@ def test_the_compiled_graph_selects_each_calls_bucket(gptq_buckets):
             assert torch.equal(qt(**inputs).sample, by_hand(model, state, inputs))
     with torch.no_grad():
         low, high = (qt(**pixart_inputs(5, [t, t])).sample for t in (100, 900))
-    mixed = qt(**pixart_inputs(5, [100, 900])).sample
+        mixed = qt(**pixart_inputs(5, [100, 900])).sample
     assert torch.equal(mixed[0], low[0]) and torch.equal(mixed[1], high[1])
 
 
@@ -161,10 +161,11 @@ def test_a_sampling_run_compiles_each_graph_once(gptq_buckets):
     inputs = pixart_inputs(7, [999, 999])
     with torch.no_grad():
         qt(**inputs)
+        graphs = len(model_state(qt).graphs)
         torch._dynamo.utils.counters.clear()
         stress.sample(qt, inputs, steps=20)
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert len(model_state(qt).graphs) == 1
+    assert len(model_state(qt).graphs) == graphs  # the fixture is shared: count what this run added
 
 
 def test_clq_bucketed_round_trips_through_an_artifact(tmp_path):

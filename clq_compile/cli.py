@@ -13,8 +13,8 @@ share a starting noise.
 
 Exit status: 0 done, 1 the run failed (e.g. non-finite quantized samples), 2 bad input (a missing
 folder or file, a bad option value, an output path that cannot be written): one line on stderr
-that names the problem. Arguments and output paths are checked before any work, and torch and
-diffusers are imported only after that, so ``--help`` and a typo answer at once.
+that names the problem. Arguments and output paths are checked before any work; ``--help``, a
+typo and a missing model folder are answered before torch and diffusers are imported, at once.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ EXAMPLE_ARTIFACT = "digits-w4a4.safetensors"
 # w16a16 quantizes nothing, so there would be nothing to save.
 QUANTIZING_BITS = tuple(b for b in BITS if b != "w16a16")
 WEIGHT_ONLY_BITS = tuple(b for b in CONDITIONING_BITS if b)
-# The per-layer table is cut to this many columns unless --wide.
+# The per-layer table is wrapped to this many columns unless --wide.
 TABLE_COLUMNS = 120
 # Measured for the three example commands together (README, Command line).
 EXAMPLE_SECONDS = "about 40 s for the three on an idle 2-core CPU"
@@ -112,6 +112,16 @@ def _model_and_task(path: Path, samples: int, calib_samples: int, seed: int,
         return model, task_for(model, samples, calib_samples, seed, latent_size)
     except ValueError as error:
         raise InputError(str(error)) from error
+
+
+def _model_folder(path: Path) -> None:
+    """An InputError unless `path` holds a transformer to load, checked without importing torch."""
+    from clq_compile.folders import transformer_folder
+
+    try:
+        transformer_folder(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--model {error}") from error
 
 
 def _probe(folder: Path, flag: str, path: Path) -> None:
@@ -222,6 +232,7 @@ def _checked(options: dict, prefix: str) -> dict:
 
 def quantize(args: argparse.Namespace) -> int:
     """Calibrate `args.model` on its own samples, quantize it and save the artifact."""
+    _model_folder(args.model)
     if args.lowrank_rank is not None and args.recipe not in LOWRANK_RECIPES:
         raise InputError(f"--lowrank-rank {args.lowrank_rank}: recipe {args.recipe} has no low-rank branch; "
                          f"drop it, or choose one of {', '.join(LOWRANK_RECIPES)}")
@@ -275,6 +286,7 @@ def explain(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Sample full precision and the artifact from the same noise and compare."""
+    _model_folder(args.model)
     if args.json is not None:
         _writable(args.json, "--json")
     manifest = _manifest(args.artifact, f"--artifact {args.artifact}")
@@ -369,7 +381,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def _add_wide(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wide", action="store_true",
-                        help=f"print the per-layer table's cells in full (default: cut to {TABLE_COLUMNS} columns)")
+                        help=f"one line per layer, every cell in full (default: wrapped to {TABLE_COLUMNS} columns)")
 
 
 def build_parser(prog: str = "clq") -> argparse.ArgumentParser:

@@ -29,6 +29,8 @@ import diffusers
 import torch
 from torch import nn
 
+from clq_compile.folders import checked_transformer_folder, pipeline_transformer_folder, transformer_folder
+
 from . import digits, metrics
 from .stress import sample as short_sampling_loop
 
@@ -298,15 +300,8 @@ def calibration_calls(task: Task, model: Callable[..., Any], steps: int, calib_s
 
 def load_transformer(path: Path) -> nn.Module:
     """A diffusers transformer folder, loaded with the class its config.json names, in eval mode."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder; expected a diffusers transformer folder "
-                                f"(config.json and the weights), e.g. bench/assets/digits-dit")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in it, so it is not a diffusers transformer "
-                                f"folder (a pipeline folder has model_index.json instead)")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
+    path = checked_transformer_folder(path)
+    class_name = json.loads((path / "config.json").read_text()).get("_class_name")
     cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{path}: config.json names {class_name!r}, which is not a diffusers "
@@ -320,23 +315,12 @@ def load_pipeline_transformer(path: Path) -> nn.Module:
     Only the transformer/ subfolder that model_index.json lists is loaded: the text encoders and
     the VAE are not needed to quantize or judge the transformer.
     """
-    path = Path(path)
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{path}: no model_index.json there, so it is not a diffusers pipeline "
-                                f"folder (one saved with DiffusionPipeline.save_pretrained)")
-    index = json.loads(index_file.read_text())
-    if not isinstance(index.get("transformer"), list) or index["transformer"][-1] is None:
-        raise ValueError(f"{path}: the pipeline {index.get('_class_name')!r} has no transformer to quantize")
-    return load_transformer(path / "transformer")
+    return load_transformer(pipeline_transformer_folder(path))
 
 
 def load_model(path: Path) -> nn.Module:
     """A pipeline folder's transformer (the folder has model_index.json), else a transformer folder."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return load_pipeline_transformer(path)
-    return load_transformer(path)
+    return load_transformer(transformer_folder(path))
 
 
 # ---------------------------------------------------------------------------------------------

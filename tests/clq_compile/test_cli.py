@@ -138,7 +138,9 @@ def _seconds(*argv: str) -> tuple[float, subprocess.CompletedProcess]:
 def test_help_and_typos_answer_without_importing_torch():
     probe = ("import sys\n"
              "from clq_compile.cli import main\n"
-             "for argv in (['--help'], ['quantize', '--help'], ['quantise'], ['quantize', '--bits', 'w3a4']):\n"
+             "for argv in (['--help'], ['quantize', '--help'], ['quantise'], ['quantize', '--bits', 'w3a4'],\n"
+             "             ['quantize', '--model', 'no-such-folder', '--out', 'x.safetensors'],\n"
+             "             ['eval', '--model', 'no-such-folder', '--artifact', 'x.safetensors']):\n"
              "    main(argv)\n"
              "heavy = sorted({'torch', 'diffusers', 'numpy'} & set(sys.modules))\n"
              "print('imported:', heavy)\n")

@@ -11,6 +11,9 @@
 - A calibration call with an empty input (a batch of 0) holds no data: it runs, as in eager
   mode, and is left out of the recordings with a warning.
 - torch.compile's `mode=` is refused with what to do instead.
+- Linear layers of the model that no compiled graph holds (Dynamo ran them eagerly after a graph
+  break inside a loop, or the calls never used them) stay in full precision: one warning names
+  them when calibration ends, and `explain` lists them.
 - A model where no layer is selected for quantization (no linear layers, or `skip` covering
   them all) is told so, with the reasons, instead of being asked to calibrate.
 
@@ -174,6 +177,35 @@ def warn_graph_breaks(state: ModelState) -> None:
         f"clq: the model was captured as {len(pieces)} graphs (Dynamo graph breaks) and each is "
         f"quantized on its own ({listed}). Layers in different graphs are calibrated separately; "
         f"torch._dynamo.explain(model)(*inputs) shows where the graph breaks.", stacklevel=3)
+
+
+def uncaptured_linears(state: ModelState) -> dict[str, torch.nn.Linear]:
+    """{path: module} of the model's linear layers that none of `state`'s graphs holds, once one
+    graph is captured (empty before, or when the model is gone)."""
+    root = state.root() if state.root is not None else None
+    if root is None or not state.graphs:
+        return {}
+    captured = {site.path for g in state.graphs for site in g.analysis.sites}
+    return {path: m for path, m in root.named_modules() if isinstance(m, torch.nn.Linear) and path not in captured}
+
+
+# States already warned about their uncaptured layers.
+_UNCAPTURED_WARNED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+UNCAPTURED_SHOWN = 3
+
+
+def warn_uncaptured(state: ModelState) -> None:
+    """Warn once per state when some linear layers ran outside every compiled graph."""
+    paths = list(uncaptured_linears(state))
+    if not paths or state in _UNCAPTURED_WARNED:
+        return
+    _UNCAPTURED_WARNED[state] = True
+    more = f" and {len(paths) - UNCAPTURED_SHOWN} more" if len(paths) > UNCAPTURED_SHOWN else ""
+    warnings.warn(
+        f"clq: {len(paths)} linear layers are in no compiled graph and stay in full precision "
+        f"({', '.join(paths[:UNCAPTURED_SHOWN])}{more}): Dynamo ran them eagerly (a graph break inside a "
+        f"loop runs the rest of that frame uncompiled), or the calls never used them. explain(qt) lists "
+        f"them; torch._dynamo.explain(model)(*inputs) shows where the graph breaks.", stacklevel=3)
 
 
 # States whose skip patterns were already checked.

@@ -6,14 +6,13 @@ import os
 import textwrap
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from clq_compile.kernels.formats import get_format, mode_name
 
 from .artifact import layer_manifest, ordered_decisions, read_manifest
 from .calibration import model_state
-from .checks import not_compiled
+from .checks import not_compiled, uncaptured_linears
 from .state import QUANTIZED
 
 HEADER = ("layer", "role", "out x in", "bits", "granularity", "method", "decision", "rel. error")
@@ -133,11 +132,8 @@ UNCAPTURED = ("not in a compiled graph: unused by the calls traced, or run by Dy
 
 def _uncaptured(state, rows: dict[str, LayerRow]) -> dict[str, LayerRow]:
     """Rows for the model's linear layers that no captured graph holds, once some graph is."""
-    root = state.root() if state.root is not None else None
-    if root is None or not state.graphs:
-        return {}
     return {path: LayerRow(path, "uncaptured", m.out_features, m.in_features, False, UNCAPTURED, None, None)
-            for path, m in root.named_modules() if isinstance(m, torch.nn.Linear) and path not in rows}
+            for path, m in uncaptured_linears(state).items() if path not in rows}
 
 
 def explain(qt, columns: int | None = None) -> str:

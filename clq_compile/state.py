@@ -33,7 +33,8 @@ from clq_compile.passes.layer import QuantizedLinear
 from clq_compile.passes.observers import GraphCalibration, Offloaded
 from clq_compile.passes.policy import Decision
 
-from .checks import check_recorded_call, not_compiled, skip_empty_call, warn_graph_breaks, warn_unmatched_skip
+from .checks import (check_recorded_call, not_compiled, skip_empty_call, warn_graph_breaks, warn_uncaptured,
+                     warn_unmatched_skip)
 from .options import Options
 from .pipeline import decide_layers, lower_graph, quantize_layers
 
@@ -424,6 +425,8 @@ class ModelState:
                  " on calibration data" if calibrated else " data-free")
         warn_graph_breaks(self)
         warn_unmatched_skip(self)
+        if calibrated:  # data-free, the first call quantizes before later graphs are captured
+            warn_uncaptured(self)
 
     def roles(self) -> dict[str, str]:
         """{module path: role} of the linear sites of every captured graph."""

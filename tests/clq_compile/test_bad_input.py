@@ -353,6 +353,22 @@ def test_linear_layers_outside_every_graph_are_listed_as_such():
         assert "uncaptured" in rows[path] and "not in a compiled graph" in rows[path]
 
 
+def test_quantizing_warns_once_about_layers_outside_every_graph():
+    torch._dynamo.reset()
+    model = BreakInALoop().eval()
+    qt = compile_clq(model)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with clq_compile.calibrating(qt):
+            qt(torch.randn(1, 8, 32))
+        qt(torch.randn(1, 8, 32))
+        with clq_compile.calibrating(qt):
+            qt(torch.randn(1, 8, 32))
+    said = [str(w.message) for w in caught if "in no compiled graph" in str(w.message)]
+    assert len(said) == 1
+    assert "2 linear layers" in said[0] and "head, unused" in said[0] and "full precision" in said[0]
+
+
 def test_graph_breaks_are_listed_without_calibration_too():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -677,7 +677,9 @@ CI_FAMILIES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transfor
                "QwenImageTransformer2DModel", "MochiTransformer3DModel",
                # A packed sequence written in place (Cosmos3-Omni), an indicator-masked packed
                # sequence (Ideogram4), text-fusion blocks before an embedding MLP (Krea2).
-               "Cosmos3OmniTransformer", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel")
+               "Cosmos3OmniTransformer", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
+               # A distilled guidance MLP of its own (Chroma).
+               "ChromaTransformer2DModel")
 
 # Classes exported next to the transformers that are not diffusion transformers of images/video.
 NOT_A_DIT = {

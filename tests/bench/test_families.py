@@ -21,6 +21,18 @@ DECISIONS = {
         "input_proj": False, "llm_cond_proj": False, "t_embedding.mlp_in": False, "adaln_proj": False,
         "layers.0.adaln_modulation": False, "final_layer.linear": False,
         "layers.0.attention.to_q": True, "layers.0.feed_forward.w2": True},
+    "ChromaTransformer2DModel": {
+        "x_embedder": False, "context_embedder": False, "distilled_guidance_layer.in_proj": False,
+        "distilled_guidance_layer.layers.0.linear_1": False, "proj_out": False,
+        "transformer_blocks.0.attn.to_q": True, "single_transformer_blocks.0.proj_mlp": True},
+    "HiDreamImageTransformer2DModel": {  # routed MoE experts process tokens: quantized
+        "x_embedder.proj": False, "caption_projection.0.linear": False,
+        "t_embedder.timestep_embedder.linear_1": False, "double_stream_blocks.0.block.adaLN_modulation.1": False,
+        "double_stream_blocks.0.block.ff_i.experts.0.w1": True, "double_stream_blocks.0.block.ff_i.shared_experts.w1": True,
+        "double_stream_blocks.0.block.attn1.to_q": True},
+    "QwenImageTransformer2DModel": {
+        "img_in": False, "txt_in": False, "transformer_blocks.0.img_mod.1": False, "norm_out.linear": False,
+        "transformer_blocks.0.attn.to_q": True, "transformer_blocks.0.img_mlp.net.2": True},
     "Krea2Transformer2DModel": {
         "img_in": False, "txt_in.linear_1": False, "txt_in.linear_2": False, "time_embed.linear_1": False,
         "time_mod_proj": False, "final_layer.linear": False,
@@ -40,7 +52,8 @@ def test_family_compiles_and_quantizes(name):
     model, _ = families.build(name)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for path, quantized in DECISIONS.get(name, {}).items():
-        assert path in linears and (path not in row["kept_layers"]) == quantized, (path, row["kept_layers"].get(path))
+        assert path in linears and path not in row["uncaptured"], path
+        assert (path not in row["kept_layers"]) == quantized, (path, row["kept_layers"].get(path))
     if name == GRAPH_BREAK_FAMILY:
         assert row["graphs"] > 1
         assert set(row["kept_layers"]) <= linears  # model-absolute paths, not a block's frame's

@@ -62,3 +62,55 @@ def test_paths_are_model_absolute_after_a_graph_break_inside_a_block(broken_dit)
         out = qt(**tiny_models.make_inputs("dit", seed=1)).sample
     assert rel_error(out, ref) < 0.02
     assert "transformer_blocks.1.attn1.to_q" in clq_compile.explain(qt)
+
+
+def test_an_artifact_saved_after_a_graph_break_inside_a_block_loads_with_the_same_outputs(broken_dit, tmp_path):
+    qt = _compile_calibrated(broken_dit, "w8a8")
+    path = tmp_path / "broken.safetensors"
+    clq_compile.save(qt, path)
+    inputs = tiny_models.make_inputs("dit", seed=2)
+    with torch.no_grad():
+        expected = qt(**inputs).sample
+    torch._dynamo.reset()
+    fresh = tiny_models.build("dit")
+    fresh.load_state_dict(broken_dit.state_dict())
+    for block in fresh.transformer_blocks:
+        block.attn1.register_forward_pre_hook(_break)
+    loaded = clq_compile.load(fresh, path, options={"kernels": "reference"})
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, expected)
+    state = model_state(loaded)
+    assert {"transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_q"} <= set(state.layers)
+    assert set(state.layers) <= set(dict(fresh.named_modules()))
+
+
+def test_paths_stay_model_absolute_after_an_interrupt_inside_a_block_during_calibration():
+    """A KeyboardInterrupt from a forward hook inside a block (Ctrl-C during calibration) leaves
+    Dynamo to compile the block's frame on its own at the next call: paths must not become the
+    frame's (`attn1.to_q`), shared by every block."""
+    torch._dynamo.reset()
+    model = tiny_models.build("dit")
+    interrupts = [1]
+
+    def interrupt(module, args):
+        if interrupts:
+            interrupts.pop()
+            raise KeyboardInterrupt
+
+    handle = model.transformer_blocks[1].attn1.register_forward_pre_hook(interrupt)
+    qt = torch.compile(model, backend="clq", options={"bits": "w8a8", "kernels": "reference"})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt), clq_compile.calibrating(qt):
+            qt(**tiny_models.make_inputs("dit", seed=100))
+        handle.remove()
+        with clq_compile.calibrating(qt):
+            for seed in range(3):
+                qt(**tiny_models.make_inputs("dit", seed=101 + seed))
+        state = model_state(qt)
+        modules = dict(model.named_modules())
+        assert set(state.layers) <= set(modules)
+        assert {f"transformer_blocks.{i}.attn1.to_q" for i in range(len(model.transformer_blocks))} <= set(state.layers)
+        ref = model(**tiny_models.make_inputs("dit", seed=1)).sample
+        out = qt(**tiny_models.make_inputs("dit", seed=1)).sample
+    assert rel_error(out, ref) < 0.02

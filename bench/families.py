@@ -11,8 +11,9 @@ run it eagerly, then compiled with backend="clq":
 - `w8a8` and `w4a4` with recipes `rtn` and `clq`: calibrated on 2 inputs, relative error
   ||out - eager|| / ||eager|| on a third, fresh input;
 - how many linear layers are quantized and kept, with each kept layer's reason;
-- the linear layers in no compiled graph (Dynamo ran them eagerly, in full precision: after a
-  graph break inside a block's loop, say), counted and named;
+- the linear layers that run but are in no compiled graph (Dynamo ran them eagerly, in full
+  precision: after a graph break inside a loop, say), counted and named, and how many linears
+  the tiny config's forward never calls;
 - how many graphs Dynamo handed the backend.
 
 Each family runs in its own process with a time limit, so a crash, a hang or an exception in
@@ -756,8 +757,13 @@ def measure(name: str, calls: int = 2, cells: tuple[tuple[str, str], ...] = CELL
     row: dict[str, Any] = {"family": name}
     model, inputs = build(name)
     fresh = inputs(1)
+    called: set[str] = set()  # the linears the eager forward runs (a tiny config may leave some unused)
+    hooks = [m.register_forward_hook(lambda *_, path=path: called.add(path))
+             for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         ref = sample(model(**fresh))
+    for hook in hooks:
+        hook.remove()
     row["eager"] = bool(torch.isfinite(ref).all())
     for bits, recipe in (("w16a16", "rtn"), *cells):
         torch._dynamo.reset()
@@ -779,9 +785,10 @@ def measure(name: str, calls: int = 2, cells: tuple[tuple[str, str], ...] = CELL
             row["quantized"] = sum(d["quantize"] for d in decisions.values())
             row["kept"] = dict(Counter(d["reason"] for d in decisions.values() if not d["quantize"]))
             row["kept_layers"] = {p: d["reason"] for p, d in decisions.items() if not d["quantize"]}
-            # Linears no compiled graph holds: Dynamo ran them eagerly, in full precision.
-            row["uncaptured"] = sorted(p for p, m in model.named_modules()
-                                       if isinstance(m, torch.nn.Linear) and p not in decisions)
+            # Linears that run but that no compiled graph holds: Dynamo ran them eagerly, in full precision.
+            outside = [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p not in decisions]
+            row["uncaptured"] = sorted(p for p in outside if p in called)
+            row["unused"] = sum(p not in called for p in outside)
     return row
 
 
@@ -837,17 +844,18 @@ def markdown(rows: list[dict], skipped: dict[str, str], seconds: float, updates:
           for u in updates),
         "",
         "| family | eager | w16a16 identical | w8a8 rtn | w8a8 clq | w4a4 rtn | w4a4 clq | quantized | kept | "
-        "uncaptured (run eagerly, full precision) | graphs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "run outside the graphs (eagerly, full precision) | unused | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | error: {r['error']} |  |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['family']} | error: {r['error']} |  |  |  |  |  |  |  |  |  |  |")
             continue
         kept = "; ".join(f"{n} {reason}" for reason, n in r["kept"].items())
         lines.append("| " + " | ".join([r["family"], _fmt(r["eager"]), _fmt(r["w16a16_identical"]),
                                         *(_fmt(r[f"{b}_{m}"]) for b, m in CELLS), str(r["quantized"]),
-                                        kept, _uncaptured(r.get("uncaptured")), str(r["graphs"])]) + " |")
+                                        kept, _uncaptured(r.get("uncaptured")), _fmt(r.get("unused", "not recorded")),
+                                        str(r["graphs"])]) + " |")
     lines += ["", "## Skipped", "", "| class | why |", "|---|---|"]
     lines += [f"| {name} | {why} |" for name, why in sorted(skipped.items())]
     return "\n".join(lines) + "\n"

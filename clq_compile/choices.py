@@ -14,10 +14,11 @@ KERNELS = ("auto", "reference", "triton")
 CONDITIONING_BITS = (None, "w3a16", "w4a16", "w8a16")
 CONDITIONING_ROLES = ("conditioning", "adaln", "adaln_token")
 RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
-                "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "lrq-dit", "d2quant",
-                "adatsq")
+                "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "rtn+lowrank",
+                "gptq+lowrank", "quarot+lowrank", "quarot+gptq+lowrank", "lrq-dit", "d2quant", "adatsq")
 # The recipes that give layers a 16-bit low-rank branch (option lowrank_rank).
-LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank")
+LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank", "rtn+lowrank", "gptq+lowrank", "quarot+lowrank",
+                   "quarot+gptq+lowrank")
 # The options only some recipes read: {option: the recipes}. Refused with the others, and not
 # recorded in their artifacts.
 # The recipes whose layers always take the mean correction after the recipe (D²Quant's DAC).

@@ -81,8 +81,9 @@ class Options:
                       memory then holds the search calls' window, not the whole calibration set)
     gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
     lowrank_rank:     rank of the 16-bit low-rank branch of the recipes that keep one (svdquant,
-                      clq+lowrank, clq+gptq+lowrank; passes/lowrank.py), capped per layer at
-                      min(out, in) / 4; refused with any other recipe
+                      and the `+lowrank` recipes: clq, clq+gptq, rtn, gptq, quarot, quarot+gptq;
+                      passes/lowrank.py), capped per layer at min(out, in) / 4; refused with any
+                      other recipe
     ars_threshold:    recipe lrq-dit: the activation criterion J (root mean square of the scaled
                       layer input) at or above which a layer takes the outlier-aware rotation
                       instead of the Hadamard (passes/lrq_dit.py); refused with any other recipe

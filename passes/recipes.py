@@ -17,6 +17,7 @@ Recipes are data in `RECIPES`, so the same graph gives every method's result for
 | clq+gptq | CLQ with GPTQ weights |
 | svdquant | SmoothQuant's smoothing, then a 16-bit low-rank branch split off W·diag(s); the residual quantized |
 | clq+lowrank / clq+gptq+lowrank | CLQ (with GPTQ weights) and a 16-bit low-rank branch split off each weight |
+| rtn+lowrank / gptq+lowrank / quarot+lowrank / quarot+gptq+lowrank | the branch split off W first, the residual quantized by the recipe |
 | lrq-dit | LRQ-DiT: smoothing α = 0.5, adaptive rotation (Hadamard or outlier-aware, by J), twin-log weights |
 | d2quant | D²Quant: GPTQ weights, the feed-forward down projections dual-scaled first; then the mean correction |
 | adatsq | AdaTSQ: a bit-width pair per layer and timestep bucket, beam-searched under an average-bits budget |
@@ -224,6 +225,21 @@ def _gptq_recipe(weights, configs, calibration, execution):
     return _per_layer(weights, "gptq", lambda p, w: gptq_layer(w, stats[p].hessian, configs.quantizer, configs.gptq))
 
 
+def _lowrank_first(weights, configs, calibration, execution, base: str):
+    """`base` on the residuals R of W = R + up · down (the rank-r branch split off W itself,
+    passes/lowrank.py), each layer keeping its branch. Exact for the recipes whose transforms are
+    orthogonal (a rotation Q: the leading singular directions of W·Q are those of W, turned), or
+    none: splitting before or after the transform keeps the same branch and residual."""
+    from .lowrank import lowrank_rank, lowrank_split
+
+    split = {p: lowrank_split(w, r, w.dtype) if (r := lowrank_rank(*w.shape, configs.lowrank.rank)) else (w, None)
+             for p, w in weights.items()}
+    layers = RECIPES[base]({p: residual for p, (residual, _) in split.items()}, configs, calibration, execution)
+    return {p: layer if (branch := split[p][1]) is None else
+            dataclasses.replace(layer, lowrank=branch, method=f"{layer.method} +lowrank r{branch.rank}")
+            for p, layer in layers.items()}
+
+
 def _clq_recipe(weights, configs, calibration, execution, parts: Components):
     return clq_quantize(weights, configs, calibration, parts, execution)
 
@@ -252,6 +268,10 @@ RECIPES: dict[str, Recipe] = {
     "svdquant": _svdquant_recipe,
     "clq+lowrank": partial(_clq_recipe, parts=Components(lowrank=True)),
     "clq+gptq+lowrank": partial(_clq_recipe, parts=Components(gptq=True, lowrank=True)),
+    "rtn+lowrank": partial(_lowrank_first, base="rtn"),
+    "gptq+lowrank": partial(_lowrank_first, base="gptq"),
+    "quarot+lowrank": partial(_lowrank_first, base="quarot"),
+    "quarot+gptq+lowrank": partial(_lowrank_first, base="quarot+gptq"),
     "lrq-dit": _lrq_dit_recipe,
     "d2quant": _d2quant_recipe,
     "adatsq": _adatsq_recipe,

@@ -42,7 +42,7 @@ def layers_by_hand(model, state, inputs):
             h.remove()
 
 
-@pytest.mark.parametrize("recipe", ["svdquant", "clq+lowrank"])
+@pytest.mark.parametrize("recipe", ["svdquant", "clq+lowrank", "quarot+lowrank", "gptq+lowrank"])
 def test_the_compiled_branch_is_the_records_branch(recipe):
     """The lowered graph (merged q/k/v included, each member adding its own branch) computes what
     the records do; every layer wide enough has a branch of the option's rank."""
@@ -69,6 +69,36 @@ def test_weight_only_and_8_bit_modes_carry_the_branch_the_same_way(recipe, optio
     inputs = tiny_models.make_inputs("pixart", seed=6)
     with torch.no_grad():
         assert torch.equal(qt(**inputs).sample, layers_by_hand(model, state, inputs))
+
+
+@pytest.mark.parametrize("recipe", ["rtn+lowrank", "gptq+lowrank", "quarot+lowrank", "quarot+gptq+lowrank"])
+def test_a_plus_lowrank_recipe_is_its_base_on_the_residual_of_the_weights_own_split(recipe):
+    """The branch is the leading singular directions of W itself (for these recipes' orthogonal
+    rotations, the same as of the rotated W); the rest of the layer is the base recipe's record
+    for the residual R = W - up · down (checked whole for the data-free bases; the GPTQ bases'
+    Hessians are the recordings', which are released after calibration)."""
+    from clq_compile.passes.lowrank import lowrank_split
+    from clq_compile.passes.recipes import RECIPES
+
+    model, qt = calibrated(recipe, lowrank_rank=4)
+    state = model_state(qt)
+    base = recipe.removesuffix("+lowrank")
+    weights = {p: model.get_submodule(p).weight for p in state.layers}
+    split = {p: lowrank_split(w, 4, w.dtype) for p, w in weights.items()}
+    for p, w in weights.items():
+        residual, branch = split[p]
+        # W = R + up · down to float32 rounding: the split itself changes nothing.
+        assert torch.allclose(residual.double() + branch.up.double() @ branch.down.double(), w.double(), atol=1e-5)
+        assert torch.equal(state.layers[p].lowrank.down, branch.down) and torch.equal(state.layers[p].lowrank.up, branch.up)
+    if "gptq" in base:
+        assert all(layer.method == f"{base} +lowrank r4" for layer in state.layers.values())
+        return
+    configs = parse_options({"bits": "w4a4", "recipe": base}).method_configs()
+    expected = RECIPES[base]({p: r for p, (r, _) in split.items()}, configs, None, state.options.execution())
+    for p, layer in state.layers.items():
+        assert torch.equal(layer.weight.qweight, expected[p].weight.qweight), p
+        assert torch.equal(layer.weight.scale, expected[p].weight.scale), p
+        assert layer.method == f"{expected[p].method} +lowrank r4"
 
 
 def test_the_branch_lowers_the_error_and_is_counted_in_memory():

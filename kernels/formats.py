@@ -6,8 +6,8 @@ A format is one frozen object that knows
   the nearest code (`encode`) and how a code becomes a value again (`decode`);
 - its storage: how a weight's codes are laid out in the op's `qweight` tensor (`store`, `unpack`,
   `storage`) and which input widths that layout can hold (`width_problem`);
-- its kernels: the compiled paths that compute with it (`kernels`; kernels/triton_linear.py
-  dispatches on them).
+- its kernels: the compiled paths that compute with it (`kernels`: `INTEGER_GEMM`, `WEIGHT_ONLY`,
+  `SCALED_MM`; kernels/triton_linear.py dispatches on them and on nothing else).
 
 Scales are chosen by one quantizer for every format (kernels/quantize.py): s = max|v| / qmax per
 row or group (symmetric), or (max - min) / (qmax - qmin) with a zero point (asymmetric, integer
@@ -77,7 +77,7 @@ class NumberFormat:
         return self
 
     code_dtype: torch.dtype = torch.int16  # the dtype of a `Quantized`'s codes
-    kernels: tuple[str, ...] = ()
+    kernels: tuple[str, ...] = ()  # the compiled paths below that compute with it; () for none
 
     def scale_shape(self, n: int, k: int, group: int | None) -> tuple[int, int]:
         """The shape of a weight's scale tensor: one float32 per row and group of K."""
@@ -123,9 +123,8 @@ class NumberFormat:
 
 @dataclass(frozen=True)
 class IntegerFormat(NumberFormat):
-    """b-bit two's-complement integers (storage: kernels/packing.py)."""
-
-    kernels: tuple[str, ...] = ("triton",)
+    """b-bit two's-complement integers (storage: kernels/packing.py). Kernels: as the constants
+    below give them (int4 / int8 both paths, int3 the weight-only GEMM; the other widths none)."""
 
     @property
     def integer(self) -> bool:
@@ -194,7 +193,7 @@ class Float8Format(NumberFormat):
     """
 
     code_dtype: torch.dtype = torch.float8_e4m3fn
-    kernels: tuple[str, ...] = ("scaled_mm",)
+    kernels: tuple[str, ...] = ("scaled_mm",)  # SCALED_MM
 
     def qrange(self, symmetric: bool = True) -> tuple[float, float]:
         if not symmetric:
@@ -236,7 +235,7 @@ class TwinLogFormat(IntegerFormat):
     The codes come from passes/twin_log.py (η and the clipping bounds searched per row).
     """
 
-    kernels: tuple[str, ...] = ("weight-only",)
+    kernels: tuple[str, ...] = ("weight-only",)  # WEIGHT_ONLY, decoding
 
     @property
     def integer(self) -> bool:
@@ -290,7 +289,13 @@ class Unquantized(NumberFormat):
         return False
 
 
-INT3, INT4, INT8 = IntegerFormat("int3", 3), IntegerFormat("int4", 4), IntegerFormat("int8", 8)
+# The compiled paths a format's `kernels` can name (kernels/triton_linear.py): the integer
+# tensor-core GEMM after the quantize kernel (both operands' formats must name it), the
+# weight-only GEMM that dequantizes or decodes the weight in registers, torch._scaled_mm.
+INTEGER_GEMM, WEIGHT_ONLY, SCALED_MM = "integer-gemm", "weight-only", "scaled_mm"
+
+INT3 = IntegerFormat("int3", 3, kernels=(WEIGHT_ONLY,))
+INT4, INT8 = (IntegerFormat(f"int{b}", b, kernels=(INTEGER_GEMM, WEIGHT_ONLY)) for b in (4, 8))
 E4M3 = Float8Format("e4m3", 8)
 NONE = Unquantized("none", 16)
 TLQ3, TLQ4 = TwinLogFormat("tlq3", 3), TwinLogFormat("tlq4", 4)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .float8_linear import float8_linear
-from .formats import NumberFormat, check_pair, get_format
+from .formats import INTEGER_GEMM, SCALED_MM, WEIGHT_ONLY, NumberFormat, check_pair, get_format
 from .packing import unpack_int4
 from .reference import quant_linear_reference, transform_activation
 from .triton_gemm import quant_matmul
@@ -91,7 +91,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
     w_fmt, a_fmt = get_format(w_format), get_format(a_format)
     lead = x.shape[:-1]
     rows = x.reshape(-1, in_features)
-    if not w_fmt.uniform or (not a_fmt.quantizes and w_fmt.integer):
+    if not a_fmt.quantizes and WEIGHT_ONLY not in w_fmt.kernels:
+        return quant_linear_reference(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
+                                      in_features, w_format, a_format, w_group, a_group)
+    if not a_fmt.quantizes or (not w_fmt.uniform and WEIGHT_ONLY in w_fmt.kernels):
         # The weight-only GEMM: integer weights dequantized, or twin-log ones decoded, in registers.
         if a_fmt.quantizes:
             rows = _decoded_activations(rows, act_mul, act_perm, act_rotation, w_fmt, a_fmt, a_group)
@@ -99,12 +102,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.T
             rows = transform_activation(rows.float(), act_mul, act_perm, act_rotation).to(x.dtype)
         out = weight_only_matmul(rows, qweight, w_scale, w_zero, bias, in_features, w_fmt.bits, w_group, x.dtype,
                                  twin_log=not w_fmt.uniform)
-    elif not a_fmt.quantizes:
-        return quant_linear_reference(x, qweight, w_scale, w_zero, bias, act_mul, act_perm, act_rotation,
-                                      in_features, w_format, a_format, w_group, a_group)
-    elif "scaled_mm" in w_fmt.kernels:
+    elif SCALED_MM in w_fmt.kernels and SCALED_MM in a_fmt.kernels:
         out = float8_linear(rows, qweight, w_scale, bias, act_mul, act_perm, act_rotation, a_fmt, w_group, a_group)
-    elif w_fmt.bits in (4, 8) and a_fmt.bits in (4, 8):
+    elif INTEGER_GEMM in w_fmt.kernels and INTEGER_GEMM in a_fmt.kernels:
         xq, x_scale = quantize_activation_triton(rows, a_fmt.bits, a_group or None, act_mul, act_perm,
                                                  act_rotation)
         out = quant_matmul(xq, x_scale, qweight, w_scale, w_zero, bias, in_features, a_fmt.bits, w_fmt.bits,

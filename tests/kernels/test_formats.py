@@ -80,3 +80,13 @@ def test_modes_name_their_pairs_and_pairs_are_checked():
     check_pair(E4M3, NONE)
     with pytest.raises(ValueError, match="unknown number format 'int5'; the formats are int3, int4, int8, e4m3, none"):
         get_format("int5")
+
+
+def test_each_format_names_only_the_compiled_paths_the_dispatch_knows():
+    from clq_compile.kernels.formats import FORMATS, INTEGER_GEMM, SCALED_MM, WEIGHT_ONLY, integer_format
+
+    assert all(set(f.kernels) <= {INTEGER_GEMM, WEIGHT_ONLY, SCALED_MM} for f in FORMATS.values())
+    # int3 has a weight-only GEMM but no integer tensor-core path; widths without storage have none.
+    assert FORMATS["int3"].kernels == (WEIGHT_ONLY,)
+    assert INTEGER_GEMM in FORMATS["int4"].kernels and INTEGER_GEMM in FORMATS["int8"].kernels
+    assert integer_format(2).kernels == ()

@@ -1,4 +1,5 @@
-"""Are the Triton kernels right on this GPU?  One pass over W4A4 / W4A8 / W8A8, fails loudly.
+"""Are the compiled kernels right on this GPU?  One pass over W4A4 / W4A8 / W8A8, FP8 and the
+weight-only modes, fails loudly.
 
     python bench/kernel_check.py [--out DIR] [--configs N|all]   # on a CUDA GPU
     python bench/kernel_check.py --dry-run                        # the plan, its compiles, its minutes
@@ -19,6 +20,11 @@ wrappers the backend calls (`quant_linear_triton`, `quantize_activation_triton`,
 - nan:       a NaN in one token gives NaN in that token's every output and leaves the other tokens
              bit for bit as they were.
 
+FP8 (e4m3 weights and activations through torch._scaled_mm rowwise) and the weight-only modes
+(W3A16 / W4A16 / W8A16 through the Triton dequantize-in-registers GEMM) have no integer product and
+no quantize kernel of their own: they get the layer check (against float64 on the same e4m3
+activations, or on x itself) and the nan check.
+
 Output buffers are poisoned first: blocks of the output's size are filled with NaN and freed, so
 the allocator hands them to the kernel; an element the kernel forgot then shows as NaN or as a
 mismatch. Last, on sm_90, the compiled GEMMs' SASS (cuobjdump of Triton's cache) must hold IGMMA,
@@ -35,7 +41,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lease
@@ -43,6 +49,7 @@ import lease
 TOL = 1e-2
 ROTATION_FLIPS = 1e-3
 GEMM_LISTS = ("SM90_CONFIGS", "SM80_CONFIGS")
+WEIGHT_ONLY_LISTS = ("CONFIGS",)  # kernels/triton_weight_only.py
 # Planning figures for --dry-run: one sm_90 GEMM compile took 3-5 s with Triton 3.9 on this
 # project's 2-core CPU machine (bench/README.md); one autotune trial is do_bench's 25 + 100 ms.
 COMPILE_SECONDS = 4.0
@@ -61,6 +68,17 @@ class Variant:
     w_group: int = 0
     rotation: int = 0
     asymmetric: bool = False
+    w_format: str = ""  # a number format's name (kernels/formats.py); "" for int{w_bits}
+    a_format: str = ""  # likewise for the activations; "none" for a weight-only mode
+
+    @property
+    def formats(self) -> tuple[str, str]:
+        return self.w_format or f"int{self.w_bits}", self.a_format or f"int{self.a_bits}"
+
+    @property
+    def integer(self) -> bool:
+        """Whether the layer runs on the quantize kernel and the integer GEMM."""
+        return not (self.w_format or self.a_format)
 
 
 @dataclass(frozen=True)
@@ -74,18 +92,25 @@ class Case:
 VARIANTS = (Variant("w4a4", 4, 4), Variant("w4a4_g128", 4, 4, 128, 128), Variant("w4a8", 4, 8),
             Variant("w8a8", 8, 8), Variant("w4a4_rot128", 4, 4, rotation=128),
             Variant("w4a4_asym_g128", 4, 4, w_group=128, asymmetric=True))
+# The modes without an integer GEMM, at fewer token counts: their kernels are torch._scaled_mm
+# (cuBLASLt) and the weight-only GEMM, whose tiles switch at M = 16.
+MODE_VARIANTS = (Variant("fp8", 8, 8, w_format="e4m3", a_format="e4m3"), Variant("w4a16", 4, 16, a_format="none"),
+                 Variant("w8a16", 8, 16, a_format="none"), Variant("w3a16", 3, 16, a_format="none"))
+MODE_TOKENS = (7, 1000)
 TOKENS = (1, 7, 1000, 4096)
 WIDE = ((4608, 1152), (1152, 4608))
 TINY_VARIANTS = tuple(Variant(v.name.replace("128", "32"), v.w_bits, v.a_bits, v.a_group and 32,
-                              v.w_group and 32, v.rotation and 32, v.asymmetric) for v in VARIANTS)
+                              v.w_group and 32, v.rotation and 32, v.asymmetric) for v in VARIANTS) + MODE_VARIANTS
 
 
 def plan(tiny: bool = False) -> list[Case]:
-    """Every variant at (N, K) = (1152, 1152) for each M; the wide DiT shapes at M = 1000."""
+    """Every integer variant at (N, K) = (1152, 1152) for each M, then FP8 and the weight-only modes
+    at M = 7 and 1000, then the wide DiT shapes at M = 1000 (the cases a short budget leaves out)."""
     if tiny:
         return [Case(v, m, 48, 64) for m in (1, 7, 33) for v in TINY_VARIANTS] + \
                [Case(TINY_VARIANTS[0], 9, 32, 128)]
     cases = [Case(v, m, 1152, 1152) for m in TOKENS for v in VARIANTS]
+    cases += [Case(v, m, 1152, 1152) for m in MODE_TOKENS for v in MODE_VARIANTS]
     cases += [Case(v, 1000, n, k) for n, k in WIDE for v in VARIANTS if v.name in ("w4a4", "w8a8")]
     return cases
 
@@ -100,6 +125,12 @@ def estimate(cases: list[Case], gemm_configs: int) -> dict:
     gemm, quant, gemm_keys, quant_keys = set(), set(), set(), set()
     for c in cases:
         v = c.variant
+        if not v.integer:  # e4m3 runs on cuBLASLt; a weight-only mode on the weight-only GEMM alone
+            if v.a_format == "none":
+                sig = ("weight-only", v.w_bits, v.w_group or c.k)
+                gemm.add(sig)
+                gemm_keys.add((c.m, c.n, c.k, sig))
+            continue
         for bias in (True, False):  # the layer call and the unit-scale integer call
             sig = (v.a_bits, v.w_bits, v.a_group or c.k, v.w_group or c.k, v.asymmetric, bias)
             gemm.add(sig)
@@ -149,12 +180,13 @@ def int_oracle(a, w):
 def _weights(case: Case, g, device):
     """A random weight [N, K] and its quantized, packed form."""
     import torch
+    from clq_compile.kernels.formats import get_format
     from clq_compile.kernels.packing import pack_weight
     from clq_compile.kernels.quantize import quantize
 
     v = case.variant
     w = torch.randn(case.n, case.k, generator=g) / case.k**0.5
-    quantized = quantize(w, v.w_bits, symmetric=not v.asymmetric, group=v.w_group or None)
+    quantized = quantize(w, get_format(v.formats[0]), symmetric=not v.asymmetric, group=v.w_group or None)
     stored = pack_weight(quantized)
     return quantized, {"qweight": stored.qweight.to(device), "w_scale": stored.scale.to(device),
                        "w_zero": None if stored.zero is None else stored.zero.to(device)}
@@ -173,8 +205,10 @@ def _transform(case: Case, g, device):
 
 
 def check_case(case: Case, seed: int, device: str) -> list[dict]:
-    """The layer, quantize, integer and NaN checks of one case; one result dict each."""
+    """The layer, quantize, integer and NaN checks of one case (layer and NaN only for the modes
+    without an integer GEMM); one result dict each."""
     import torch
+    from clq_compile.kernels.formats import get_format
     from clq_compile.kernels.packing import pack_int4
     from clq_compile.kernels.quantize import quantize_activation
     from clq_compile.kernels.reference import transform_activation
@@ -189,8 +223,9 @@ def check_case(case: Case, seed: int, device: str) -> list[dict]:
     bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).to(device)
     wq, layer = _weights(case, g, device)
     mul, perm, rot = _transform(case, g, device)
-    args = (layer["qweight"], layer["w_scale"], layer["w_zero"], bias, mul, perm, rot, k, f"int{v.w_bits}",
-            f"int{v.a_bits}", v.w_group, v.a_group)
+    w_format, a_format = v.formats
+    args = (layer["qweight"], layer["w_scale"], layer["w_zero"], bias, mul, perm, rot, k, w_format, a_format,
+            v.w_group, v.a_group)
     results = []
 
     def result(check: str, ok: bool, **measured) -> None:
@@ -200,11 +235,18 @@ def check_case(case: Case, seed: int, device: str) -> list[dict]:
     if cuda:
         _poison(((m, n), torch.bfloat16))
     out = quant_linear_triton(x, *args)
-    xa = quantize_activation(transform_activation(x.float(), mul, perm, rot), v.a_bits, v.a_group or None)
-    ref = _dequantize64(xa) @ _dequantize64(wq).to(device).t() + bias.double()
+    transformed = transform_activation(x.float(), mul, perm, rot)
+    if a_format == "none":
+        ref = transformed.double() @ _dequantize64(wq).to(device).t() + bias.double()
+    else:
+        xa = quantize_activation(transformed, get_format(a_format), v.a_group or None)
+        ref = _dequantize64(xa) @ _dequantize64(wq).to(device).t() + bias.double()
     finite = bool(torch.isfinite(out).all())
     rel = _rel(out, ref)
     result("layer", finite and rel <= TOL, rel_error=rel, finite=finite, tol=TOL)
+    if not v.integer:
+        _nan_check(x, out, args, result)
+        return results
 
     # quantize kernel, against the reference quantizer
     q, scale = quantize_activation_triton(x, v.a_bits, v.a_group or None, mul, perm, rot)
@@ -236,26 +278,39 @@ def check_case(case: Case, seed: int, device: str) -> list[dict]:
     equal = bool(torch.equal(got, exact.to(torch.float32)))
     result("integer", equal, differing=float((got != exact.to(torch.float32)).float().mean()))
 
-    # NaN in one token
-    if m > 1:
-        x_nan = x.clone()
-        x_nan[m // 2, k // 3] = float("nan")
-        out_nan = quant_linear_triton(x_nan, *args)
-        others = torch.ones(m, dtype=torch.bool, device=device)
-        others[m // 2] = False
-        nan_row = bool(torch.isnan(out_nan[m // 2]).all())
-        kept = bool(torch.equal(out_nan[others], out[others]))
-        result("nan", nan_row and kept, nan_row_all_nan=nan_row, other_rows_unchanged=kept)
+    _nan_check(x, out, args, result)
     return results
 
 
-def _dequantize64(quantized):
-    """float64 [rows, K] of a Quantized: scale * (q - zero) group by group, without rounding.
+def _nan_check(x, out, args, result) -> None:
+    """A NaN in one token of x (M > 1): that token's outputs all NaN, the others unchanged."""
+    import torch
+    from clq_compile.kernels.triton_linear import quant_linear_triton
 
-    Its own `dequantize` with the scales in float64: the integers (and q - zero) are exact in
-    float32, and their products with float64 scales are float64 by torch's type promotion.
+    m, k = x.shape
+    if m < 2:
+        return
+    x_nan = x.clone()
+    x_nan[m // 2, k // 3] = float("nan")
+    out_nan = quant_linear_triton(x_nan, *args)
+    others = torch.ones(m, dtype=torch.bool, device=x.device)
+    others[m // 2] = False
+    nan_row = bool(torch.isnan(out_nan[m // 2]).all())
+    kept = bool(torch.equal(out_nan[others], out[others]))
+    result("nan", nan_row and kept, nan_row_all_nan=nan_row, other_rows_unchanged=kept)
+
+
+def _dequantize64(quantized):
+    """float64 [rows, K] of a Quantized: decode(q, zero) * scale group by group, without rounding.
+
+    The decoded codes (integers, q - zero, or e4m3 values) are exact in float32; their products
+    with the scales are taken in float64 (the format's own `dequantize` multiplies in float32).
     """
-    return replace(quantized, scale=quantized.scale.double()).dequantize()
+    q, zero = quantized.q, quantized.zero
+    rows, k = q.shape
+    g = quantized.group or k
+    values = quantized.format.decode(q.reshape(rows, k // g, g), None if zero is None else zero.unsqueeze(-1))
+    return (values.double() * quantized.scale.double().unsqueeze(-1)).reshape(rows, k)
 
 
 def _unpack(q, bits: int):
@@ -302,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = plan(tiny=args.interpret)
 
     import torch
-    from clq_compile.kernels import triton_gemm
+    from clq_compile.kernels import triton_gemm, triton_weight_only
 
     kept_gemm = lease.limit_configs(triton_gemm, GEMM_LISTS, keep)
+    kept_gemm.update({f"weight_only.{name}": n for name, n in
+                      lease.limit_configs(triton_weight_only, WEIGHT_ONLY_LISTS, keep).items()})
     cost = estimate(cases, max(kept_gemm.values(), default=9))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     rows.write("plan", dry_run=args.dry_run, seed=seed, configs=kept_gemm, estimate=cost,

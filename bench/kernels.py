@@ -1,4 +1,4 @@
-"""Speed of the Triton W4A4 / W8A8 kernels against cuBLAS bf16, cuBLAS int8 and FP8, one row at a time.
+"""Speed of the W4A4 / W8A8 / FP8 / W4A16 layers against cuBLAS bf16, cuBLAS int8 and FP8, one row at a time.
 
     python bench/kernels.py --lease [--out DIR]   # the lease plan: fits a GPU lease (bench/README.md)
     python bench/kernels.py [--out DIR]           # every DiT shape at M = 1024, 4096, 16384
@@ -12,6 +12,8 @@ For each M x (N, K) of the plan, on one CUDA GPU, in the same process:
 - w4a4, w8a8:    the whole quantized layer: activation-quantize kernel + integer GEMM
 - w4a4_rot128:   the same with CLQ's online transform (channel multiplier, gather, 128-block rotation)
 - w4a4_quantize, w4a4_gemm: the two kernels of w4a4 on their own
+- fp8:           the whole `bits="fp8"` layer: per-token e4m3 quantize (torch) + torch._scaled_mm
+- w4a16:         the whole `bits="w4a16"` layer: the Triton weight-only GEMM, bf16 activations
 
 each timed with triton.testing.do_bench (median; it flushes L2 between runs) and as CUDA-graph
 replay (median), which hides launch gaps. Each row also gives ratios to bf16, int8_mm and
@@ -40,7 +42,8 @@ LEASE_SHAPES = ((1152, 1152), (3072, 3072), (12288, 3072))
 FULL_TOKENS = (1024, 4096, 16384)
 FULL_SHAPES = ((1152, 1152), (3456, 1152), (4608, 1152), (1152, 4608), (3072, 3072), (12288, 3072),
                (3072, 12288))
-VARIANTS = ("bf16", "int8_mm", "fp8_rowwise", "w4a4", "w8a8", "w4a4_rot128", "w4a4_quantize", "w4a4_gemm")
+VARIANTS = ("bf16", "int8_mm", "fp8_rowwise", "w4a4", "w8a8", "w4a4_rot128", "w4a4_quantize", "w4a4_gemm", "fp8",
+            "w4a16")
 LEASE_CONFIGS = 2
 PEAK_SIZE = 8192
 COPY_BYTES = 2**30
@@ -67,9 +70,10 @@ def estimate(rows: list[tuple[int, int, int]], gemm_configs: int) -> dict:
     on M and K."""
     ks = {k for _, _, k in rows}
     launches = len({(m, k) for m, _, k in rows})
-    # GEMM: w4a4 and w8a8 per K; quantize: 4-bit, 8-bit and 4-bit rotated per K (per M and K untuned).
-    compiles = len(ks) * 2 * gemm_configs + launches * 3
-    trials = len(rows) * 2 * gemm_configs
+    # GEMM: w4a4, w8a8 and the weight-only w4a16 per K; quantize: 4-bit, 8-bit and 4-bit rotated per K
+    # (per M and K untuned). fp8 runs on cuBLASLt: nothing to compile.
+    compiles = len(ks) * 3 * gemm_configs + launches * 3
+    trials = len(rows) * 3 * gemm_configs
     seconds = (compiles * kernel_check.COMPILE_SECONDS + trials * kernel_check.TRIAL_SECONDS
                + len(rows) * len(VARIANTS) * TIMING_SECONDS + PEAK_SECONDS)
     return {"rows": len(rows), "compiles": compiles, "autotune_trials": trials, "seconds": round(seconds)}
@@ -134,6 +138,7 @@ def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
     import torch
     import torch.nn.functional as F
 
+    from clq_compile.kernels.formats import get_format
     from clq_compile.kernels.hadamard import normalized_hadamard
     from clq_compile.kernels.packing import pack_weight
     from clq_compile.kernels.quantize import quantize, quantize_activation
@@ -150,6 +155,8 @@ def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
         quantized = quantize(w, bits)
         stored = pack_weight(quantized)
         layers[bits] = (quantized, stored.qweight.to(device), stored.scale.to(device))
+    e4m3 = pack_weight(quantize(w, get_format("e4m3")))
+    f8_weight, f8_scale = e4m3.qweight.to(device), e4m3.scale.to(device)
     a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
     a_f8 = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
@@ -176,6 +183,10 @@ def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
         "w4a4_quantize": lambda: quantize_activation_triton(x, 4),
         "w4a4_gemm": lambda: quant_matmul(xq, x_scale, layers[4][1], layers[4][2], None, None, k, 4, 4, 0, 0,
                                           torch.bfloat16),
+        "fp8": lambda: quant_linear_triton(x, f8_weight, f8_scale, None, None, None, None, None, k, "e4m3", "e4m3",
+                                           0, 0),
+        "w4a16": lambda: quant_linear_triton(x, layers[4][1], layers[4][2], None, None, None, None, None, k, "int4",
+                                             "none", 0, 0),
     }
     ms, graph, errors = {}, {}, {}
     for name, fn in fns.items():
@@ -199,7 +210,7 @@ def time_row(m: int, n: int, k: int, peaks: dict, device: str = "cuda") -> dict:
     def ratio(base: str) -> dict:
         return {name: best[base] / t for name, t in best.items() if name != base} if base in best else {}
 
-    tops = {name: ops / best[name] / 1e9 for name in ("int8_mm", "w4a4", "w8a8", "w4a4_gemm") if name in best}
+    tops = {name: ops / best[name] / 1e9 for name in ("int8_mm", "w4a4", "w8a8", "w4a4_gemm", "fp8") if name in best}
     return {
         "M": m, "N": n, "K": k, "ms": ms, "graph_ms": graph, "errors": errors,
         "speedup_vs_bf16": ratio("bf16"), "speedup_vs_int8_mm": ratio("int8_mm"),
@@ -227,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = lease.Rows(lease.out_dir(args.out), "kernels")
 
     import torch
-    from clq_compile.kernels import triton_gemm
+    from clq_compile.kernels import triton_gemm, triton_weight_only
 
     keep = LEASE_CONFIGS if args.lease else None
     kept_gemm = lease.limit_configs(triton_gemm, kernel_check.GEMM_LISTS, keep)
+    kept_gemm.update({f"weight_only.{name}": n for name, n in
+                      lease.limit_configs(triton_weight_only, kernel_check.WEIGHT_ONLY_LISTS, keep).items()})
     shapes = plan(args.lease)
     budget = lease.Budget(args.budget_s or (300.0 if args.lease else None))
     rows.write("plan", dry_run=args.dry_run, lease=args.lease, configs=kept_gemm,
@@ -265,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_row(row: dict) -> None:
     up = row.get("speedup_vs_bf16", {})
-    cells = " ".join(f"{name}={up[name]:.2f}x" for name in ("w4a4", "w8a8", "int8_mm", "fp8_rowwise") if name in up)
+    cells = " ".join(f"{name}={up[name]:.2f}x" for name in ("w4a4", "w8a8", "fp8", "w4a16", "int8_mm", "fp8_rowwise")
+                     if name in up)
     print(f"M={row['M']} N={row['N']} K={row['K']} vs bf16: {cells} check={'ok' if row['check']['ok'] else 'FAILED'}",
           flush=True)
 

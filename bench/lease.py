@@ -172,8 +172,8 @@ def summary(out: Path) -> list[str]:
                          f"copy {r['copy_gbps']:.0f} GB/s")
         elif r["kind"] == "row" and "ms" in r:
             up = r["speedup_vs_bf16"]
-            cells = " ".join(f"{n}={up[n]:.2f}" for n in ("w4a4", "w4a4_rot128", "w8a8", "int8_mm", "fp8_rowwise")
-                             if n in up)
+            shown = ("w4a4", "w4a4_rot128", "w8a8", "fp8", "w4a16", "int8_mm", "fp8_rowwise")
+            cells = " ".join(f"{n}={up[n]:.2f}" for n in shown if n in up)
             lines.append(f"M={r['M']:5d} N={r['N']:5d} K={r['K']:5d} x bf16: {cells} | quantize "
                          f"{r['quantize_fraction_of_copy'] or 0:.2f} of copy | gemm "
                          f"{r['fraction_of_int8_peak'].get('w4a4_gemm', 0):.2f} of int8 peak | "

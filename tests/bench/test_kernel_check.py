@@ -31,6 +31,27 @@ def test_the_kernels_pass(name):
         assert found[check]["ok"], found[check]
 
 
+@pytest.mark.parametrize("name", ["fp8", "w4a16", "w8a16", "w3a16"])
+def test_the_modes_without_an_integer_gemm_pass_their_checks(name):
+    found = results(kernel_check.Case(TINY[name], 7, 48, 64), seed=3)
+    assert set(found) == {"layer", "nan"}
+    assert found["layer"]["ok"] and found["nan"]["ok"], found
+
+
+def test_a_wrong_weight_only_kernel_fails_the_layer_check(monkeypatch):
+    from clq_compile.kernels import triton_weight_only
+
+    original = triton_weight_only.weight_only_matmul
+
+    def one_row_off(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out[:, 0] *= 2
+        return out
+
+    monkeypatch.setattr(triton_linear, "weight_only_matmul", one_row_off)
+    assert not results(kernel_check.Case(TINY["w4a16"], 7, 48, 64))["layer"]["ok"]
+
+
 def test_a_wrong_accumulator_fails_the_integer_check(monkeypatch):
     original = triton_gemm.quant_matmul
 

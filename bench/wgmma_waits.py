@@ -86,7 +86,7 @@ def shipped_rows() -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "wgmma-waits.json")
+    parser.add_argument("--out", "--json", type=Path, default=RESULTS / "wgmma-waits.json", help="the JSON written")
     parser.add_argument("--bare-only", action="store_true", help="only the bare loops (no project import)")
     args = parser.parse_args(argv)
     rows = bare_rows() + ([] if args.bare_only else shipped_rows())

@@ -26,13 +26,13 @@ def calibrated(recipe: str, **options):
     return model, qt
 
 
-def layers_by_hand(model, state, inputs):
+def layers_by_hand(model, state, inputs, kernels="reference"):
     """The model run eagerly with every quantized nn.Linear replaced by its record's forward (given
     the call's timesteps, which a layer quantized per timestep bucket needs)."""
     handles = []
     for path, layer in state.layers.items():
         def hook(module, args, output, layer=layer):
-            return layer.forward(args[0], module.bias, "reference", inputs.get("timestep"))
+            return layer.forward(args[0], module.bias, kernels, inputs.get("timestep"))
         handles.append(model.get_submodule(path).register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -59,6 +59,18 @@ def test_the_compiled_branch_is_the_records_branch(recipe):
     assert len(downs) == len(set(downs)) == len(state.layers)
     text = clq_compile.explain(qt)
     assert "+lowrank r4" in text and "MiB packed (with the 16-bit low-rank branches)" in text
+
+
+def test_the_branch_runs_beside_the_triton_kernels():
+    """kernels="triton" (interpreted here): the compiled graph adds each layer's branch to the Triton
+    op's output, as the records do on the same kernels."""
+    model, qt = calibrated("quarot+lowrank", lowrank_rank=4, kernels="triton")
+    state = model_state(qt)
+    assert all(layer.lowrank is not None for layer in state.layers.values())
+    inputs = tiny_models.make_inputs("pixart", seed=5)
+    with torch.no_grad():
+        compiled = qt(**inputs).sample
+    assert torch.equal(compiled, layers_by_hand(model, state, inputs, kernels="triton"))
 
 
 @pytest.mark.parametrize("recipe,options", [("svdquant", {"bits": "w4a16"}), ("clq+gptq+lowrank", {"bits": "w8a8"})])

@@ -45,7 +45,7 @@ WEIGHT_ONLY_BITS = tuple(b for b in CONDITIONING_BITS if b)
 # The per-layer table is wrapped to this many columns unless --wide.
 TABLE_COLUMNS = 120
 # Measured for the three example commands together (README, Command line).
-EXAMPLE_SECONDS = "about 40 s for the three on an idle 2-core CPU"
+EXAMPLE_SECONDS = "about 20 s for the three on an idle 2-core CPU"
 
 
 class InputError(Exception):

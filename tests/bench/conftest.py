@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-CONFIG_LISTS = {"clq_compile.kernels.triton_gemm": ("SM90_CONFIGS", "SM80_CONFIGS")}
+CONFIG_LISTS = {"clq_compile.kernels.triton_gemm": ("SM90_CONFIGS", "SM80_CONFIGS"),
+                "clq_compile.kernels.triton_weight_only": ("CONFIGS",)}
 
 
 @pytest.fixture(autouse=True)

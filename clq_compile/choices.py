@@ -15,15 +15,18 @@ CONDITIONING_BITS = (None, "w3a16", "w4a16", "w8a16")
 CONDITIONING_ROLES = ("conditioning", "adaln", "adaln_token")
 RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "clq-no-cbc", "clq-no-obs",
                 "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "rtn+lowrank",
-                "gptq+lowrank", "quarot+lowrank", "quarot+gptq+lowrank", "lrq-dit", "d2quant", "adatsq")
+                "gptq+lowrank", "quarot+lowrank", "quarot+gptq+lowrank", "lrq-dit", "lrq-dit+lowrank", "d2quant",
+                "d2quant+lowrank", "adatsq")
 # The recipes that give layers a 16-bit low-rank branch (option lowrank_rank).
 LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank", "rtn+lowrank", "gptq+lowrank", "quarot+lowrank",
-                   "quarot+gptq+lowrank")
+                   "quarot+gptq+lowrank", "lrq-dit+lowrank", "d2quant+lowrank")
+# LRQ-DiT's recipes: twin-log weights, its options.
+LRQ_RECIPES = ("lrq-dit", "lrq-dit+lowrank")
 # The options only some recipes read: {option: the recipes}. Refused with the others, and not
 # recorded in their artifacts.
 # The recipes whose layers always take the mean correction after the recipe (D²Quant's DAC).
-MEAN_CORRECTED_RECIPES = ("d2quant",)
-RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": ("lrq-dit",), "lrq_weights": ("lrq-dit",),
+MEAN_CORRECTED_RECIPES = ("d2quant", "d2quant+lowrank")
+RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": LRQ_RECIPES, "lrq_weights": LRQ_RECIPES,
                   "avg_bits": ("adatsq",), "adatsq_modes": ("adatsq",), "adatsq_base": ("adatsq",)}
 # The base recipes adatsq may quantize its candidates with: those that decide each layer alone or
 # block by block, with no low-rank branch and no non-uniform weights.

@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from clq_compile.choices import LRQ_RECIPES
 from clq_compile.kernels.formats import FORMATS, get_format
 from clq_compile.passes.layer import LOWRANK_ARGS, TENSOR_ARGS
 
@@ -174,7 +175,7 @@ def _layer_fields(optional_tensors: tuple[str, ...]) -> dict[str, Callable]:
 
 
 # The recipes whose layers may hold non-uniform (twin-log) weights.
-NON_UNIFORM_RECIPES = ("lrq-dit",)
+NON_UNIFORM_RECIPES = LRQ_RECIPES
 _OP_TENSORS = tuple(a for a in TENSOR_ARGS if a not in ("qweight", "w_scale"))
 _WEIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.quantizes)
 _FORMAT_FIELDS = {"w_format": _one_of(*_WEIGHT_FORMATS), "a_format": _one_of(*FORMATS)}
@@ -294,8 +295,8 @@ def _check_unit(keys: tuple, layer: Mapping[str, Any], role: str, options, polic
     whose tensors are not stored."""
     fmt = get_format(layer["w_format"])
     if not fmt.uniform and (version < 5 or options.recipe not in NON_UNIFORM_RECIPES):
-        raise ManifestError(keys + ("w_format",), f"is {fmt.name!r}, which only recipe "
-                            f"{', '.join(NON_UNIFORM_RECIPES)} writes, from format version 5 (this is "
+        raise ManifestError(keys + ("w_format",), f"is {fmt.name!r}, which only recipes "
+                            f"{' and '.join(NON_UNIFORM_RECIPES)} write, from format version 5 (this is "
                             f"version {version}, recipe {options.recipe!r})")
     # A layer's formats follow from the options and its role (conditioning_bits; adatsq's modes).
     held = {**layer, "w_format": fmt.slot.name}  # tlq4 takes int4's place

@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from clq_compile.artifact import held, read_manifest
-from clq_compile.choices import (ADATSQ_BASES, BITS, CONDITIONING_BITS, KERNELS, LOWRANK_RECIPES, MEAN_CORRECTED_RECIPES,
+from clq_compile.choices import (ADATSQ_BASES, BITS, CONDITIONING_BITS, KERNELS, LOWRANK_RECIPES, LRQ_RECIPES,
+                                 MEAN_CORRECTED_RECIPES,
                                  RECIPE_BUCKETS, RECIPE_NAMES, RECIPE_OPTIONS)
 from clq_compile.kernels.formats import MODES, NumberFormat
 from clq_compile.passes.configs import (ActivationConfig, AdaTSQConfig, CBCConfig, CLPSConfig, Execution, GPTQConfig,
@@ -81,14 +82,15 @@ class Options:
                       memory then holds the search calls' window, not the whole calibration set)
     gptq_act_order:   GPTQ processes columns by decreasing Hessian diagonal
     lowrank_rank:     rank of the 16-bit low-rank branch of the recipes that keep one (svdquant,
-                      and the `+lowrank` recipes: clq, clq+gptq, rtn, gptq, quarot, quarot+gptq;
-                      passes/lowrank.py), capped per layer at min(out, in) / 4; refused with any
-                      other recipe
-    ars_threshold:    recipe lrq-dit: the activation criterion J (root mean square of the scaled
-                      layer input) at or above which a layer takes the outlier-aware rotation
-                      instead of the Hadamard (passes/lrq_dit.py); refused with any other recipe
-    lrq_weights:      recipe lrq-dit: "twin-log" weights (TLQ, 3 and 4 bits) or "uniform" (the
-                      integer grid; an ablation); refused with any other recipe
+                      and the `+lowrank` recipes of clq, clq+gptq, rtn, gptq, quarot, quarot+gptq,
+                      lrq-dit and d2quant; passes/lowrank.py), capped per layer at
+                      min(out, in) / 4; refused with any other recipe
+    ars_threshold:    recipes lrq-dit and lrq-dit+lowrank: the activation criterion J (root mean
+                      square of the scaled layer input) at or above which a layer takes the
+                      outlier-aware rotation instead of the Hadamard (passes/lrq_dit.py); refused
+                      with any other recipe
+    lrq_weights:      recipes lrq-dit and lrq-dit+lowrank: "twin-log" weights (TLQ, 3 and 4 bits)
+                      or "uniform" (the integer grid; an ablation); refused with any other recipe
     mean_correction:  after the recipe, move each quantized layer's bias by its output mean
                       deviation on the calibration tokens (the activation side of D²Quant's DAC,
                       passes/mean_correction.py); needs calibration data. None (the default):
@@ -399,11 +401,11 @@ def _formats_allow(values: dict[str, Any]) -> None:
         if weights.kernels == ("scaled_mm",) and values[key] is not None:
             raise ValueError(f"options[{key!r}]={values[key]!r}: bits={values['bits']!r} uses one scale per "
                              f"output channel and per token (torch._scaled_mm's rowwise scaling); drop {key!r}")
-    if values["recipe"] == "lrq-dit" and (values["weight_group"] is not None or values["weight_symmetric"] is False):
-        raise ValueError("recipe 'lrq-dit' keeps one twin-log grid pair per output channel (symmetric, no "
+    if values["recipe"] in LRQ_RECIPES and (values["weight_group"] is not None or values["weight_symmetric"] is False):
+        raise ValueError(f"recipe {values['recipe']!r} keeps one twin-log grid pair per output channel (symmetric, no "
                          "zero point): drop 'weight_group' and 'weight_symmetric'")
-    if values["recipe"] == "lrq-dit" and activations.quantizes and not activations.integer:
-        raise ValueError(f"recipe 'lrq-dit' multiplies twin-log weights with integer activations; bits="
+    if values["recipe"] in LRQ_RECIPES and activations.quantizes and not activations.integer:
+        raise ValueError(f"recipe {values['recipe']!r} multiplies twin-log weights with integer activations; bits="
                          f"{values['bits']!r} has {activations.name} ones: choose w4a4, w4a8, w8a8 or a weight-only mode")
     if not activations.quantizes and values["act_group"] is not None:
         raise ValueError(f"options['act_group']={values['act_group']!r}: bits={values['bits']!r} leaves "

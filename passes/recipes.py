@@ -17,7 +17,7 @@ Recipes are data in `RECIPES`, so the same graph gives every method's result for
 | clq+gptq | CLQ with GPTQ weights |
 | svdquant | SmoothQuant's smoothing, then a 16-bit low-rank branch split off W·diag(s); the residual quantized |
 | clq+lowrank / clq+gptq+lowrank | CLQ (with GPTQ weights) and a 16-bit low-rank branch split off each weight |
-| rtn+lowrank / gptq+lowrank / quarot+lowrank / quarot+gptq+lowrank | the branch split off W first, the residual quantized by the recipe |
+| rtn+lowrank / gptq+lowrank / quarot+lowrank / quarot+gptq+lowrank / lrq-dit+lowrank / d2quant+lowrank | the branch split off W first, the residual quantized by the recipe |
 | lrq-dit | LRQ-DiT: smoothing α = 0.5, adaptive rotation (Hadamard or outlier-aware, by J), twin-log weights |
 | d2quant | D²Quant: GPTQ weights, the feed-forward down projections dual-scaled first; then the mean correction |
 | adatsq | AdaTSQ: a bit-width pair per layer and timestep bucket, beam-searched under an average-bits budget |
@@ -227,9 +227,12 @@ def _gptq_recipe(weights, configs, calibration, execution):
 
 def _lowrank_first(weights, configs, calibration, execution, base: str):
     """`base` on the residuals R of W = R + up · down (the rank-r branch split off W itself,
-    passes/lowrank.py), each layer keeping its branch. Exact for the recipes whose transforms are
-    orthogonal (a rotation Q: the leading singular directions of W·Q are those of W, turned), or
-    none: splitting before or after the transform keeps the same branch and residual."""
+    passes/lowrank.py), each layer keeping its branch: y = Q(R)(x) + (x · downᵀ) · upᵀ, exact in
+    full precision for any base. For bases whose transforms are orthogonal (a rotation Q: the
+    leading singular directions of W·Q are those of W, turned) or none, splitting before or after
+    the transform gives the same branch and residual; for a base that scales channels first
+    (lrq-dit's smoothing, d2quant's column scales) the branch is W's own, not the scaled weight's
+    as svdquant's is."""
     from .lowrank import lowrank_rank, lowrank_split
 
     split = {p: lowrank_split(w, r, w.dtype) if (r := lowrank_rank(*w.shape, configs.lowrank.rank)) else (w, None)
@@ -273,7 +276,9 @@ RECIPES: dict[str, Recipe] = {
     "quarot+lowrank": partial(_lowrank_first, base="quarot"),
     "quarot+gptq+lowrank": partial(_lowrank_first, base="quarot+gptq"),
     "lrq-dit": _lrq_dit_recipe,
+    "lrq-dit+lowrank": partial(_lowrank_first, base="lrq-dit"),
     "d2quant": _d2quant_recipe,
+    "d2quant+lowrank": partial(_lowrank_first, base="d2quant"),
     "adatsq": _adatsq_recipe,
 }
 

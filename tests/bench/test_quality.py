@@ -59,7 +59,7 @@ def test_unknown_recipe_is_a_clear_error(quality, capsys):
 
 
 @pytest.mark.parametrize("options,message", [
-    ('{"ars_threshold": 2}', "recipe rtn at w4a4: options['ars_threshold'] is for recipe lrq-dit"),
+    ('{"ars_threshold": 2}', "recipe rtn at w4a4: options['ars_threshold'] is for recipes lrq-dit, lrq-dit+lowrank"),
     ('{"bits": "w8a8"}', "'bits' has its own flag, --bits"),
     ("[1]", "must be a JSON object"),
 ])

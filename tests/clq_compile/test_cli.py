@@ -73,7 +73,7 @@ def test_further_options_reach_the_backend_and_bad_ones_stop_before_any_work(cap
         raise AssertionError(f"the command loaded {path} before checking --options")
 
     monkeypatch.setattr(workloads, "load_model", refuse)
-    for options, message in (('{"ars_threshold": 2}', "ars_threshold'] is for recipe lrq-dit; recipe 'clq'"),
+    for options, message in (('{"ars_threshold": 2}', "ars_threshold'] is for recipes lrq-dit, lrq-dit+lowrank; recipe 'clq'"),
                              ("[1]", "must be a JSON object"), ("{bad", "not JSON"),
                              ('{"recipe": "rtn"}', "'recipe' has its own flag, --recipe"),
                              ('{"load": "x"}', "'load' is not for quantize"),

@@ -72,7 +72,7 @@ def _grouped(m):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (_as_rtn, r"'tlq4', which only recipe lrq-dit writes"),
+    (_as_rtn, r"'tlq4', which only recipes lrq-dit and lrq-dit\+lowrank write"),
     (_as_version_4, r"from format version 5 \(this is version 4"),
     (_grouped, r"lrq-dit.*drop 'weight_group'"),
 ])

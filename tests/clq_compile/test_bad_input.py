@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import clq_compile
+from clq_compile.choices import LRQ_RECIPES
 from clq_compile import tiny_models
 from clq_compile.calibration import model_state
 from clq_compile.options import parse_options
@@ -217,7 +218,7 @@ def test_every_recipe_handles_widths_without_a_hadamard_matrix(recipe, grouped):
     torch._dynamo.reset()
     model = tiny_models.build("dit", heads=2, head_dim=44)
     groups = {"weight_group": 32, "act_group": 32} if grouped else {}
-    if grouped and recipe == "lrq-dit":  # one twin-log grid pair per row: weight groups are refused
+    if grouped and recipe in LRQ_RECIPES:  # one twin-log grid pair per row: weight groups are refused
         with pytest.raises(ValueError, match="drop 'weight_group'"):
             parse_options({"recipe": recipe, **groups})
         return
@@ -260,7 +261,7 @@ def test_random_awkward_widths_and_recipes(config, recipe, grouped, calibrated):
     torch._dynamo.reset()
     model = tiny_models.build(family, heads=heads, head_dim=head_dim)
     groups = {"weight_group": 32, "act_group": 32} if grouped else {}
-    if grouped and recipe == "lrq-dit":  # one twin-log grid pair per row: weight groups are refused
+    if grouped and recipe in LRQ_RECIPES:  # one twin-log grid pair per row: weight groups are refused
         with pytest.raises(ValueError, match="drop 'weight_group'"):
             parse_options({"recipe": recipe, **groups})
         return

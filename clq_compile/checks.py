@@ -185,7 +185,7 @@ def uncaptured_linears(state: ModelState) -> dict[str, torch.nn.Linear]:
     root = state.root() if state.root is not None else None
     if root is None or not state.graphs:
         return {}
-    captured = {site.path for g in state.graphs for site in g.analysis.sites}
+    captured = state.roles()
     return {path: m for path, m in root.named_modules() if isinstance(m, torch.nn.Linear) and path not in captured}
 
 
@@ -218,7 +218,7 @@ def warn_unmatched_skip(state: ModelState) -> None:
     if not state.options.skip or state in _SKIP_CHECKED:
         return
     _SKIP_CHECKED[state] = True
-    paths = {s.path for g in state.graphs for s in g.analysis.sites}
+    paths = set(state.roles())
     unmatched = [p for p in state.options.skip if not any(fnmatchcase(path, p) for path in paths)]
     if unmatched:
         example = next(iter(sorted(paths)), "transformer_blocks.0.attn2.to_q")

@@ -17,15 +17,22 @@ RECIPE_NAMES = ("rtn", "smoothquant", "quarot", "gptq", "quarot+gptq", "clq", "c
                 "clq-no-clps", "clq+gptq", "svdquant", "clq+lowrank", "clq+gptq+lowrank", "rtn+lowrank",
                 "gptq+lowrank", "quarot+lowrank", "quarot+gptq+lowrank", "lrq-dit", "lrq-dit+lowrank", "d2quant",
                 "d2quant+lowrank", "adatsq")
-# The recipes that give layers a 16-bit low-rank branch (option lowrank_rank).
-LOWRANK_RECIPES = ("svdquant", "clq+lowrank", "clq+gptq+lowrank", "rtn+lowrank", "gptq+lowrank", "quarot+lowrank",
-                   "quarot+gptq+lowrank", "lrq-dit+lowrank", "d2quant+lowrank")
+# The recipes that give layers a 16-bit low-rank branch (option lowrank_rank): SVDQuant's, and each
+# "<base>+lowrank" (the base recipe on the residual of the branch).
+LOWRANK_RECIPES = tuple(n for n in RECIPE_NAMES if n == "svdquant" or n.endswith("+lowrank"))
+
+
+def _with_base(base: str) -> tuple[str, ...]:
+    """`base` and its +lowrank recipe: they read the same options and write the same formats."""
+    return tuple(n for n in RECIPE_NAMES if n.removesuffix("+lowrank") == base)
+
+
 # LRQ-DiT's recipes: twin-log weights, its options.
-LRQ_RECIPES = ("lrq-dit", "lrq-dit+lowrank")
+LRQ_RECIPES = _with_base("lrq-dit")
 # The options only some recipes read: {option: the recipes}. Refused with the others, and not
 # recorded in their artifacts.
 # The recipes whose layers always take the mean correction after the recipe (D²Quant's DAC).
-MEAN_CORRECTED_RECIPES = ("d2quant", "d2quant+lowrank")
+MEAN_CORRECTED_RECIPES = _with_base("d2quant")
 RECIPE_OPTIONS = {"lowrank_rank": LOWRANK_RECIPES, "ars_threshold": LRQ_RECIPES, "lrq_weights": LRQ_RECIPES,
                   "avg_bits": ("adatsq",), "adatsq_modes": ("adatsq",), "adatsq_base": ("adatsq",)}
 # The base recipes adatsq may quantize its candidates with: those that decide each layer alone or
